@@ -1,0 +1,87 @@
+# medsamix.h - build, test and install.
+#   make            tools and examples into build/
+#   make test       every test (installs missing Debian packages first)
+#   make asan       the tests under AddressSanitizer + UBSan
+#   make demo       the main job: MedSAMix on the embedded demo world
+#   make bench      benchmarks (not tests)
+#   make fuzz       libFuzzer harnesses (clang), FUZZ_SECONDS each
+#   make install PREFIX=/usr/local DESTDIR=
+
+CC      ?= gcc
+CXX     ?= g++
+ARCH    ?= -march=native
+OPT     ?= -O2
+WARN     = -Wall -Wextra -Wpedantic -Werror
+CFLAGS  ?= -std=c99 $(OPT) $(ARCH) -g
+ALLCFLAGS = $(CFLAGS) $(WARN) -fopenmp -I.
+LDLIBS   = -ldnnl -lstb -lm
+PREFIX  ?= /usr/local
+BUILD   ?= build
+FUZZ_SECONDS ?= 60
+
+HDR      = medsamix.h $(wildcard parts/*.h)
+TOOL_SRC = tools/medsamix.c $(wildcard tools/cmd_*.c)
+TESTS    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
+EXAMPLES = $(patsubst examples/%.c,$(BUILD)/examples/%,$(wildcard examples/*.c))
+
+.PHONY: all deps test check asan cxx-check bench demo fuzz install clean
+
+all: $(BUILD)/medsamix $(EXAMPLES)
+
+deps:
+	@sh tools/ensure-deps.sh
+
+$(BUILD)/medsamix: $(TOOL_SRC) tools/cli.h $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) -o $@ $(TOOL_SRC) $(LDLIBS)
+
+$(BUILD)/examples/%: examples/%.c $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/test.h $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
+
+# The header must compile as C99 and as C++ (declarations and implementation).
+cxx-check: $(HDR)
+	@mkdir -p $(BUILD)
+	printf '#define MEDSAMIX_IMPLEMENTATION\n#include "medsamix.h"\nint main(void){return 0;}\n' > $(BUILD)/cxx_check.cpp
+	$(CXX) -std=c++11 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/cxx_check.cpp -o $(BUILD)/cxx_check.o
+	cp $(BUILD)/cxx_check.cpp $(BUILD)/c_check.c
+	$(CC) -std=c99 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/c_check.c -o $(BUILD)/c_check.o
+	@echo "cxx-check: header compiles as C99 and C++11"
+
+test: deps
+	@$(MAKE) --no-print-directory test-run
+
+test-run: cxx-check $(TESTS) $(BUILD)/medsamix $(EXAMPLES)
+	@sh tools/run-tests.sh $(BUILD) $(TESTS)
+
+check: test
+
+asan: deps
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT="-O1" \
+	  CFLAGS="-std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+	  MSX_ASAN=1 test-run
+
+bench: deps $(BUILD)/medsamix
+	$(BUILD)/medsamix bench
+	$(BUILD)/medsamix bench-merge
+	$(BUILD)/medsamix bench-opt
+
+demo: deps
+	@$(MAKE) --no-print-directory $(BUILD)/medsamix $(EXAMPLES)
+	@sh tools/demo.sh $(BUILD)
+
+fuzz: deps
+	@sh tools/fuzz.sh $(FUZZ_SECONDS)
+
+install: medsamix.h
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/bin
+	install -m 644 medsamix.h $(DESTDIR)$(PREFIX)/include/medsamix.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|'`sed -n 's/^#define MSX_VERSION_STRING "\(.*\)"/\1/p' medsamix.h parts/core_api.h 2>/dev/null | head -1`'|' tools/medsamix.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/medsamix.pc
+	if [ -x $(BUILD)/medsamix ]; then install -m 755 $(BUILD)/medsamix $(DESTDIR)$(PREFIX)/bin/medsamix; fi
+
+clean:
+	rm -rf build build-asan

@@ -1,0 +1,1 @@
+/* ckpt api: filled in by its owner */

@@ -1,0 +1,1 @@
+/* ckpt impl: filled in by its owner */

@@ -1,0 +1,1 @@
+/* image api: filled in by its owner */

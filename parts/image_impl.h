@@ -1,0 +1,1 @@
+/* image impl: filled in by its owner */

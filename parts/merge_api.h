@@ -1,0 +1,1 @@
+/* merge api: filled in by its owner */

@@ -1,0 +1,1 @@
+/* merge impl: filled in by its owner */

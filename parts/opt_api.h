@@ -1,0 +1,1 @@
+/* opt api: filled in by its owner */

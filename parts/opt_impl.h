@@ -1,0 +1,1 @@
+/* opt impl: filled in by its owner */

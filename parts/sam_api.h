@@ -1,0 +1,1 @@
+/* sam api: filled in by its owner */

@@ -1,0 +1,1 @@
+/* sam impl: filled in by its owner */

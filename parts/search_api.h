@@ -1,0 +1,1 @@
+/* search api: filled in by its owner */

@@ -1,0 +1,1 @@
+/* search impl: filled in by its owner */

@@ -1,0 +1,5 @@
+#include "../medsamix.h"
+#include "cli.h"
+#include <stdio.h>
+int msx_cmd_merge(int argc, char **argv) { (void)argc; fprintf(stderr, "%s: not built yet\n", argv[0]); return 1; }
+int msx_cmd_bench_merge(int argc, char **argv) { (void)argc; fprintf(stderr, "%s: not built yet\n", argv[0]); return 1; }

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Installs the Debian packages medsamix.h needs when they are missing: as root
+# with apt-get, otherwise prints the exact command to run. Idempotent.
+set -e
+need=""
+[ -f /usr/include/dnnl.h ] || need="$need libdnnl-dev"
+[ -f /usr/include/stb/stb_image.h ] || need="$need libstb-dev"
+command -v gcc >/dev/null 2>&1 || need="$need gcc"
+command -v g++ >/dev/null 2>&1 || need="$need g++"
+command -v make >/dev/null 2>&1 || need="$need make"
+[ -n "$need" ] || exit 0
+if [ "$(id -u)" = 0 ]; then
+    echo "medsamix: installing Debian packages:$need"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $need
+else
+    echo "medsamix: missing Debian packages. Run:"
+    echo "  sudo apt-get install -y$need"
+    exit 1
+fi
