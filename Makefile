@@ -18,6 +18,7 @@ LDLIBS   = -ldnnl -lstb -lm
 PREFIX  ?= /usr/local
 BUILD   ?= build
 FUZZ_SECONDS ?= 60
+TEST_ENV ?=
 
 HDR      = medsamix.h $(wildcard parts/*.h)
 TOOL_SRC = tools/medsamix.c $(wildcard tools/cmd_*.c)
@@ -56,14 +57,14 @@ test: deps
 	@$(MAKE) --no-print-directory test-run
 
 test-run: cxx-check $(TESTS) $(BUILD)/medsamix $(EXAMPLES)
-	@sh tools/run-tests.sh $(BUILD) $(TESTS)
+	@$(TEST_ENV) sh tools/run-tests.sh $(BUILD) $(TESTS)
 
 check: test
 
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT="-O1" \
 	  CFLAGS="-std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
-	  MSX_ASAN=1 test-run
+	  TEST_ENV="MSX_ASAN=1 ASAN_OPTIONS=detect_leaks=1" test-run
 
 bench: deps $(BUILD)/medsamix
 	$(BUILD)/medsamix bench

@@ -1,5 +1,246 @@
+/* tools/cmd_search.c - `medsamix search` (MedSAMix-S / MedSAMix-M) and
+   `medsamix eval` (Dice of one model on task folders). */
 #include "../medsamix.h"
 #include "cli.h"
+
+#include <signal.h>
 #include <stdio.h>
-int msx_cmd_search(int argc, char **argv) { (void)argc; fprintf(stderr, "%s: not built yet\n", argv[0]); return 1; }
-int msx_cmd_eval(int argc, char **argv) { (void)argc; fprintf(stderr, "%s: not built yet\n", argv[0]); return 1; }
+#include <stdlib.h>
+#include <string.h>
+
+static volatile sig_atomic_t cmd_search_stop = 0;
+
+/* First Ctrl-C: finish cleanly (finished trials are already in the log).
+   Second: default action. */
+static void cmd_search_on_signal(int sig) {
+    cmd_search_stop = 1;
+    signal(sig, SIG_DFL);
+}
+
+static const char *const search_usage =
+    "usage: medsamix search --base B.pth --models A.pth [A2.pth ..] --tasks DIR [DIR ..] [options]\n"
+    "\n"
+    "Searches a layer-wise merge of the fine-tuned models with the base (MedSAMix) on the\n"
+    "calib split of the tasks; writes RUN/trials.jsonl, best_plan.json, best.safetensors,\n"
+    "report.md, report.json and overlays/.\n"
+    "\n"
+    "  --multi              MedSAMix-M: one objective per task (ParEGO); default MedSAMix-S on the first task\n"
+    "  --trials N           total trials, the reference's starting points included (default 100)\n"
+    "  --jobs J             trials evaluated at once (default: one per thread)\n"
+    "  --threads T          total threads (default: all)\n"
+    "  --seed S             optimiser seed (default 0)\n"
+    "  --out RUN            run folder (default runs/search)\n"
+    "  --resume             continue RUN/trials.jsonl (refused if the setup differs)\n"
+    "  --granularity G      encoder blocks per layer group, 1..4 (default 2)\n"
+    "  --no-prune           also search the groups that cannot change a box-only Dice\n"
+    "  --config FILE        architecture JSON (default: inferred from the shapes)\n"
+    "  --preprocess sam|medsam   input preprocessing for every model (default sam)\n"
+    "  --mask-threshold T   mask foreground = value > T (default: value != 0)\n"
+    "  --mask-label L       mask foreground = value == L\n"
+    "  --split first|random --calib-fraction F --split-seed S   flat images/+masks/ folders\n"
+    "  --box-margin PX --box-jitter F --box-seed S   prompt boxes (default: tight GT box)\n"
+    "  --max-images N       at most N images per split\n"
+    "  --overlays N         overlay PNGs per task (default 3, 0 = none)\n"
+    "  --no-report          skip the final calib/test report\n"
+    "  --plain / --quiet    progress as plain lines / no progress\n";
+
+static const char *const eval_usage =
+    "usage: medsamix eval --model M --tasks DIR [DIR ..] [--split calib|test] [options]\n"
+    "\n"
+    "Prints the mean Dice (box prompt = tight GT box, mask token 0) per task.\n"
+    "  --split calib|test   (default test)\n"
+    "  --threads T          --config FILE   --preprocess sam|medsam\n"
+    "  --mask-threshold T   --mask-label L  --max-images N\n"
+    "  --split-mode first|random --calib-fraction F --split-seed S   flat task folders\n"
+    "  --json               one JSON object instead of a table\n";
+
+/* Collects the values after a multi-valued option (until the next --option). */
+static int cmd_collect(int argc, char **argv, int *i, const char **out, int max) {
+    int n = 0;
+    while (*i + 1 < argc && strncmp(argv[*i + 1], "--", 2) != 0) {
+        if (n == max) return -1;
+        out[n++] = argv[++*i];
+    }
+    return n;
+}
+
+static int cmd_num(const char *opt, const char *s, double lo, double hi, double *out) {
+    char *end;
+    double v;
+    if (!s) { fprintf(stderr, "%s needs a value\n", opt); return 0; }
+    v = strtod(s, &end);
+    if (end == s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "%s: '%s' is not a number in [%g, %g]\n", opt, s, lo, hi);
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* Task/mask options shared by search and eval; returns 1 if argv[*i] was one, -1 on error. */
+static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_preprocess_mode *pre, const char *split_name) {
+    const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    double x;
+    if (!strcmp(a, "--mask-threshold")) {
+        if (!cmd_num(a, v, 0, 65535, &x)) return -1;
+        t->mask_rule = MSX_MASK_THRESHOLD; t->mask_value = (int)x;
+    } else if (!strcmp(a, "--mask-label")) {
+        if (!cmd_num(a, v, 0, 65535, &x)) return -1;
+        t->mask_rule = MSX_MASK_LABEL; t->mask_value = (int)x;
+    } else if (!strcmp(a, split_name)) {
+        if (v && !strcmp(v, "first")) t->split = MSX_SPLIT_FIRST;
+        else if (v && !strcmp(v, "random")) t->split = MSX_SPLIT_RANDOM;
+        else { fprintf(stderr, "%s: use first or random\n", a); return -1; }
+    } else if (!strcmp(a, "--calib-fraction")) {
+        if (!cmd_num(a, v, 1e-6, 1 - 1e-6, &t->calib_fraction)) return -1;
+    } else if (!strcmp(a, "--split-seed")) {
+        if (!cmd_num(a, v, 0, 1.8e19, &x)) return -1;
+        t->split_seed = (uint64_t)x;
+    } else if (!strcmp(a, "--box-margin")) {
+        if (!cmd_num(a, v, 0, 1e6, &x)) return -1;
+        t->box_margin = (int)x;
+    } else if (!strcmp(a, "--box-jitter")) {
+        if (!cmd_num(a, v, 0, 1, &t->box_jitter)) return -1;
+    } else if (!strcmp(a, "--box-seed")) {
+        if (!cmd_num(a, v, 0, 1.8e19, &x)) return -1;
+        t->box_seed = (uint64_t)x;
+    } else if (!strcmp(a, "--max-images")) {
+        if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
+        t->max_images = (int)x;
+    } else if (!strcmp(a, "--preprocess")) {
+        if (v && !strcmp(v, "sam")) *pre = MSX_PREPROCESS_SAM;
+        else if (v && !strcmp(v, "medsam")) *pre = MSX_PREPROCESS_MEDSAM;
+        else { fprintf(stderr, "--preprocess: use sam or medsam\n"); return -1; }
+    } else return 0;
+    ++*i;
+    return 1;
+}
+
+static void cmd_print_file(const char *dir, const char *name) {
+    char path[4096];
+    void *data;
+    size_t len;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (msx_read_file(path, 0, &data, &len) == MSX_OK) {
+        fwrite(data, 1, len, stdout);
+        msx_free(data);
+    }
+}
+
+int msx_cmd_search(int argc, char **argv) {
+    msx_search_options o;
+    msx_search_summary s;
+    const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
+    int i, n;
+    double x;
+    msx_result r;
+    memset(&o, 0, sizeof o);
+    o.models = models;
+    o.tasks = tasks;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int k;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(search_usage, stdout); return 0; }
+        if ((k = cmd_task_opt(argc, argv, &i, &o.task, &o.preprocess, "--split")) < 0) return 2;
+        if (k) continue;
+        if (!strcmp(a, "--base") && v) { o.base = v; i++; }
+        else if (!strcmp(a, "--models")) {
+            if ((n = cmd_collect(argc, argv, &i, models, MSX_MAX_MODELS - 1)) < 0) { fprintf(stderr, "--models: at most %d\n", MSX_MAX_MODELS - 1); return 2; }
+            o.n_models = n;
+        } else if (!strcmp(a, "--tasks")) {
+            if ((n = cmd_collect(argc, argv, &i, tasks, MSX_SEARCH_MAX_TASKS)) < 0) { fprintf(stderr, "--tasks: at most %d\n", MSX_SEARCH_MAX_TASKS); return 2; }
+            o.n_tasks = n;
+        } else if (!strcmp(a, "--multi")) o.multi = 1;
+        else if (!strcmp(a, "--resume")) o.resume = 1;
+        else if (!strcmp(a, "--no-prune")) o.no_prune = 1;
+        else if (!strcmp(a, "--no-report")) o.no_report = 1;
+        else if (!strcmp(a, "--plain")) o.progress = 1;
+        else if (!strcmp(a, "--quiet")) o.progress = -1;
+        else if (!strcmp(a, "--out") && v) { o.out_dir = v; i++; }
+        else if (!strcmp(a, "--config") && v) { o.arch_config = v; i++; }
+        else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
+        else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
+        else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
+        else if (!strcmp(a, "--seed")) { if (!cmd_num(a, v, 0, 1.8e19, &x)) return 2; o.seed = (uint64_t)x; i++; }
+        else if (!strcmp(a, "--granularity")) { if (!cmd_num(a, v, 1, 4, &x)) return 2; o.granularity = (int)x; i++; }
+        else if (!strcmp(a, "--overlays")) { if (!cmd_num(a, v, 0, 1000, &x)) return 2; o.n_overlays = x == 0 ? -1 : (int)x; i++; }
+        else { fprintf(stderr, "search: unknown or incomplete option '%s'\n\n%s", a, search_usage); return 2; }
+    }
+    if (!o.base || o.n_models < 1 || o.n_tasks < 1) {
+        fprintf(stderr, "search: --base, --models and --tasks are required\n\n%s", search_usage);
+        return 2;
+    }
+    if (!o.out_dir) o.out_dir = "runs/search";
+    o.cancel = &cmd_search_stop;
+    signal(SIGINT, cmd_search_on_signal);
+    signal(SIGTERM, cmd_search_on_signal);
+    r = msx_search_run(&o, &s);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    if (r == MSX_E_CANCELLED || s.cancelled) {
+        fprintf(stderr, "search: interrupted after %d trial(s) (%s); the log is %s/trials.jsonl - rerun with --resume to continue\n",
+                s.n_trials_done, msx_last_error(), o.out_dir);
+        return 130;
+    }
+    if (r != MSX_OK) {
+        fprintf(stderr, "search: %s\n", msx_last_error());
+        return 1;
+    }
+    printf("\nbest: trial %d of %d, calib Dice", s.best_trial, s.n_trials_done);
+    for (i = 0; i < (o.multi ? o.n_tasks : 1); i++) printf(" %.4f", s.best_calib[i]);
+    printf(" (%.0f s)\noutputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", s.seconds, o.out_dir,
+           o.no_report ? "" : " report.md report.json overlays/");
+    if (!o.no_report) { printf("\n"); cmd_print_file(o.out_dir, "report.md"); }
+    return 0;
+}
+
+int msx_cmd_eval(int argc, char **argv) {
+    const char *model = NULL, *config = NULL, *tdirs[MSX_SEARCH_MAX_TASKS];
+    msx_task *tasks[MSX_SEARCH_MAX_TASKS];
+    msx_task_options to;
+    msx_preprocess_mode pre = MSX_PREPROCESS_SAM;
+    msx_checkpoint *ck = NULL;
+    msx_sam_arch arch;
+    double dice[MSX_SEARCH_MAX_TASKS], x, mean = 0;
+    int i, n = 0, nt = 0, split = 1, threads = 0, json = 0, rc = 0;
+    msx_result r;
+    memset(&to, 0, sizeof to);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int k;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(eval_usage, stdout); return 0; }
+        if ((k = cmd_task_opt(argc, argv, &i, &to, &pre, "--split-mode")) < 0) return 2;
+        if (k) continue;
+        if (!strcmp(a, "--model") && v) { model = v; i++; }
+        else if (!strcmp(a, "--config") && v) { config = v; i++; }
+        else if (!strcmp(a, "--tasks")) {
+            if ((n = cmd_collect(argc, argv, &i, tdirs, MSX_SEARCH_MAX_TASKS)) < 0) { fprintf(stderr, "--tasks: at most %d\n", MSX_SEARCH_MAX_TASKS); return 2; }
+        } else if (!strcmp(a, "--split") && v && (!strcmp(v, "test") || !strcmp(v, "calib"))) { split = !strcmp(v, "test"); i++; }
+        else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; threads = (int)x; i++; }
+        else if (!strcmp(a, "--json")) json = 1;
+        else { fprintf(stderr, "eval: unknown or incomplete option '%s'\n\n%s", a, eval_usage); return 2; }
+    }
+    if (!model || n < 1) { fprintf(stderr, "eval: --model and --tasks are required\n\n%s", eval_usage); return 2; }
+    for (nt = 0; nt < n; nt++)
+        if ((r = msx_task_open(tdirs[nt], &to, &tasks[nt])) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
+    if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
+    if ((r = msx_eval_checkpoint(ck, &arch, tasks, n, split, pre, threads, dice)) != MSX_OK) {
+        fprintf(stderr, "eval: %s\n", msx_last_error());
+        rc = 1;
+        goto done;
+    }
+    for (i = 0; i < n; i++) mean += dice[i] / n;
+    if (json) {
+        printf("{\"model\": \"%s\", \"split\": \"%s\", \"dice\": {", model, split ? "test" : "calib");
+        for (i = 0; i < n; i++) printf("%s\"%s\": %.17g", i ? ", " : "", msx_task_name(tasks[i]), dice[i]);
+        printf("}, \"mean\": %.17g}\n", mean);
+    } else {
+        printf("%-24s %8s %7s\n", "task", "images", "Dice");
+        for (i = 0; i < n; i++) printf("%-24s %8d %7.4f\n", msx_task_name(tasks[i]), msx_task_count(tasks[i], split), dice[i]);
+        if (n > 1) printf("%-24s %8s %7.4f\n", "mean", "", mean);
+    }
+done:
+    for (i = 0; i < nt; i++) msx_task_free(tasks[i]);
+    msx_ckpt_free(ck);
+    return rc;
+}

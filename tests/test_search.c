@@ -1,0 +1,422 @@
+/* tests/test_search.c - MedSAMix end to end on the demo world (examples/demo):
+   task validation and bad inputs, Dice of the input models against the
+   demo's reference table (baseline_dice.json, computed by PyTorch), a short
+   multi-task search with all outputs checked, and SIGKILL + --resume
+   reproducing an uninterrupted run exactly. */
+#define MEDSAMIX_IMPLEMENTATION
+#include "../medsamix.h"
+#include "test.h"
+
+#include <signal.h>
+#include <stb/stb_image.h>
+#include <stb/stb_image_write.h>
+#include <sys/wait.h>
+
+#define DEMO "examples/demo"
+static const char *const models2[2] = {DEMO "/models/spec_ct.pth", DEMO "/models/spec_mri.pth"};
+
+static char tmp_root[200];
+
+static void write_bytes(const char *path, const void *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (f) { fwrite(p, 1, n, f); fclose(f); }
+}
+static void copy_file(const char *from, const char *to) {
+    void *d;
+    size_t n;
+    if (msx_read_file(from, 0, &d, &n) == MSX_OK) { write_bytes(to, d, n); msx_free(d); }
+}
+static void mk(const char *fmt, const char *a) {
+    char p[512];
+    snprintf(p, sizeof p, fmt, tmp_root, a);
+    mkdir(p, 0755);
+}
+/* A flat task folder with images/ and masks/ holding copies of demo images. */
+static void make_flat_task(const char *name, int n) {
+    char p[512], q[512];
+    int i;
+    mk("%s/%s", name);
+    snprintf(p, sizeof p, "%s/images", name); mk("%s/%s", p);
+    snprintf(p, sizeof p, "%s/masks", name); mk("%s/%s", p);
+    for (i = 0; i < n; i++) {
+        snprintf(p, sizeof p, DEMO "/tasks/ct_organ/calib/images/%03d.png", i);
+        snprintf(q, sizeof q, "%s/%s/images/%03d.png", tmp_root, name, i);
+        copy_file(p, q);
+        snprintf(p, sizeof p, DEMO "/tasks/ct_organ/calib/masks/%03d.png", i);
+        snprintf(q, sizeof q, "%s/%s/masks/%03d.png", tmp_root, name, i);
+        copy_file(p, q);
+    }
+}
+
+static int expect_error(msx_result r, const char *needle) {
+    return r != MSX_OK && strstr(msx_last_error(), needle) != NULL;
+}
+
+static void test_tasks(void) {
+    msx_task *t = NULL;
+    char p[512], q[512];
+    int w, h, c, x, y, b[4] = {1 << 30, 1 << 30, -1, -1};
+    unsigned char *m;
+    float box[4];
+    msx_task_options to;
+    MSX_CHECK_OK(msx_task_open(DEMO "/tasks/ct_organ", NULL, &t));
+    if (!t) return;
+    MSX_CHECK(!strcmp(msx_task_name(t), "ct_organ"), "name %s", msx_task_name(t));
+    MSX_CHECK(msx_task_count(t, 0) == 16 && msx_task_count(t, 1) == 48, "%d %d", msx_task_count(t, 0), msx_task_count(t, 1));
+    /* the prompt box is the tight box of mask > 0, checked by brute force */
+    m = stbi_load(DEMO "/tasks/ct_organ/test/masks/005.png", &w, &h, &c, 1);
+    MSX_CHECK(m != NULL, "stb");
+    for (y = 0; m && y < h; y++)
+        for (x = 0; x < w; x++)
+            if (m[y * w + x]) {
+                if (x < b[0]) b[0] = x;
+                if (y < b[1]) b[1] = y;
+                if (x > b[2]) b[2] = x;
+                if (y > b[3]) b[3] = y;
+            }
+    stbi_image_free(m);
+    msx_task_box(t, 1, 5, box);
+    MSX_CHECK(box[0] == b[0] && box[1] == b[1] && box[2] == b[2] && box[3] == b[3], "box %g %g %g %g vs %d %d %d %d",
+              box[0], box[1], box[2], box[3], b[0], b[1], b[2], b[3]);
+    msx_task_free(t);
+
+    /* flat folder: reference split = first int(0.2 N) sorted names */
+    make_flat_task("flat", 10);
+    snprintf(p, sizeof p, "%s/flat", tmp_root);
+    MSX_CHECK_OK(msx_task_open(p, NULL, &t));
+    if (t) {
+        MSX_CHECK(msx_task_count(t, 0) == 2 && msx_task_count(t, 1) == 8, "split %d/%d", msx_task_count(t, 0), msx_task_count(t, 1));
+        MSX_CHECK(strstr(msx_task_image(t, 0, 1), "001.png") && strstr(msx_task_image(t, 1, 0), "002.png"), "order");
+        msx_task_free(t);
+    }
+    memset(&to, 0, sizeof to);
+    to.split = MSX_SPLIT_RANDOM;
+    to.calib_fraction = 0.5;
+    to.split_seed = 7;
+    MSX_CHECK_OK(msx_task_open(p, &to, &t));
+    if (t) { MSX_CHECK(msx_task_count(t, 0) == 5, "random split %d", msx_task_count(t, 0)); msx_task_free(t); }
+
+    /* unmatched names: both strays are listed */
+    make_flat_task("unmatched", 4);
+    snprintf(p, sizeof p, "%s/unmatched/masks/001.png", tmp_root);
+    snprintf(q, sizeof q, "%s/unmatched/masks/009.png", tmp_root);
+    rename(p, q);
+    snprintf(p, sizeof p, "%s/unmatched", tmp_root);
+    MSX_CHECK(expect_error(msx_task_open(p, NULL, &t), "images/001.png (no mask)") && strstr(msx_last_error(), "masks/009.png (no image)"),
+              "unmatched: %s", msx_last_error());
+    /* empty mask */
+    make_flat_task("empty", 6);
+    {
+        unsigned char zero[16 * 16];
+        memset(zero, 0, sizeof zero);
+        snprintf(q, sizeof q, "%s/empty/masks/002.png", tmp_root);
+        stbi_write_png(q, 16, 16, 1, zero, 16);
+        snprintf(q, sizeof q, "%s/empty/images/002.png", tmp_root);
+        stbi_write_png(q, 16, 16, 1, zero, 16);
+    }
+    snprintf(p, sizeof p, "%s/empty", tmp_root);
+    MSX_CHECK(expect_error(msx_task_open(p, NULL, &t), "empty/masks/002.png: empty mask"), "empty: %s", msx_last_error());
+    /* unreadable image */
+    make_flat_task("broken", 6);
+    snprintf(q, sizeof q, "%s/broken/images/003.png", tmp_root);
+    write_bytes(q, "this is not a png", 17);
+    snprintf(p, sizeof p, "%s/broken", tmp_root);
+    MSX_CHECK(expect_error(msx_task_open(p, NULL, &t), "broken/images/003.png"), "broken: %s", msx_last_error());
+}
+
+/* Input models' Dice = the demo's PyTorch reference (per-task calib means). */
+static void test_baseline(void) {
+    static const char *const stems[3] = {"base", "spec_ct", "spec_mri"};
+    static const char *const tnames[2] = {"mri_ring", "us_cyst"};
+    msx_task *tasks[2] = {NULL, NULL};
+    void *txt;
+    size_t len;
+    msx__json *ref = NULL;
+    int i, k;
+    MSX_CHECK_OK(msx_read_file(DEMO "/baseline_dice.json", 0, &txt, &len));
+    ref = msx__json_parse((const char *)txt, len, "baseline_dice.json");
+    msx_free(txt);
+    MSX_CHECK(ref != NULL, "baseline json");
+    for (k = 0; k < 2; k++) {
+        char p[256];
+        snprintf(p, sizeof p, DEMO "/tasks/%s", tnames[k]);
+        MSX_CHECK_OK(msx_task_open(p, NULL, &tasks[k]));
+    }
+    for (i = 0; ref && tasks[0] && tasks[1] && i < 3; i++) {
+        char p[256];
+        msx_checkpoint *ck = NULL;
+        msx_sam_arch a;
+        double d[2];
+        snprintf(p, sizeof p, DEMO "/models/%s.pth", stems[i]);
+        MSX_CHECK_OK(msx_sam_load(p, NULL, &ck, &a));
+        if (!ck) continue;
+        MSX_CHECK_OK(msx_eval_checkpoint(ck, &a, tasks, 2, MSX_SPLIT_CALIB, MSX_PREPROCESS_SAM, 0, d));
+        for (k = 0; k < 2; k++) {
+            const msx__json *e = msx__json_get(msx__json_get(msx__json_get(msx__json_get(ref, stems[i]), tnames[k]), "calib"), "mean");
+            MSX_CHECK(e && fabs(d[k] - e->num) <= 0.002, "%s on %s: %.4f vs reference %.4f", stems[i], tnames[k], d[k], e ? e->num : -1);
+        }
+        msx_ckpt_free(ck);
+    }
+    msx_task_free(tasks[0]);
+    msx_task_free(tasks[1]);
+    msx__json_free(ref);
+}
+
+static void base_options(msx_search_options *o, const char **tasks, int n_tasks, const char *out, int trials) {
+    memset(o, 0, sizeof *o);
+    o->base = DEMO "/models/base.pth";
+    o->models = models2;
+    o->n_models = 2;
+    o->tasks = tasks;
+    o->n_tasks = n_tasks;
+    o->out_dir = out;
+    o->n_trials = trials;
+    o->jobs = 2;
+    o->threads = 2;
+    o->seed = 3;
+    o->progress = -1;
+    o->task.max_images = 6; /* keep CI short */
+}
+
+static msx__json *load_json(const char *dir, const char *name) {
+    char p[512];
+    void *txt;
+    size_t len;
+    msx__json *j;
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    if (msx_read_file(p, 0, &txt, &len) != MSX_OK) return NULL;
+    j = msx__json_parse((const char *)txt, len, p);
+    msx_free(txt);
+    return j;
+}
+
+static void test_search_outputs(void) {
+    const char *tasks[2] = {DEMO "/tasks/mri_ring", DEMO "/tasks/us_cyst"};
+    char out[300], p[512];
+    msx_search_options o;
+    msx_search_summary s;
+    msx__json *rep, *bp, *pf;
+    msx_plan *plan = NULL;
+    msx_checkpoint *best = NULL, *base = NULL, *ft[2] = {NULL, NULL}, *merged = NULL;
+    msx_merger *mg = NULL;
+    int i, k, l;
+    snprintf(out, sizeof out, "%s/multi", tmp_root);
+    base_options(&o, tasks, 2, out, msx_search_n_initial(2) + 4);
+    o.multi = 1;
+    o.n_overlays = 1;
+    MSX_CHECK_OK(msx_search_run(&o, &s));
+    MSX_CHECK(s.n_trials_done == msx_search_n_initial(2) + 4 && s.best_trial >= 0, "trials %d best %d", s.n_trials_done, s.best_trial);
+    /* report.json: exact format, labels and Dice fractions */
+    rep = load_json(out, "report.json");
+    MSX_CHECK(rep && msx__json_str(rep, "format") && !strcmp(msx__json_str(rep, "format"), "medsamix-report-v1"), "report format");
+    if (rep) {
+        static const char *const labels[8] = {"base", "spec_ct", "spec_mri", "linear", "task_arithmetic", "ties", "slerp", "medsamix"};
+        const msx__json *in = msx__json_get(rep, "inputs"), *un = msx__json_get(rep, "uniform"), *tk = msx__json_get(rep, "tasks");
+        double best_input = 0, mine = 0;
+        MSX_CHECK(in && in->n == 3 && !strcmp(in->kids[1].str, "spec_ct"), "inputs");
+        MSX_CHECK(un && un->n == 4 && !strcmp(un->kids[1].str, "task_arithmetic"), "uniform");
+        MSX_CHECK(msx__json_str(rep, "result") && !strcmp(msx__json_str(rep, "result"), "medsamix"), "result");
+        MSX_CHECK(tk && tk->n == 2, "tasks");
+        for (l = 0; tk && l < 8; l++) {
+            double sums[2] = {0, 0};
+            for (k = 0; k < 2; k++)
+                for (i = 0; i < 2; i++) {
+                    const msx__json *v = msx__json_get(msx__json_get(msx__json_get(tk, k ? "us_cyst" : "mri_ring"), i ? "test" : "calib"), labels[l]);
+                    MSX_CHECK(v && v->type == MSX__JNUM && v->num >= 0 && v->num <= 1, "%s %d %d", labels[l], k, i);
+                    if (v) sums[i] += v->num / 2;
+                }
+            if (l < 3 && sums[0] > best_input) best_input = sums[0];
+            if (l == 7) mine = sums[0];
+        }
+        /* the inputs are starting points, so the chosen mean calib Dice is at least theirs */
+        MSX_CHECK(mine >= best_input - 1e-12, "medsamix calib mean %.4f < best input %.4f", mine, best_input);
+        msx__json_free(rep);
+    }
+    /* best_plan.json loads with the merge API; its Pareto front has per-task Dice */
+    snprintf(p, sizeof p, "%s/best_plan.json", out);
+    MSX_CHECK_OK(msx_plan_load_json(p, &plan));
+    bp = load_json(out, "best_plan.json");
+    MSX_CHECK(bp && msx__json_get(bp, "pareto") && msx__json_get(bp, "pareto")->n >= 1, "pareto in best_plan.json");
+    if (bp && msx__json_get(bp, "pareto"))
+        MSX_CHECK(msx__json_get(msx__json_get(&msx__json_get(bp, "pareto")->kids[0], "dice"), "us_cyst") != NULL, "pareto dice");
+    msx__json_free(bp);
+    pf = load_json(out, "pareto.json");
+    MSX_CHECK(pf && msx__json_get(pf, "front"), "pareto.json");
+    msx__json_free(pf);
+    /* best.safetensors = that plan merged by the merge API, bit for bit */
+    snprintf(p, sizeof p, "%s/best.safetensors", out);
+    MSX_CHECK_OK(msx_sam_load(p, NULL, &best, NULL));
+    MSX_CHECK_OK(msx_sam_load(o.base, NULL, &base, NULL));
+    MSX_CHECK_OK(msx_sam_load(models2[0], NULL, &ft[0], NULL));
+    MSX_CHECK_OK(msx_sam_load(models2[1], NULL, &ft[1], NULL));
+    if (plan && best && base && ft[0] && ft[1]) {
+        int same = 1;
+        MSX_CHECK_OK(msx_merger_create(base, (const msx_checkpoint *const *)ft, 2, plan->granularity, &mg));
+        MSX_CHECK_OK(msx_ckpt_clone(base, &merged));
+        if (mg && merged) {
+            MSX_CHECK_OK(msx_merger_run(mg, plan, merged, NULL));
+            for (i = 0; i < merged->n; i++) {
+                msx_tensor *a = &merged->tensors[i], *b = msx_ckpt_find(best, a->name);
+                if (!b || b->numel != a->numel || memcmp(a->data, b->data, (size_t)a->numel * 4)) { same = 0; break; }
+            }
+            MSX_CHECK(same, "best.safetensors differs from merging best_plan.json (tensor %d)", i);
+        }
+    }
+    snprintf(p, sizeof p, "%s/overlays/us_cyst_000.png", out);
+    MSX_CHECK(access(p, R_OK) == 0, "overlay %s", p);
+    snprintf(p, sizeof p, "%s/report.md", out);
+    MSX_CHECK(access(p, R_OK) == 0, "report.md");
+    msx_merger_free(mg);
+    msx_ckpt_free(merged);
+    msx_ckpt_free(best);
+    msx_ckpt_free(base);
+    msx_ckpt_free(ft[0]);
+    msx_ckpt_free(ft[1]);
+    msx_plan_free(plan);
+
+    /* a log from a different search space is refused on --resume, naming the cause */
+    o.granularity = 3;
+    o.resume = 1;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "different search space"), "resume other space: %s", msx_last_error());
+    /* an existing log without --resume is refused (never overwritten) */
+    o.granularity = 0;
+    o.resume = 0;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "--resume"), "existing log: %s", msx_last_error());
+}
+
+static void test_bad_models(void) {
+    const char *tasks[1] = {DEMO "/tasks/mri_ring"};
+    char out[300], p[512];
+    const char *mods[1];
+    msx_checkpoint *ck = NULL, *cut;
+    msx_search_options o;
+    msx_search_summary s;
+    unsigned char *keep;
+    int i;
+    /* a valid SAM with one encoder block fewer */
+    MSX_CHECK_OK(msx_sam_load(DEMO "/models/spec_ct.pth", NULL, &ck, NULL));
+    if (!ck) return;
+    MSX_CHECK_OK(msx_ckpt_clone(ck, &cut));
+    keep = (unsigned char *)malloc((size_t)cut->n);
+    for (i = 0; i < cut->n; i++) keep[i] = strncmp(cut->tensors[i].name, "image_encoder.blocks.5.", 23) != 0;
+    msx_ckpt_filter(cut, keep);
+    free(keep);
+    snprintf(p, sizeof p, "%s/depth5.safetensors", tmp_root);
+    MSX_CHECK_OK(msx_safetensors_save(p, cut, NULL, 0));
+    mods[0] = p;
+    snprintf(out, sizeof out, "%s/badarch", tmp_root);
+    base_options(&o, tasks, 1, out, 4);
+    o.models = mods;
+    o.n_models = 1;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "different architecture"), "arch: %s", msx_last_error());
+    msx_ckpt_free(cut);
+    msx_ckpt_free(ck);
+}
+
+/* Per trial: a hash of its log line without the (timing) "seconds" field. */
+static int log_hashes(const char *path, uint64_t *h, int max) {
+    FILE *f = fopen(path, "r");
+    static char buf[1 << 20];
+    int n = 0, t;
+    if (!f) return -1;
+    for (t = 0; t < max; t++) h[t] = 0;
+    while (fgets(buf, sizeof buf, f)) {
+        char *s = strstr(buf, "\"seconds\""), *e = strstr(buf, "\"status\"");
+        if (strncmp(buf, "{\"trial\": ", 10)) continue;
+        t = atoi(buf + 10);
+        if (t < 0 || t >= max) continue;
+        if (s && e && e > s) memmove(s, e, strlen(e) + 1);
+        h[t] = msx__search_hash_str(1469598103934665603ULL, buf);
+        n++;
+    }
+    fclose(f);
+    return n;
+}
+
+static int count_lines(const char *path) {
+    FILE *f = fopen(path, "r");
+    int n = 0, c;
+    if (!f) return 0;
+    while ((c = fgetc(f)) != EOF) n += c == '\n';
+    fclose(f);
+    return n;
+}
+
+/* Drops the last line of a file (simulates a trial that was in flight). */
+static void drop_last_line(const char *path) {
+    void *d;
+    size_t n;
+    if (msx_read_file(path, 0, &d, &n) != MSX_OK) return;
+    if (n > 1) {
+        char *s = (char *)d;
+        size_t k = n - 1;
+        while (k > 0 && s[k - 1] != '\n') k--;
+        write_bytes(path, s, k);
+    }
+    msx_free(d);
+}
+
+
+/* Runs first (before this process starts OpenMP threads, so fork is safe). */
+static void test_kill_resume(void) {
+    const char *tasks[1] = {DEMO "/tasks/mri_ring"};
+    char out_a[300], out_b[300], logp[600];
+    msx_search_options o;
+    msx_search_summary sa, sb;
+    int trials = msx_search_n_initial(2) + 6, i, na, nb, status, killed_at;
+    pid_t pid;
+    double t0;
+    uint64_t ha[64], hb[64];
+    struct timespec nap = {0, 20000000};
+    snprintf(out_a, sizeof out_a, "%s/killed", tmp_root);
+    snprintf(out_b, sizeof out_b, "%s/straight", tmp_root);
+    snprintf(logp, sizeof logp, "%s/trials.jsonl", out_a);
+    base_options(&o, tasks, 1, out_a, trials);
+    o.no_report = 1;
+    fflush(NULL);
+    pid = fork();
+    if (pid == 0) {
+        msx_search_run(&o, NULL);
+        _exit(0);
+    }
+    MSX_CHECK(pid > 0, "fork");
+    if (pid <= 0) return;
+    t0 = msx_time_now();
+    while (count_lines(logp) < 1 + 9 && msx_time_now() - t0 < 120) nanosleep(&nap, NULL);
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    killed_at = count_lines(logp) - 1;
+    MSX_CHECK(WIFSIGNALED(status) && killed_at >= 9 && killed_at < trials, "killed after %d trials", killed_at);
+    /* make the cut land inside a batch of 2 at least once */
+    if (killed_at % 2 == 0) drop_last_line(logp);
+    o.resume = 1;
+    MSX_CHECK_OK(msx_search_run(&o, &sa));
+    o.resume = 0;
+    o.out_dir = out_b;
+    MSX_CHECK_OK(msx_search_run(&o, &sb));
+    MSX_CHECK(sa.n_trials_done == trials && sb.n_trials_done == trials, "%d %d", sa.n_trials_done, sb.n_trials_done);
+    MSX_CHECK(sa.best_trial == sb.best_trial && sa.best_calib[0] == sb.best_calib[0], "resumed best %d %.6f vs straight %d %.6f",
+              sa.best_trial, sa.best_calib[0], sb.best_trial, sb.best_calib[0]);
+    /* every trial (configuration, Dice, cost) is identical */
+    snprintf(logp, sizeof logp, "%s/trials.jsonl", out_a);
+    na = log_hashes(logp, ha, 64);
+    snprintf(logp, sizeof logp, "%s/trials.jsonl", out_b);
+    nb = log_hashes(logp, hb, 64);
+    MSX_CHECK(na == trials && nb == trials, "log lines %d %d", na, nb);
+    for (i = 0; i < trials && i < 64; i++)
+        if (ha[i] != hb[i]) break;
+    MSX_CHECK(i == trials, "trial %d differs between the resumed and the uninterrupted run", i);
+}
+
+int main(void) {
+    double t0 = msx_time_now();
+    snprintf(tmp_root, sizeof tmp_root, "/tmp/msx_test_search_XXXXXX");
+    if (!mkdtemp(tmp_root)) { fprintf(stderr, "mkdtemp failed\n"); return 1; }
+    test_kill_resume();
+    test_tasks();
+    test_baseline();
+    test_bad_models();
+    test_search_outputs();
+    printf("test_search: %.1f s (temporary files in %s)\n", msx_time_now() - t0, tmp_root);
+    return msx_test_summary("test_search");
+}

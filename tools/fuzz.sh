@@ -1,0 +1,40 @@
+#!/bin/sh
+# tools/fuzz.sh SECONDS [HARNESS...] - builds the libFuzzer harnesses of the
+# checkpoint parsers (tests/fuzz/fuzz_{zip,pickle,safetensors}.c) with
+# clang -fsanitize=fuzzer,address,undefined and runs each for SECONDS
+# (default 60) on a copy of its seed corpus. A crash leaves its input in
+# build/fuzz/crash-*; copy it to tests/fuzz/regressions/<harness>-<name>
+# so tests/test_ckpt_regress.c keeps checking it.
+set -e
+secs=${1:-60}
+[ $# -gt 0 ] && shift
+harnesses=${*:-"zip pickle safetensors"}
+CLANG=${CLANG:-clang}
+command -v "$CLANG" >/dev/null 2>&1 || CLANG=clang-14
+out=build/fuzz
+mkdir -p "$out"
+# (Re)generate the seed corpus from tests/fuzz/make_corpus.c.
+cc -std=c99 -O1 -I. -DMSX_SKIP_SAM -DMSX_SKIP_IMAGE -DMSX_SKIP_MERGE -DMSX_SKIP_OPT -DMSX_SKIP_SEARCH \
+   -o "$out/make_corpus" tests/fuzz/make_corpus.c -lm
+"$out/make_corpus" >/dev/null
+status=0
+for h in $harnesses; do
+    # The zip harness skips CRC checks so that mutants reach the pickle.
+    extra=""; [ "$h" = zip ] && extra="-DMSX_NO_CRC_CHECK"
+    "$CLANG" -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined $extra \
+        -DMSX_SKIP_SAM -DMSX_SKIP_IMAGE -DMSX_SKIP_MERGE -DMSX_SKIP_OPT -DMSX_SKIP_SEARCH -I. \
+        -o "$out/fuzz_$h" "tests/fuzz/fuzz_$h.c" -lm
+    mkdir -p "$out/corpus_$h" # kept between runs: the fuzzer grows it
+    cp tests/fuzz/corpus/"$h"/* "$out/corpus_$h/"
+    for f in tests/fuzz/regressions/"$h"-*; do
+        if [ -f "$f" ]; then cp "$f" "$out/corpus_$h/"; fi
+    done
+    echo "== fuzz_$h for ${secs}s"
+    if ! ASAN_OPTIONS=detect_leaks=1 "$out/fuzz_$h" -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 \
+         -artifact_prefix="$out/crash-$h-" -print_final_stats=1 "$out/corpus_$h" 2>"$out/fuzz_$h.log"; then
+        status=1
+        echo "fuzz_$h: CRASH - see $out/fuzz_$h.log and $out/crash-$h-*"
+    fi
+    grep -E 'stat::number_of_executed_units|Done [0-9]+ runs' "$out/fuzz_$h.log" | tail -2
+done
+exit $status
