@@ -3,9 +3,9 @@
 
      make && build/examples/merge_and_segment [PLAN.json] [IMAGE MASK]
 
-   Without a plan it builds one by hand: Task Arithmetic (λ = 0.5) everywhere,
-   but the image encoder's last layer group and the mask decoder taken from
-   the MRI specialist by SLERP. Writes runs/example-merge/{merged.safetensors,
+   Without a plan it builds one by hand: TIES (drop rate 0.5, λ = 1) for the
+   image encoder and prompt encoder, the mask decoder taken from the MRI
+   specialist (linear one-hot). Writes runs/example-merge/{merged.safetensors,
    merged.plan.json, overlay.png}. */
 #define MEDSAMIX_IMPLEMENTATION
 #include "../medsamix.h"
@@ -25,8 +25,8 @@ int main(int argc, char **argv) {
     const char *paths[3] = {"examples/demo/models/base.pth", "examples/demo/models/spec_ct.pth",
                             "examples/demo/models/spec_mri.pth"};
     const char *plan_path = argc == 2 || argc == 4 ? argv[1] : NULL;
-    const char *image_path = argc >= 3 ? argv[argc - 2] : "examples/demo/tasks/mri_ring/test/images/000.png";
-    const char *mask_path = argc >= 3 ? argv[argc - 1] : "examples/demo/tasks/mri_ring/test/masks/000.png";
+    const char *image_path = argc >= 3 ? argv[argc - 2] : "examples/demo/tasks/mri_ring/test/images/004.png";
+    const char *mask_path = argc >= 3 ? argv[argc - 1] : "examples/demo/tasks/mri_ring/test/masks/004.png";
     msx_checkpoint *ck[3] = {NULL, NULL, NULL}, *merged = NULL;
     msx_sam_arch arch;
     msx_merger *merger = NULL;
@@ -49,17 +49,15 @@ int main(int argc, char **argv) {
     if (plan_path) {
         CHECK(msx_plan_load_json(plan_path, &plan)); /* e.g. a search's best_plan.json */
     } else {
-        msx_group_plan slerp;
+        msx_group_plan mri;
         int g;
         CHECK(msx_merger_plan_create(merger, &plan));
-        CHECK(msx_plan_set_preset(plan, "ta_0.5"));
-        memset(&slerp, 0, sizeof slerp);
-        slerp.method = MSX_MERGE_SLERP;      /* the two largest t pick the pair: */
-        slerp.t[2] = 0.9;                    /* spec_mri ...                     */
-        slerp.t[0] = 0.5;                    /* ... towards the base             */
+        CHECK(msx_plan_set_preset(plan, "ties_d0.5_s1.0"));
+        memset(&mri, 0, sizeof mri);
+        mri.method = MSX_MERGE_LINEAR;       /* weights: base, spec_ct, spec_mri */
+        mri.weights[2] = 1.0;
         for (g = 0; g < plan->n_groups; g++)
-            if (!strcmp(plan->ids[g], "layer_2") || !strncmp(plan->ids[g], "mask_decoder_group_", 19))
-                plan->groups[g] = slerp;
+            if (!strncmp(plan->ids[g], "mask_decoder_group_", 19)) plan->groups[g] = mri;
     }
 
     /* 3. merge into a preallocated copy of the base (no allocation per run) */

@@ -44,10 +44,10 @@ typedef struct msx__zent {
     int crc_ok; /* 1 once the data was checked against crc */
 } msx__zent;
 
-/* CRC-32 (zip polynomial), slicing by 4. The 4 KB table is built per call:
+/* CRC-32 (zip polynomial), slicing by 8. The 8 KB table is built per call:
    no shared state, and the cost is nothing next to a storage's bytes. */
 static MSX__UNUSED uint32_t msx__ck_crc32(const unsigned char *p, size_t n) {
-    uint32_t t[4][256], c;
+    uint32_t t[8][256], c, lo, hi;
     int i, k;
     for (i = 0; i < 256; i++) {
         c = (uint32_t)i;
@@ -55,11 +55,13 @@ static MSX__UNUSED uint32_t msx__ck_crc32(const unsigned char *p, size_t n) {
         t[0][i] = c;
     }
     for (i = 0; i < 256; i++)
-        for (k = 1; k < 4; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 255];
+        for (k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 255];
     c = 0xFFFFFFFFu;
-    for (; n >= 4; n -= 4, p += 4) {
-        c ^= (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-        c = t[3][c & 255] ^ t[2][(c >> 8) & 255] ^ t[1][(c >> 16) & 255] ^ t[0][c >> 24];
+    for (; n >= 8; n -= 8, p += 8) {
+        lo = c ^ ((uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24));
+        hi = (uint32_t)p[4] | ((uint32_t)p[5] << 8) | ((uint32_t)p[6] << 16) | ((uint32_t)p[7] << 24);
+        c = t[7][lo & 255] ^ t[6][(lo >> 8) & 255] ^ t[5][(lo >> 16) & 255] ^ t[4][lo >> 24] ^
+            t[3][hi & 255] ^ t[2][(hi >> 8) & 255] ^ t[1][(hi >> 16) & 255] ^ t[0][hi >> 24];
     }
     while (n--) c = t[0][(c ^ *p++) & 255] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
@@ -691,6 +693,10 @@ static msx_result msx__pickle_run(msx__pvm *v, const unsigned char *b, size_t le
             ok = msx__ppop(v, &a) && msx__ppop(v, &c);
             if (ok) ok = msx__preduce(v, c, a, 0);
             break;
+        case 0x92: /* NEWOBJ_EX: cls, args, kwargs (kwargs ignored) */
+            ok = msx__ppop(v, &from) && msx__ppop(v, &a) && msx__ppop(v, &c);
+            if (ok) ok = msx__preduce(v, c, a, 0);
+            break;
         case 'b': /* BUILD: state kept out of the object (the state dict's _metadata is ignored) */
             if (msx__pavail(v) < 2) { msx__perr(v, MSX_E_FORMAT, "BUILD with nothing to build"); ok = 0; break; }
             v->ns--;
@@ -841,7 +847,10 @@ static msx_result msx__ck_materialise(const msx__pvm *v, const msx__zip *z, cons
         for (rr = 0; rr < rows; rr++) {
             int64_t base = 0;
             for (k = 0; k < nd - 1; k++) base += idx[k] * t->stride[k];
-            for (j = 0; j < last; j++, d += es) memcpy(d, src + (size_t)(base + j * ls) * es, es);
+            /* fixed-size copies so the compiler inlines them */
+            if (es == 4) for (j = 0; j < last; j++, d += 4) memcpy(d, src + (size_t)(base + j * ls) * 4, 4);
+            else if (es == 2) for (j = 0; j < last; j++, d += 2) memcpy(d, src + (size_t)(base + j * ls) * 2, 2);
+            else for (j = 0; j < last; j++, d += es) memcpy(d, src + (size_t)(base + j * ls) * es, es);
             for (k = nd - 2; k >= 0; k--) {
                 if (++idx[k] < t->shape[k]) break;
                 idx[k] = 0;

@@ -124,8 +124,9 @@ MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1
 /* --- per-tensor methods on float arrays (ref §1.1-1.4) --------------------
    float32 arithmetic in the reference's order (scalars rounded to float32
    first, sources accumulated sequentially), so Linear/TA/TIES are bit-exact
-   with the official code. `out` may alias none of the inputs except where
-   noted. Parallel (OpenMP) over elements for large n. */
+   with the official code. `out` must not alias the inputs. Linear and TA
+   spread blocks of large tensors over OpenMP threads; TIES and SLERP run on
+   the calling thread (the merger runs many tensors in parallel). */
 /* src[0..n_src-1] with weights (normalised by their double sum). Σw == 0:
    MSX_E_ARG (the reference raises; its pipeline then keeps the base). */
 MSXDEF msx_result msx_merge_tensor_linear(float *out, const float *const *src, const double *weights,
@@ -135,8 +136,14 @@ MSXDEF msx_result msx_merge_tensor_linear(float *out, const float *const *src, c
 MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float *const *ft, int n_ft,
                                       double scale, int64_t n);
 /* TIES on one tensor. k = (int64)(n * drop_rate); k == 0: no trim; else the
-   k-th smallest |ft_i - base| (found by selection) is row i's threshold and
-   |d| >= thr is kept. `scratch` is NULL (allocated per call) or holds
+   k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
+   is row i's threshold and |d| >= thr is kept; sign election by summed
+   mass, zero sums take the tensor-wide majority sign; disjoint mean;
+   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
+   streaming pass counts below the bracket and gathers the ~1.5% inside,
+   and a histogram + quickselect picks the exact value among those (exact
+   fallback on a full copy if the bracket missed). `scratch` is NULL
+   (allocated per call when trimming) or holds
    msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
@@ -182,9 +189,15 @@ MSXDEF int msx_merger_tensor_group(const msx_merger *m, int i);
 /* A plan of the right shape (linear one-hot on the base). */
 MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
 /* Runs `plan` into `out`, a model with the base's keys and shapes (make it
-   once with msx_ckpt_clone(base)); every tensor is overwritten, nothing is
-   allocated. Different mergers may run concurrently on different outputs;
-   one merger is not re-entrant. `report` may be NULL. */
+   once with msx_ckpt_clone(base)); every tensor is overwritten. One OpenMP
+   region: threads take work items dynamically (whole tensors for TIES and
+   SLERP, largest first, then 256K-element chunks of linear / TA / copied
+   tensors). Nothing is allocated except, on the first run with a TIES
+   group, per-thread TIES scratch (about n_ft x the largest tensor) that is
+   kept for later runs. Different mergers may run concurrently on different
+   outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
+   not re-entrant. `report` may be NULL. Errors (plan of another shape,
+   strict-mode keep-the-base case) leave `out` untouched. */
 MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkpoint *out,
                                  msx_merge_report *report);
 

@@ -17,6 +17,7 @@
 /* Bit-exactness with the reference needs w*x + y rounded twice: no FMA
    contraction in this section (gcc's GNU modes and clang would contract). */
 #if defined(__clang__)
+#pragma float_control(push)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC push_options
@@ -26,7 +27,7 @@
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
 #define MSX__MERGE_PAR_MIN 32768      /* smaller tensors run on one thread */
 #define MSX__TIES_DIRECT 65536        /* up to this size TIES selects on a full copy */
-#define MSX__TIES_SAMPLE 65536        /* largest sample for the bracketed selection */
+#define MSX__TIES_SAMPLE 32768        /* largest sample for the bracketed selection */
 #define MSX__TIES_SAMPLE_CHUNK 64     /* ... drawn in contiguous chunks of this size */
 #define MSX__MERGE_MAX_THREADS 64
 
@@ -757,73 +758,126 @@ static uint32_t msx__qselect_u32(uint32_t *a, int64_t len, int64_t r) {
 }
 
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
-    return (size_t)n_ft * ((size_t)n + MSX__TIES_SAMPLE);
+    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
-/* Over [j0, j1) of |x - b| (as bit keys u): counts u < l, u == l, u == h
-   and appends the u with l < u < h to c[*C..] (C never passes j, so c of
-   n entries suffices). AVX2 path: compares in vectors, gathers from the
-   rare vectors holding a candidate. */
+/* Over [j0, j1) of |x - b| (as bit keys u <= 0x7FFFFFFF), with
+   l <= h <= 0x7FFFFFFF: counts u < l into *lt; if l == h counts u == l
+   into *eq, else appends every l <= u <= h to c[*nc..] (*nc never passes
+   j, so c of n entries suffices). The AVX2 path compares in vectors and
+   packs only the rare vectors holding a candidate. */
 static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, int64_t j1, uint32_t l, uint32_t h,
-                                   int64_t *lt, int64_t *el, int64_t *eh, uint32_t *c, int64_t *nc) {
-    int64_t j = j0, L = 0, El = 0, Eh = 0, C = *nc;
+                                   int64_t *lt, int64_t *eq, uint32_t *c, int64_t *nc) {
+    int64_t j = j0, L = 0, E = 0, C = *nc;
 #if defined(__AVX2__)
     {
-        const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), sgn = _mm256_set1_epi32((int)0x80000000u);
-        /* unsigned order through the sign flip, so h = 0xFFFFFFFF works */
-        const __m256i lv = _mm256_set1_epi32((int)(l ^ 0x80000000u)), hv = _mm256_set1_epi32((int)(h ^ 0x80000000u));
-        __m256i aL = _mm256_setzero_si256(), aEl = aL, aEh = aL;
+        const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), lv = _mm256_set1_epi32((int)l), hv = _mm256_set1_epi32((int)h);
+        __m256i aL = _mm256_setzero_si256(), aE = aL;
         int32_t tmp[8];
         int q;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-            __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm), us = _mm256_xor_si256(u, sgn);
-            __m256i mc = _mm256_and_si256(_mm256_cmpgt_epi32(us, lv), _mm256_cmpgt_epi32(hv, us));
-            int mk = _mm256_movemask_ps(_mm256_castsi256_ps(mc));
-            aL = _mm256_sub_epi32(aL, _mm256_cmpgt_epi32(lv, us)); /* masks are -1 */
-            aEl = _mm256_sub_epi32(aEl, _mm256_cmpeq_epi32(us, lv));
-            aEh = _mm256_sub_epi32(aEh, _mm256_cmpeq_epi32(us, hv));
-#if defined(__BMI2__) && defined(__POPCNT__)
-            if (mk) { /* rare with a narrow bracket: a well-predicted branch */
-                /* branch-free left-pack: pdep spreads the mask to bytes,
-                   pext picks the lane numbers of the set ones */
-                uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
-                __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
-                /* writes 8 lanes at c + C; C <= j, so c + C + 8 <= c + j1 */
-                _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, perm));
-                C += _mm_popcnt_u32((unsigned)mk);
+        if (l == h) {
+            for (; j + 8 <= j1; j += 8) {
+                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
+                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm);
+                aL = _mm256_sub_epi32(aL, _mm256_cmpgt_epi32(lv, u)); /* masks are -1 */
+                aE = _mm256_sub_epi32(aE, _mm256_cmpeq_epi32(u, lv));
             }
+        } else {
+            for (; j + 8 <= j1; j += 8) {
+                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
+                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm), mlt = _mm256_cmpgt_epi32(lv, u);
+                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(mlt, _mm256_cmpgt_epi32(u, hv)))) & 0xFF;
+                aL = _mm256_sub_epi32(aL, mlt);
+                if (mk) { /* rare with a narrow bracket: a well-predicted branch */
+#if defined(__BMI2__) && defined(__POPCNT__)
+                    /* left-pack: pdep spreads the mask to bytes, pext picks
+                       the lane numbers of the set ones; the 8-lane store
+                       stays below c + j + 8 <= c + j1 */
+                    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
+                    __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
+                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, perm));
+                    C += _mm_popcnt_u32((unsigned)mk);
 #else
-            if (mk) {
-                _mm256_storeu_si256((__m256i *)(void *)tmp, u);
-                for (q = 0; q < 8; q++) {
-                    c[C] = (uint32_t)tmp[q];
-                    C += (mk >> q) & 1;
+                    _mm256_storeu_si256((__m256i *)(void *)tmp, u);
+                    for (q = 0; q < 8; q++) {
+                        c[C] = (uint32_t)tmp[q];
+                        C += (mk >> q) & 1;
+                    }
+#endif
                 }
             }
-#endif
         }
         _mm256_storeu_si256((__m256i *)(void *)tmp, aL);
         for (q = 0; q < 8; q++) L += (uint32_t)tmp[q];
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aEl);
-        for (q = 0; q < 8; q++) El += (uint32_t)tmp[q];
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aEh);
-        for (q = 0; q < 8; q++) Eh += (uint32_t)tmp[q];
+        _mm256_storeu_si256((__m256i *)(void *)tmp, aE);
+        for (q = 0; q < 8; q++) E += (uint32_t)tmp[q];
     }
 #endif
     for (; j < j1; j++) {
         uint32_t u = msx__abs_bits(x[j] - b[j]);
         L += u < l;
-        El += u == l;
-        Eh += u == h;
+        E += u == l;
         c[C] = u; /* branch-free gather */
-        C += (u > l) & (u < h);
+        C += l != h && u >= l && u <= h;
     }
     *lt += L;
-    *el += El;
-    *eh += Eh;
+    if (l == h) *eq += E;
     *nc = C;
 }
+
+#if defined(__AVX2__) && defined(__BMI2__) && defined(__POPCNT__)
+#define MSX__TIES_COUNT2 1
+/* msx__ties_count_gather for two models at once (base loaded once), both
+   with lo < hi: the common case of the paper's setting. */
+static void msx__ties_count_gather2(const float *x0, const float *x1, const float *b, int64_t j0, int64_t j1,
+                                    const uint32_t *lo, const uint32_t *hi, int64_t *lt, uint32_t *c0, uint32_t *c1,
+                                    int64_t *nc) {
+    const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i l0 = _mm256_set1_epi32((int)lo[0]), h0 = _mm256_set1_epi32((int)hi[0]);
+    const __m256i l1 = _mm256_set1_epi32((int)lo[1]), h1 = _mm256_set1_epi32((int)hi[1]);
+    __m256i aL0 = _mm256_setzero_si256(), aL1 = aL0;
+    int64_t j = j0, C0 = nc[0], C1 = nc[1], L0 = 0, L1 = 0;
+    int32_t tmp[8];
+    int q;
+    for (; j + 8 <= j1; j += 8) {
+        __m256 bv = _mm256_loadu_ps(b + j);
+        __m256i u0 = _mm256_and_si256(_mm256_castps_si256(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), bv)), absm);
+        __m256i u1 = _mm256_and_si256(_mm256_castps_si256(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), bv)), absm);
+        __m256i lt0 = _mm256_cmpgt_epi32(l0, u0), lt1 = _mm256_cmpgt_epi32(l1, u1);
+        int m0 = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt0, _mm256_cmpgt_epi32(u0, h0)))) & 0xFF;
+        int m1 = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt1, _mm256_cmpgt_epi32(u1, h1)))) & 0xFF;
+        aL0 = _mm256_sub_epi32(aL0, lt0);
+        aL1 = _mm256_sub_epi32(aL1, lt1);
+        if (m0 | m1) { /* rare with a narrow bracket */
+            uint64_t s0 = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)m0, 0x0101010101010101ull) * 0xFF);
+            uint64_t s1 = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)m1, 0x0101010101010101ull) * 0xFF);
+            _mm256_storeu_si256((__m256i *)(void *)(c0 + C0),
+                                _mm256_permutevar8x32_epi32(u0, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s0))));
+            _mm256_storeu_si256((__m256i *)(void *)(c1 + C1),
+                                _mm256_permutevar8x32_epi32(u1, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s1))));
+            C0 += _mm_popcnt_u32((unsigned)m0);
+            C1 += _mm_popcnt_u32((unsigned)m1);
+        }
+    }
+    _mm256_storeu_si256((__m256i *)(void *)tmp, aL0);
+    for (q = 0; q < 8; q++) L0 += tmp[q];
+    _mm256_storeu_si256((__m256i *)(void *)tmp, aL1);
+    for (q = 0; q < 8; q++) L1 += tmp[q];
+    for (; j < j1; j++) {
+        uint32_t u0 = msx__abs_bits(x0[j] - b[j]), u1 = msx__abs_bits(x1[j] - b[j]);
+        L0 += u0 < lo[0];
+        L1 += u1 < lo[1];
+        c0[C0] = u0;
+        C0 += u0 >= lo[0] && u0 <= hi[0];
+        c1[C1] = u1;
+        C1 += u1 >= lo[1] && u1 <= hi[1];
+    }
+    lt[0] += L0;
+    lt[1] += L1;
+    nc[0] = C0;
+    nc[1] = C1;
+}
+#endif
 
 /* Element of 0-based rank r among c[0..m), all in [lo, hi): a 4096-bin
    histogram over the key range finds the bin, quickselect finishes within
@@ -859,6 +913,34 @@ static uint32_t msx__select_full(const float *x, const float *b, int64_t n, int6
     return msx__select_in_range(c, n, k - 1, mn, mx + 1);
 }
 
+/* Bracket [*lo, *hi] (bit keys, hi <= 0x7FFFFFFF) that holds the k-th
+   smallest |x - b| with high probability, from a sample of n/64
+   (4096..MSX__TIES_SAMPLE) values drawn in contiguous chunks: ±2.6 standard
+   errors of the sample quantile, so ~1.5% of the elements fall inside and a
+   miss (handled exactly by the callers) is rare. sbuf: 2 * MSX__TIES_SAMPLE. */
+static void msx__ties_bracket(const float *base, const float *x, int64_t n, int64_t k, uint32_t *sbuf, uint32_t *lo,
+                              uint32_t *hi) {
+    const int CH = MSX__TIES_SAMPLE_CHUNK;
+    int64_t S64 = n / 64 < 4096 ? 4096 : (n / 64 > MSX__TIES_SAMPLE ? MSX__TIES_SAMPLE : n / 64);
+    const int NCH = (int)(S64 / CH), S = NCH * CH;
+    double p = ((double)k - 0.5) / (double)n, delta = 1.3 / sqrt((double)S) + 2.0 / S;
+    uint32_t *s = sbuf, *s2 = sbuf + MSX__TIES_SAMPLE, mn = 0xFFFFFFFFu, mx = 0;
+    int c, q;
+    int64_t rl = (int64_t)floor((p - delta) * S), rh = (int64_t)ceil((p + delta) * S);
+    for (c = 0; c < NCH; c++) {
+        int64_t pos = (int64_t)((double)c * (double)(n - CH) / (double)(NCH - 1));
+        for (q = 0; q < CH; q++) {
+            uint32_t u = msx__abs_bits(x[pos + q] - base[pos + q]);
+            s[c * CH + q] = u;
+            mn = u < mn ? u : mn;
+            mx = u > mx ? u : mx;
+        }
+    }
+    memcpy(s2, s, (size_t)S * sizeof *s); /* selection reorders: one copy per bound */
+    *lo = rl <= 0 ? 0u : (mn == mx ? mn : msx__select_in_range(s, S, rl, mn, mx + 1));
+    *hi = rh >= S - 1 ? 0x7FFFFFFFu : (mn == mx ? mn : msx__select_in_range(s2, S, rh, mn, mx + 1));
+}
+
 /* Row thresholds thr[i] = k-th smallest |ft_i - base| (1-based k >= 1) as
    |float| bit keys, on the calling thread. Small tensors: quickselect on a
    full copy. Large: a sample brackets the k-th value in [lo, hi]; one pass
@@ -875,49 +957,28 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
     }
     {
         uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS];
-        int64_t lt[MSX_MAX_MODELS], eql[MSX_MAX_MODELS], eqh[MSX_MAX_MODELS], nc[MSX_MAX_MODELS], b0;
-        /* sample n/32 (4096..MSX__TIES_SAMPLE) values in chunks; the bracket
-           is ±2.6 standard errors of the sample quantile, so ~1% of the
-           elements are gathered and a miss (fallback) is rare */
-        const int CH = MSX__TIES_SAMPLE_CHUNK;
-        int64_t S64 = n / 32 < 4096 ? 4096 : (n / 32 > MSX__TIES_SAMPLE ? MSX__TIES_SAMPLE : n / 32);
-        const int NCH = (int)(S64 / CH), S = NCH * CH;
-        double p = ((double)k - 0.5) / (double)n, delta = 1.3 / sqrt((double)S) + 2.0 / S;
-        uint32_t *samp0 = scratch + (size_t)n_ft * (size_t)n;
+        int64_t lt[MSX_MAX_MODELS], eql[MSX_MAX_MODELS], nc[MSX_MAX_MODELS], b0;
         for (i = 0; i < n_ft; i++) {
-            uint32_t *s = samp0 + (size_t)i * (size_t)MSX__TIES_SAMPLE, mn = 0xFFFFFFFFu, mx = 0;
-            int c, q, pass;
-            int64_t rl = (int64_t)floor((p - delta) * S), rh = (int64_t)ceil((p + delta) * S);
-            lo[i] = 0u;
-            hi[i] = 0xFFFFFFFFu;
-            for (pass = 0; pass < 2; pass++) { /* selection reorders the sample: fill it per bound */
-                if ((pass == 0 && rl <= 0) || (pass == 1 && rh >= S - 1)) continue;
-                for (c = 0; c < NCH; c++) {
-                    int64_t pos = (int64_t)((double)c * (double)(n - CH) / (double)(NCH - 1));
-                    for (q = 0; q < CH; q++) {
-                        uint32_t u = msx__abs_bits(ft[i][pos + q] - base[pos + q]);
-                        s[c * CH + q] = u;
-                        mn = u < mn ? u : mn;
-                        mx = u > mx ? u : mx;
-                    }
-                }
-                if (pass == 0) lo[i] = mn == mx ? mn : msx__select_in_range(s, S, rl, mn, mx + 1);
-                else hi[i] = mn == mx ? mn : msx__select_in_range(s, S, rh, mn, mx + 1);
-            }
-            lt[i] = eql[i] = eqh[i] = nc[i] = 0;
+            msx__ties_bracket(base, ft[i], n, k, scratch + (size_t)n_ft * (size_t)n, &lo[i], &hi[i]);
+            lt[i] = eql[i] = nc[i] = 0;
         }
+#ifdef MSX__TIES_COUNT2
+        if (n_ft == 2 && lo[0] != hi[0] && lo[1] != hi[1])
+            msx__ties_count_gather2(ft[0], ft[1], base, 0, n, lo, hi, lt, scratch, scratch + n, nc);
+        else
+#endif
         for (b0 = 0; b0 < n; b0 += MSX__MERGE_BLOCK) {
             int64_t e = b0 + MSX__MERGE_BLOCK < n ? b0 + MSX__MERGE_BLOCK : n;
             for (i = 0; i < n_ft; i++)
-                msx__ties_count_gather(ft[i], base, b0, e, lo[i], hi[i], &lt[i], &eql[i], &eqh[i],
+                msx__ties_count_gather(ft[i], base, b0, e, lo[i], hi[i], &lt[i], &eql[i],
                                        scratch + (size_t)i * (size_t)n, &nc[i]);
         }
         for (i = 0; i < n_ft; i++) {
             uint32_t *c = scratch + (size_t)i * (size_t)n;
-            int64_t r = k - lt[i], h_eq = lo[i] == hi[i] ? 0 : eqh[i];
-            if (r >= 1 && r <= eql[i]) thr[i] = lo[i];
-            else if (r > eql[i] && r - eql[i] <= nc[i]) thr[i] = msx__select_in_range(c, nc[i], r - eql[i] - 1, lo[i], hi[i]);
-            else if (r > eql[i] + nc[i] && r - eql[i] - nc[i] <= h_eq) thr[i] = hi[i];
+            int64_t r = k - lt[i]; /* 1-based rank within the bracket */
+            if (lo[i] == hi[i] && r >= 1 && r <= eql[i]) thr[i] = lo[i];
+            else if (lo[i] != hi[i] && r >= 1 && r <= nc[i])
+                thr[i] = msx__select_in_range(c, nc[i], r - 1, lo[i], hi[i] == 0x7FFFFFFFu ? 0x80000000u : hi[i] + 1);
             else thr[i] = msx__select_full(ft[i], base, n, k, c);
         }
     }
@@ -936,6 +997,9 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
 static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
                                float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
     int64_t b0, j, ss = 0, na = 0;
+#if defined(__AVX2__)
+    int nt = ((uintptr_t)out & 31) == 0 && n >= MSX__MERGE_PAR_MIN;
+#endif
     for (b0 = 0; b0 < n; b0 += MSX__TIES_BLOCK) {
         int64_t e = n - b0 < MSX__TIES_BLOCK ? n : b0 + MSX__TIES_BLOCK;
         int z = 0;
@@ -962,7 +1026,11 @@ static void msx__ties_combine2(float *out, const float *base, const float *x0, c
                 __m256 acc = _mm256_add_ps(_mm256_add_ps(zero, _mm256_and_ps(t0, k0)), _mm256_and_ps(t1, k1));
                 __m256 cnt = _mm256_add_ps(_mm256_and_ps(k0, one), _mm256_and_ps(k1, one));
                 __m256 tau = _mm256_div_ps(acc, _mm256_max_ps(cnt, one));
-                _mm256_storeu_ps(out + j, _mm256_add_ps(b, _mm256_mul_ps(lv, tau)));
+                __m256 res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
+                /* aligned output (64-byte tensors, blocks of 512): stream it
+                   past the caches, saving the read-for-ownership traffic */
+                if (nt) _mm256_stream_ps(out + j, res);
+                else _mm256_storeu_ps(out + j, res);
                 bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(sp)), _mm256_castps_si256(sn));
                 z |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(sm, zero, _CMP_EQ_OQ),
                                                       _mm256_cmp_ps(t0, zero, _CMP_NEQ_UQ)));
@@ -994,6 +1062,9 @@ static void msx__ties_combine2(float *out, const float *base, const float *x0, c
                 }
             }
     }
+#if defined(__AVX2__)
+    if (nt) _mm_sfence(); /* the streamed stores are visible before the fix-up reads */
+#endif
     *sign_sum = ss;
     *n_amb = na;
 }
@@ -1344,6 +1415,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
+    int need_scratch = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -1400,7 +1472,8 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
                 m->items[n_items++].j1 = j0 + MSX__MERGE_CHUNK < n ? j0 + MSX__MERGE_CHUNK : n;
             }
         }
-    if (nth > m->scratch_threads) {
+    for (g = 0; g < m->n_groups && !need_scratch; g++) need_scratch = m->gs[g].action == 1 + MSX_MERGE_TIES;
+    if (need_scratch && nth > m->scratch_threads) {
         /* first run (or more threads than before): the only allocation */
         uint32_t *s = (uint32_t *)msx__aligned_alloc(m->scratch_per_thread * (size_t)nth * 4);
         if (!s) return msx__err(MSX_E_NOMEM, "merge: cannot allocate %lu bytes of TIES scratch",
@@ -1422,7 +1495,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
             tid = omp_get_thread_num();
 #endif
             MSX__MOMP("omp for schedule(dynamic, 1)")
-            for (it = 0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr + per * (size_t)tid);
+            for (it = 0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
         }
     }
     if (report) {
@@ -1471,7 +1544,7 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 }
 
 #if defined(__clang__)
-#pragma clang fp contract(on)
+#pragma float_control(pop)
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif

@@ -27,7 +27,25 @@
    trial log through msx_opt_tell_config (same order, exact doubles) and then
    continuing reproduces the uninterrupted run, provided the driver asks
    synchronously (ask k, tell all k, repeat) or also replays its pending set.
-   Not thread-safe: one thread drives an msx_opt at a time. */
+   Not thread-safe: one thread drives an msx_opt at a time.
+
+   Differences from SMAC 2.2 (each benchmarked with `medsamix bench-opt`):
+   the model is refit after every result; the design is 10 % of n_trials (not
+   25 %); the acquisition maximiser also scores perturbations of the 5 best
+   configs and returns the best random samples as well as the local-search
+   optima; children that become active in local search start from the best
+   evaluated config that used them; ParEGO weights are Dirichlet(1) per
+   proposal; failures are imputed at the worst successful cost; the Pareto
+   archive is complete (no 10-point cap); never stops early.
+   Local GP refinement (single objective and mean mode): with probability
+   local_prob (default 0.5) a model-based proposal comes from a small
+   Matern-5/2 ARD Gaussian process fitted on the <= 64 evaluated configs
+   nearest to the incumbent that share its categorical/integer values and
+   active set, over the incumbent's active float dims only (raw, standardised
+   costs), maximising its EI over lengthscale-shaped Gaussian perturbations
+   of the incumbent (TuRBO-like trust region). Why: the forest is piecewise
+   constant and refines a basin slowly; on Hartmann-6 at 100 evaluations this
+   took the median regret from 0.19 to ~3e-4 (random search: 1.23). */
 
 #ifdef __cplusplus
 extern "C" {
@@ -78,6 +96,7 @@ typedef struct msx_rf_options {
     double eps_purity;     /* 0 -> 1e-8 */
     int no_bootstrap;      /* 1: every tree sees all points once */
     int log_y;             /* 1: tree value = ln(mean exp(y)) over its leaf (SMAC log_y) */
+    int random_thresholds; /* 1: threshold uniform in the gap (pyrfr) instead of the midpoint */
     uint64_t seed;
 } msx_rf_options;
 typedef struct msx_rf msx_rf;
@@ -132,6 +151,7 @@ typedef struct msx_opt_options {
     int min_samples_split; /* 0 -> 2 */
     int min_samples_leaf;  /* 0 -> 1 */
     double ratio_features; /* 0 -> 1.0 */
+    int rf_random_thresholds; /* 1: pyrfr-style random split thresholds (default midpoints) */
     double var_floor;      /* 0 -> 1e-10 (predictive variance floor) */
     int n_random_samples;  /* acquisition: random samples; 0 -> 10000 */
     int n_perturb_samples; /* extra samples perturbing the 5 best evaluated configs;
@@ -140,6 +160,9 @@ typedef struct msx_opt_options {
     int ls_max_evals;      /* acquisition evaluations per local search; 0 -> 5000 */
     int no_child_memory;   /* 1: SMAC behaviour, newly active children start at their
                               default; 0: from the best evaluated config using them */
+    double local_prob;     /* single objective / mean mode: probability that a model-based
+                              slot is a local GP refinement of the incumbent's active float
+                              dims instead of the forest's EI maximum; 0 -> 0.5, < 0 -> never */
 } msx_opt_options;
 
 typedef struct msx_opt msx_opt;

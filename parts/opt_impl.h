@@ -547,7 +547,8 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
                             best_gain = gain;
                             best_f = ff;
                             best_mask = 0;
-                            best_thr = x + 0.5 * (xn - x); /* midpoint */
+                            /* midpoint, or pyrfr's uniform draw in the gap (smoother ensemble) */
+                            best_thr = x + (rf->o.random_thresholds ? msx_rng_uniform(&rng) : 0.5) * (xn - x);
                             if (!(best_thr < xn)) best_thr = x;
                         }
                     }
@@ -844,6 +845,7 @@ MSXDEF double msx_hypervolume(const double *pts, int n, int m, const double *ref
 /* ---- the optimiser ----------------------------------------------------------- */
 
 #define MSX__OPT_FORMAT "medsamix-opt-state-v1"
+#define MSX__GP_MAXM 64 /* points in the local GP (see msx__opt_gp_propose) */
 
 struct msx_opt {
     msx_space *sp;
@@ -883,6 +885,11 @@ struct msx_opt {
     double *nb_val;
     int cap_nb;
     double t_fit, t_acq;
+    /* local GP stage (msx__opt_gp_propose) */
+    double lprob;
+    double *yraw; /* training targets before the log scaling */
+    int *gp_dims;
+    double *gp_X, *gp_y, *gp_L, *gp_alpha, *gp_ks, *gp_ls, *gp_w, *gp_u, *gp_c, *gp_best;
 };
 
 static uint64_t msx__opt_hash(const double *c, int d) {
@@ -929,6 +936,8 @@ MSXDEF void msx_opt_free(msx_opt *o) {
     MSX_FREE(o->cand); MSX_FREE(o->cand_acq); MSX_FREE(o->top); MSX_FREE(o->top_acq);
     MSX_FREE(o->cur); MSX_FREE(o->curenc); MSX_FREE(o->tmpc); MSX_FREE(o->tmpe);
     MSX_FREE(o->nb_par); MSX_FREE(o->nb_val);
+    MSX_FREE(o->yraw); MSX_FREE(o->gp_dims); MSX_FREE(o->gp_X); MSX_FREE(o->gp_y); MSX_FREE(o->gp_L); MSX_FREE(o->gp_alpha); MSX_FREE(o->gp_ks);
+    MSX_FREE(o->gp_ls); MSX_FREE(o->gp_w); MSX_FREE(o->gp_u); MSX_FREE(o->gp_c); MSX_FREE(o->gp_best);
     MSX_FREE(o);
 }
 MSXDEF const msx_space *msx_opt_space(const msx_opt *o) { return o ? o->sp : NULL; }
@@ -958,6 +967,7 @@ static msx_result msx__opt_grow_hist(msx_opt *o, int need) {
     MSX__OPT_GROW(o->hhash, uint64_t, nc);
     MSX__OPT_GROW(o->front, int, nc);
     MSX__OPT_GROW(o->y, double, nc);
+    MSX__OPT_GROW(o->yraw, double, nc);
     MSX__OPT_GROW(o->mu, double, nc);
     MSX__OPT_GROW(o->ysort, double, nc);
     MSX__OPT_GROW(o->rank, msx__opt_pair, nc);
@@ -1103,6 +1113,8 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
         return msx__err(MSX_E_ARG, "msx_opt_create: unknown mo_mode %d", (int)opts->mo_mode);
     if (opts->init_mode != MSX_INIT_LHS && opts->init_mode != MSX_INIT_RANDOM)
         return msx__err(MSX_E_ARG, "msx_opt_create: unknown init_mode %d", (int)opts->init_mode);
+    if (!(opts->local_prob <= 1))
+        return msx__err(MSX_E_ARG, "msx_opt_create: local_prob = %g (need <= 1; 0 = default, < 0 = off)", opts->local_prob);
     if (!(opts->random_prob <= 1) || !(opts->parego_rho >= 0) || !(opts->var_floor >= 0) || !(opts->ratio_features >= 0))
         return msx__err(MSX_E_ARG, "msx_opt_create: random_prob must be <= 1 and parego_rho, var_floor, ratio_features >= 0");
     o = (msx_opt *)msx__calloc(1, sizeof *o);
@@ -1122,6 +1134,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     o->log_scale = !opts->no_log_scale;
     o->rprob = opts->random_prob > 0 ? opts->random_prob : opts->random_prob < 0 ? 0 : 0.2;
     o->rho = opts->parego_rho > 0 ? opts->parego_rho : 0.05;
+    o->lprob = opts->local_prob > 0 ? opts->local_prob : opts->local_prob < 0 ? 0 : 0.5;
     o->vfloor = opts->var_floor > 0 ? opts->var_floor : 1e-10;
     o->next_id = 1;
     o->types = (int *)MSX_MALLOC((size_t)d * sizeof(int));
@@ -1137,7 +1150,20 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
         if (o->sp->p[i].type != MSX_PARAM_FLOAT) o->cap_nb += o->sp->p[i].type == MSX_PARAM_CAT ? o->sp->p[i].k : 8;
     o->nb_par = (int *)MSX_MALLOC((size_t)o->cap_nb * sizeof(int));
     o->nb_val = (double *)MSX_MALLOC((size_t)o->cap_nb * sizeof(double));
-    if (!o->types || !o->topo || !o->mem || !o->theta || !o->cur || !o->curenc || !o->tmpc || !o->tmpe || !o->nb_par || !o->nb_val) {
+    o->gp_dims = (int *)MSX_MALLOC((size_t)d * sizeof(int));
+    o->gp_X = (double *)MSX_MALLOC((size_t)MSX__GP_MAXM * d * sizeof(double));
+    o->gp_y = (double *)MSX_MALLOC(MSX__GP_MAXM * sizeof(double));
+    o->gp_L = (double *)MSX_MALLOC(MSX__GP_MAXM * MSX__GP_MAXM * sizeof(double));
+    o->gp_alpha = (double *)MSX_MALLOC(MSX__GP_MAXM * sizeof(double));
+    o->gp_ks = (double *)MSX_MALLOC(MSX__GP_MAXM * sizeof(double));
+    o->gp_ls = (double *)MSX_MALLOC((size_t)d * sizeof(double));
+    o->gp_w = (double *)MSX_MALLOC((size_t)d * sizeof(double));
+    o->gp_u = (double *)MSX_MALLOC((size_t)d * sizeof(double));
+    o->gp_c = (double *)MSX_MALLOC((size_t)d * sizeof(double));
+    o->gp_best = (double *)MSX_MALLOC((size_t)d * sizeof(double));
+    if (!o->types || !o->topo || !o->mem || !o->theta || !o->cur || !o->curenc || !o->tmpc || !o->tmpe || !o->nb_par || !o->nb_val ||
+        !o->gp_dims || !o->gp_X || !o->gp_y || !o->gp_L || !o->gp_alpha || !o->gp_ks || !o->gp_ls || !o->gp_w || !o->gp_u ||
+        !o->gp_c || !o->gp_best) {
         msx_opt_free(o);
         return msx__err(MSX_E_NOMEM, "msx_opt_create: out of memory");
     }
@@ -1244,6 +1270,7 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
             o->y[i] = theta ? mx + o->rho * sum : sum; /* augmented Tchebycheff or mean */
         }
     }
+    memcpy(o->yraw, o->y, (size_t)n * sizeof(double));
     if (o->log_scale) { /* RunHistoryLogScaledEncoder (§3) */
         double mn, mx, p5, mp, pos, span;
         int lo_i;
@@ -1292,6 +1319,7 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     ro.min_samples_leaf = o->o.min_samples_leaf;
     ro.ratio_features = o->o.ratio_features;
     ro.log_y = o->log_scale;
+    ro.random_thresholds = o->o.rf_random_thresholds;
     ro.seed = seed;
     r = msx_rf_fit(&o->rf, o->henc, o->y, o->n_hist, o->d, o->types, &ro);
     if (r != MSX_OK) return r;
@@ -1430,12 +1458,12 @@ static double msx__opt_local_search(msx_opt *o, msx_rng *rng, double eta) {
 
 /* A random perturbation of a good evaluated config (beyond SMAC): each
    active numeric parameter moves with probability min(1, 20/active) by a
-   Gaussian step in the unit cube whose scale is log-uniform in [0.002, 0.3]
-   (so both fine refinement and larger jumps compete on the acquisition);
+   Gaussian step in the unit cube whose scale grows log-linearly from 0.002
+   to 0.3 with frac (fine refinement and larger jumps compete);
    categoricals switch with half that probability. */
-static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, double *out) {
+static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, double frac, double *out) {
     int i, q, n_act = 0, changed = 0, rounds = 0;
-    double pp, sig = exp(log(0.002) + msx_rng_uniform(rng) * (log(0.3) - log(0.002)));
+    double pp, sig = exp(log(0.002) + frac * (log(0.3) - log(0.002)));
     memcpy(out, base, (size_t)o->d * sizeof *out);
     for (i = 0; i < o->d; i++) n_act += out[i] == out[i];
     pp = n_act > 20 ? 20.0 / n_act : 1.0;
@@ -1464,7 +1492,7 @@ static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, doubl
    optima and the best random samples (§15), sorted by acquisition. */
 static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int want) {
     const int d = o->d;
-    int T = o->n_starts + want, s, i, j, n_start = 0, nh, best[5], nb = 0;
+    int T = o->n_starts + want, s, i, j, n_start = 0, nh, best[5], nb = 0, np;
     double t0 = msx_time_now();
     msx_result r = msx__opt_grow_top(o, T);
     if (r == MSX_OK) r = msx__opt_grow_cand(o, 2 * o->n_starts + T + 1);
@@ -1482,10 +1510,14 @@ static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int wa
             best[j] = i;
         }
     }
-    for (s = 0; s < o->n_rs + (nb ? o->n_pert : 0); s++) { /* sorted random search, keeping the best T */
+    np = nb ? o->n_pert : 0;
+    /* Perturbations come first with growing step size, then uniform samples:
+       on the forest's plateaus of equal acquisition the earliest sample is
+       kept, i.e. the one closest to a good evaluated config. */
+    for (s = 0; s < o->n_rs + np; s++) { /* sorted random search, keeping the best T */
         double a;
-        if (s < o->n_rs) msx_space_sample(o->sp, rng, o->tmpc);
-        else msx__opt_perturb(o, rng, o->hcfg + (size_t)best[msx_rng_below(rng, (uint64_t)nb)] * d, o->tmpc);
+        if (s >= np) msx_space_sample(o->sp, rng, o->tmpc);
+        else msx__opt_perturb(o, rng, o->hcfg + (size_t)best[msx_rng_below(rng, (uint64_t)nb)] * d, (double)s / np, o->tmpc);
         msx__sp_encode(o->sp, o->tmpc, o->tmpe);
         a = msx__opt_acq(o, o->tmpe, eta);
         if (o->n_top < T || a > o->top_acq[o->n_top - 1]) {
@@ -1551,6 +1583,207 @@ static void msx__opt_random_unseen(msx_opt *o, msx_rng *rng, double *out, const 
     }
 }
 
+/* ---- local Gaussian-process refinement (beyond SMAC) ------------------------- */
+/* Why: the forest is piecewise constant, so once a basin is found its EI is
+   flat there and the optimum is refined only by luck (Hartmann-6 stalled at
+   ~6.6x better than random). With probability local_prob a model-based slot
+   instead fits a small GP (Matern-5/2, ARD lengthscales chosen by maximising
+   the concentrated marginal likelihood over a grid + coordinate passes) on
+   the <= MSX__GP_MAXM evaluated configs nearest to the incumbent that share
+   its structure (same categorical/integer values and active set), over the
+   incumbent's active float dims only, and proposes the maximiser of the GP's
+   EI among Gaussian perturbations of the incumbent (TuRBO-like local trust
+   region, steps scaled by the relative lengthscales). Everything else of the
+   incumbent is kept, so conditional/mixed spaces stay valid. Deterministic:
+   all draws come from the slot's stream. */
+
+/* Matern-5/2 correlation with ARD lengthscales ls. */
+static double msx__gp_kern(const double *a, const double *b, const double *ls, int D) {
+    double r2 = 0, r;
+    int i;
+    for (i = 0; i < D; i++) {
+        double t = (a[i] - b[i]) / ls[i];
+        r2 += t * t;
+    }
+    r = sqrt(5.0 * r2);
+    return (1.0 + r + r * r / 3.0) * exp(-r);
+}
+/* Fits a zero-mean GP with covariance sf2 * (R + nug I), R the correlation
+   of the m rows of X (m x D): Cholesky R + nug I = L L^T (L row-major, lower),
+   alpha = (R + nug I)^-1 y, and the maximum-likelihood signal variance
+   sf2 = y^T alpha / m. Returns the concentrated negative log marginal
+   likelihood m/2 ln sf2 + sum ln L_ii (constants dropped), HUGE_VAL if the
+   matrix is not positive definite. */
+static double msx__gp_fit(const double *X, const double *y, int m, int D, const double *ls, double nug, double *L,
+                          double *alpha, double *sf2) {
+    int i, j, k;
+    double ld = 0, q = 0;
+    for (i = 0; i < m; i++) {
+        for (j = 0; j < i; j++) L[(size_t)i * m + j] = msx__gp_kern(X + (size_t)i * D, X + (size_t)j * D, ls, D);
+        L[(size_t)i * m + i] = 1.0 + nug;
+    }
+    for (j = 0; j < m; j++) { /* in-place Cholesky (lower triangle) */
+        double s = L[(size_t)j * m + j];
+        for (k = 0; k < j; k++) s -= L[(size_t)j * m + k] * L[(size_t)j * m + k];
+        if (!(s > 0)) return HUGE_VAL;
+        s = sqrt(s);
+        L[(size_t)j * m + j] = s;
+        ld += log(s);
+        for (i = j + 1; i < m; i++) {
+            double t = L[(size_t)i * m + j];
+            for (k = 0; k < j; k++) t -= L[(size_t)i * m + k] * L[(size_t)j * m + k];
+            L[(size_t)i * m + j] = t / s;
+        }
+    }
+    for (i = 0; i < m; i++) { /* L z = y */
+        double t = y[i];
+        for (k = 0; k < i; k++) t -= L[(size_t)i * m + k] * alpha[k];
+        alpha[i] = t / L[(size_t)i * m + i];
+    }
+    for (i = 0; i < m; i++) q += alpha[i] * alpha[i];
+    for (i = m - 1; i >= 0; i--) { /* L^T alpha = z */
+        double t = alpha[i];
+        for (k = i + 1; k < m; k++) t -= L[(size_t)k * m + i] * alpha[k];
+        alpha[i] = t / L[(size_t)i * m + i];
+    }
+    *sf2 = q / m;
+    if (!(*sf2 > 1e-300)) *sf2 = 1e-300;
+    return 0.5 * m * log(*sf2) + ld;
+}
+/* Posterior of the latent function at x (centred mean, variance); ks is
+   m doubles of scratch. */
+static void msx__gp_predict(const double *X, int m, int D, const double *ls, const double *L, const double *alpha,
+                            double sf2, const double *x, double *ks, double *mu, double *var) {
+    int i, k;
+    double mm = 0, vv = 0;
+    for (i = 0; i < m; i++) {
+        ks[i] = msx__gp_kern(x, X + (size_t)i * D, ls, D);
+        mm += ks[i] * alpha[i];
+    }
+    for (i = 0; i < m; i++) { /* L v = k* */
+        double t = ks[i];
+        for (k = 0; k < i; k++) t -= L[(size_t)i * m + k] * ks[k];
+        ks[i] = t / L[(size_t)i * m + i];
+        vv += ks[i] * ks[i];
+    }
+    *mu = mm;
+    *var = sf2 * (vv < 1 ? 1 - vv : 0);
+}
+/* Hyperparameters by maximum concentrated likelihood: an isotropic grid of
+   lengthscales x nuggets, then coordinate passes scaling each lengthscale by
+   1/2 or 2. Leaves the chosen fit in L/alpha/sf2/ls/nug. Returns 0 if no
+   setting gave a positive-definite matrix. lsb: D doubles of scratch. */
+static int msx__gp_train(const double *X, const double *y, int m, int D, double *ls, double *nug, double *L,
+                         double *alpha, double *sf2, double *lsb) {
+    static const double nugs[3] = {1e-6, 1e-3, 1e-1};
+    double best = HUGE_VAL, bnug = 1e-6, s2, v;
+    int g, ni, i, pass, passes = D <= 20 ? 3 : 1;
+    for (g = 0; g < 10; g++)
+        for (ni = 0; ni < 3; ni++) {
+            double l0 = 0.02 * pow(2.0, g);
+            for (i = 0; i < D; i++) ls[i] = l0;
+            v = msx__gp_fit(X, y, m, D, ls, nugs[ni], L, alpha, &s2);
+            if (v < best) { best = v; bnug = nugs[ni]; for (i = 0; i < D; i++) lsb[i] = l0; }
+        }
+    if (best == HUGE_VAL) return 0;
+    memcpy(ls, lsb, (size_t)D * sizeof *ls);
+    for (pass = 0; pass < passes && D > 1; pass++)
+        for (i = 0; i < D; i++) {
+            int f;
+            for (f = 0; f < 2; f++) {
+                double old = ls[i], t = f ? old * 2 : old * 0.5;
+                if (t < 0.01 || t > 100) continue;
+                ls[i] = t;
+                v = msx__gp_fit(X, y, m, D, ls, bnug, L, alpha, &s2);
+                if (v < best) best = v;
+                else ls[i] = old;
+            }
+        }
+    *nug = bnug;
+    return msx__gp_fit(X, y, m, D, ls, bnug, L, alpha, sf2) < HUGE_VAL;
+}
+
+/* The local GP proposal (see above). Needs o->y (training targets) set.
+   Writes out and returns 1, or returns 0 (too few compatible points, no
+   active float dims, or the winner was already seen): the caller then falls
+   back to the forest. */
+static int msx__opt_gp_propose(msx_opt *o, msx_rng *rng, double *out, const double *batch, int nb) {
+    const int d = o->d, n = o->n_hist, nc = 1500;
+    int i, q, D = 0, m = 0, b = -1, c, stage;
+    double ymean = 0, ysd = 0, eta, nug, sf2, gm = 0, bestacq = -HUGE_VAL, t0 = msx_time_now();
+    const double *bc, *be;
+    for (i = 0; i < n; i++)
+        if (!o->hfail[i] && (b < 0 || o->y[i] < o->y[b])) b = i;
+    if (b < 0) return 0;
+    bc = o->hcfg + (size_t)b * d;
+    be = o->henc + (size_t)b * d;
+    for (q = 0; q < d; q++)
+        if (o->sp->p[q].type == MSX_PARAM_FLOAT && bc[q] == bc[q]) o->gp_dims[D++] = q;
+    if (D == 0) return 0;
+    for (i = 0; i < n; i++) { /* compatible successful configs, by distance to the incumbent */
+        const double *ci = o->hcfg + (size_t)i * d, *ei = o->henc + (size_t)i * d;
+        double dist = 0;
+        int ok = !o->hfail[i];
+        for (q = 0; q < d && ok; q++) {
+            if ((ci[q] != ci[q]) != (bc[q] != bc[q])) ok = 0;
+            else if (o->sp->p[q].type != MSX_PARAM_FLOAT && ci[q] == ci[q] && ci[q] != bc[q]) ok = 0;
+        }
+        if (!ok) continue;
+        for (q = 0; q < D; q++) { double t = ei[o->gp_dims[q]] - be[o->gp_dims[q]]; dist += t * t; }
+        o->rank[m].v = dist;
+        o->rank[m++].i = i;
+    }
+    if (m < 5) return 0;
+    qsort(o->rank, (size_t)m, sizeof *o->rank, msx__opt_cmp_asc);
+    if (m > MSX__GP_MAXM) m = MSX__GP_MAXM;
+    for (i = 0; i < m; i++) {
+        int h = o->rank[i].i;
+        for (q = 0; q < D; q++) o->gp_X[(size_t)i * D + q] = o->henc[(size_t)h * d + o->gp_dims[q]];
+        o->gp_y[i] = o->yraw[h];
+        ymean += o->yraw[h];
+    }
+    ymean /= m;
+    for (i = 0; i < m; i++) ysd += (o->gp_y[i] - ymean) * (o->gp_y[i] - ymean);
+    ysd = sqrt(ysd / m);
+    if (!(ysd > 1e-12)) return 0;
+    for (i = 0; i < m; i++) o->gp_y[i] = (o->gp_y[i] - ymean) / ysd;
+    eta = (o->yraw[b] - ymean) / ysd;
+    if (!msx__gp_train(o->gp_X, o->gp_y, m, D, o->gp_ls, &nug, o->gp_L, o->gp_alpha, &sf2, o->gp_u)) return 0;
+    for (q = 0; q < D; q++) gm += log(o->gp_ls[q]);
+    gm = exp(gm / D);
+    for (q = 0; q < D; q++) { /* relative step widths, as TuRBO shapes its trust region */
+        double w = o->gp_ls[q] / gm;
+        o->gp_w[q] = w < 0.1 ? 0.1 : w > 10 ? 10 : w;
+        o->gp_best[q] = be[o->gp_dims[q]];
+    }
+    /* two rounds: around the incumbent (steps 0.002..0.4), then finer around
+       the first round's winner */
+    for (stage = 0; stage < 2; stage++) {
+        double lo = stage ? log(0.0005) : log(0.002), hi = stage ? log(0.05) : log(0.4);
+        double pp = D > 20 ? 20.0 / D : 1.0;
+        memcpy(o->gp_c, o->gp_best, (size_t)D * sizeof(double));
+        for (c = 0; c < (stage ? nc / 3 : nc); c++) {
+            double s = exp(lo + (hi - lo) * msx_rng_uniform(rng)), mu, var, le;
+            int forced = (int)msx_rng_below(rng, (uint64_t)D);
+            for (q = 0; q < D; q++) {
+                double u = o->gp_c[q];
+                if (q == forced || msx_rng_uniform(rng) < pp) u += s * o->gp_w[q] * msx_rng_normal(rng);
+                o->gp_u[q] = u < 0 ? 0 : u > 1 ? 1 : u;
+            }
+            msx__gp_predict(o->gp_X, m, D, o->gp_ls, o->gp_L, o->gp_alpha, sf2, o->gp_u, o->gp_ks, &mu, &var);
+            if (!(var > 1e-12 * sf2)) var = 1e-12 * sf2;
+            msx_acq_ei(eta, mu, sqrt(var), 0, &le);
+            if (le > bestacq) { bestacq = le; memcpy(o->gp_best, o->gp_u, (size_t)D * sizeof(double)); }
+        }
+    }
+    o->t_acq += msx_time_now() - t0;
+    if (bestacq == -HUGE_VAL) return 0;
+    memcpy(out, bc, (size_t)d * sizeof *out);
+    for (q = 0; q < D; q++) out[o->gp_dims[q]] = msx__sp_from_unit1(&o->sp->p[o->gp_dims[q]], o->gp_best[q]);
+    for (q = 0; q < D; q++) if (out[o->gp_dims[q]] == 0) out[o->gp_dims[q]] = 0.0; /* no -0 */
+    return !msx__opt_seen(o, out, batch, nb);
+}
+
 MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
     const int d = o ? o->d : 0;
     int j, n_ok = 0, have_list = 0, list_pos = 0, i;
@@ -1586,6 +1819,9 @@ MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
                         memcpy(out, o->cand + (size_t)q * d, (size_t)d * sizeof(double));
                         got = 1;
                     }
+            } else if (o->lprob > 0 && msx_rng_uniform(&rng) < o->lprob &&
+                       (msx__opt_targets(o, NULL), msx__opt_gp_propose(o, &rng, out, configs, j))) {
+                got = 1; /* local GP refinement of the incumbent */
             } else {
                 if (!have_list) { /* one model for the whole batch: k distinct maxima */
                     msx_rng mr;
@@ -1759,10 +1995,10 @@ MSXDEF msx_result msx_opt_save(const msx_opt *o, const char *path) {
     msx__sb_printf(&b, "],\n\"options\":{\"seed\":\"%llu\",\"n_objectives\":%d,\"n_trials\":%d,\"n_init\":%d,\"init_mode\":%d,"
                        "\"init_configs_last\":%d,\"mo_mode\":%d,\"no_log_scale\":%d,\"n_trees\":%d,\"min_samples_split\":%d,"
                        "\"min_samples_leaf\":%d,\"n_random_samples\":%d,\"n_local_starts\":%d,\"ls_max_evals\":%d,"
-                       "\"no_child_memory\":%d,\"n_perturb_samples\":%d,\"random_prob\":",
+                       "\"no_child_memory\":%d,\"n_perturb_samples\":%d,\"rf_random_thresholds\":%d,\"random_prob\":",
                    (unsigned long long)op->seed, op->n_objectives, op->n_trials, op->n_init, (int)op->init_mode,
                    op->init_configs_last, (int)op->mo_mode, op->no_log_scale, op->n_trees, op->min_samples_split,
-                   op->min_samples_leaf, op->n_random_samples, op->n_local_starts, op->ls_max_evals, op->no_child_memory, op->n_perturb_samples);
+                   op->min_samples_leaf, op->n_random_samples, op->n_local_starts, op->ls_max_evals, op->no_child_memory, op->n_perturb_samples, op->rf_random_thresholds);
     msx__sb_json_num(&b, op->random_prob);
     msx__sb_puts(&b, ",\"parego_rho\":");
     msx__sb_json_num(&b, op->parego_rho);
@@ -1770,6 +2006,8 @@ MSXDEF msx_result msx_opt_save(const msx_opt *o, const char *path) {
     msx__sb_json_num(&b, op->ratio_features);
     msx__sb_puts(&b, ",\"var_floor\":");
     msx__sb_json_num(&b, op->var_floor);
+    msx__sb_puts(&b, ",\"local_prob\":");
+    msx__sb_json_num(&b, op->local_prob);
     msx__sb_puts(&b, "},\n\"init_configs\":[");
     for (i = 0; i < o->n_user; i++) {
         msx__sb_puts(&b, i ? ",\n " : "\n ");
@@ -1895,8 +2133,10 @@ MSXDEF msx_result msx_opt_load(const msx_space *space, const char *path, msx_opt
         !msx__opt_jint(jo, "n_local_starts", &op.n_local_starts) || !msx__opt_jint(jo, "ls_max_evals", &op.ls_max_evals) ||
         !msx__opt_jint(jo, "no_child_memory", &op.no_child_memory) ||
         !msx__opt_jint(jo, "n_perturb_samples", &op.n_perturb_samples) ||
+        !msx__opt_jint(jo, "rf_random_thresholds", &op.rf_random_thresholds) ||
         !msx__json_num(jo, "random_prob", &op.random_prob, 0) || !msx__json_num(jo, "parego_rho", &op.parego_rho, 0) ||
-        !msx__json_num(jo, "ratio_features", &op.ratio_features, 0) || !msx__json_num(jo, "var_floor", &op.var_floor, 0))
+        !msx__json_num(jo, "ratio_features", &op.ratio_features, 0) || !msx__json_num(jo, "var_floor", &op.var_floor, 0) ||
+        !msx__json_num(jo, "local_prob", &op.local_prob, 0))
         MSX__OPT_BAD("%s: malformed options", path);
     if (!msx__opt_jint(jo, "init_mode", &iv)) MSX__OPT_BAD("%s: malformed options.init_mode", path);
     op.init_mode = (msx_init_mode)iv;

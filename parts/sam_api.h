@@ -13,19 +13,29 @@ typedef enum msx_precision { MSX_PREC_FP32 = 0, MSX_PREC_BF16 = 1 } msx_precisio
 
 /* Zero-initialise, then set what you need. */
 typedef struct msx_sam_options {
-    msx_precision precision; /* MSX_PREC_FP32 (default, the reference path) or BF16 */
-    int n_threads;           /* OpenMP/oneDNN threads per evaluation; 0 = omp_get_max_threads() */
+    msx_precision precision; /* MSX_PREC_FP32 (default, the reference path) or BF16
+                                (MSX_E_UNSUPPORTED where oneDNN has no bf16 matmul,
+                                e.g. AVX2-only CPUs) */
+    int n_threads;           /* OpenMP/oneDNN threads per evaluation; 0 = omp_get_max_threads().
+                                Also the most a workspace may use (msx_sam_ws_set_threads).
+                                Models under MSX_SAM_SMALL_FLOPS (2e10) FLOP per encode
+                                (e.g. 256-px demo models) always run on 1 thread: there
+                                threading costs more than it gains; run evaluations
+                                concurrently instead. */
 } msx_sam_options;
 
 typedef struct msx_sam msx_sam;       /* model: arch + weights (borrowed) + packed copies */
 typedef struct msx_sam_ws msx_sam_ws; /* per-thread workspace */
 
 /* Builds a model over the tensors of `ck` (borrowed: ck must outlive the
-   model). arch == NULL: inferred from the shapes (msx_sam_arch_infer). */
+   model; all F32). arch == NULL: inferred from the shapes (msx_sam_arch_infer).
+   opt may be NULL (fp32, all threads). Creates every oneDNN primitive. */
 MSXDEF msx_result msx_sam_create(const msx_checkpoint *ck, const msx_sam_arch *arch,
                                  const msx_sam_options *opt, msx_sam **out);
 /* Call after the weights in the borrowed checkpoint changed (e.g. a merge
-   into it): re-packs derived weights, allocates nothing. */
+   into it): re-reads the tensor pointers, re-packs derived weights (neck 3×3
+   weights, resized rel-pos tables, transposed-conv biases, dense PE) and
+   allocates nothing. MSX_E_SHAPE if a shape changed since msx_sam_create. */
 MSXDEF msx_result msx_sam_refresh(msx_sam *m);
 MSXDEF void msx_sam_free(msx_sam *m);
 MSXDEF const msx_sam_arch *msx_sam_get_arch(const msx_sam *m);

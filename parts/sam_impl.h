@@ -17,6 +17,14 @@
 #include <omp.h>
 
 #define MSX__SAM_MAX_MM 48
+/* Below this many FLOP per encode (the 256-px demo models: 0.5 GFLOP) the
+   OpenMP fork/join and oneDNN threading cost more than a second thread
+   gains (measured on 2 shared cores: 2 threads 12-300 ms vs 1 thread 12 ms
+   per demo encode), so such models always evaluate on one thread; run
+   several evaluations concurrently instead. */
+#ifndef MSX_SAM_SMALL_FLOPS
+#define MSX_SAM_SMALL_FLOPS 2e10
+#endif
 #ifndef MSX__SAM_ROWBLK
 #define MSX__SAM_ROWBLK 256 /* query rows per global-attention work item */
 #endif
@@ -28,7 +36,10 @@
    (ldb) or, with trans_b, the N×K row-major matrix of a torch Linear/Conv. */
 typedef struct msx__sam_mm {
     int M, K, N, lda, ldb, ldc, trans_b, bias, post, sum; /* post: 0, 1 gelu_erf, 2 relu */
-    dnnl_primitive_t prim;
+    /* oneDNN fixes a primitive's thread count when it is created (the OpenMP
+       ICV at execution is not enough): prim runs on the model's n_threads,
+       prim1 on one thread (1-thread workspaces and inside parallel loops). */
+    dnnl_primitive_t prim, prim1;
     dnnl_memory_desc_t md[4]; /* src, weights, bias, dst */
     size_t scratch;
 } msx__sam_mm;
@@ -58,11 +69,13 @@ struct msx_sam {
     int c1, c2, D4, D8;    /* mask_downscaling and output_upscaling channels */
     int nt_tok_max;        /* 1 + mask tokens + MSX_SAM_MAX_POINTS + 2 */
     int any_win, any_glob, Hp, Wp, mb;
+    int small;             /* < MSX_SAM_SMALL_FLOPS per encode: evaluations run on 1 thread */
     dnnl_engine_t eng;
     msx__sam_mm mm[MSX__SAM_MAX_MM];
     int n_mm;
     /* op indices */
     int op_patch, op_qkv, op_proj, op_fc1, op_fc2, op_gqk, op_gqk_r, op_gav, op_gav_r, op_wqk, op_wav;
+    int op_grh, op_grh_r, op_grw, op_grw_r, op_wrel;
     int op_neck1, op_neck2, op_md1, op_md2, op_md3, op_dproj_in, op_dproj_out, op_up1, op_up2;
     /* weights (borrowed) */
     const float *pos, *patch_w, *patch_b, *neck0, *neck1w, *neck1b, *neck2, *neck3w, *neck3b;
@@ -405,16 +418,27 @@ static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, in
         if (st == dnnl_success && post == 2) st = dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_relu, 0, 0);
         if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, po);
     }
-    if (st == dnnl_success) st = dnnl_primitive_desc_create(&pd, &desc, attr, m->eng, NULL);
-    if (st == dnnl_success) {
-        smd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-        o->scratch = smd ? dnnl_memory_desc_get_size(smd) : 0;
-        st = dnnl_primitive_create(&o->prim, pd);
+    for (i = 0; i < 2 && st == dnnl_success; i++) {
+        int saved = omp_get_max_threads();
+        omp_set_num_threads(i == 0 ? m->nt_max : 1);
+        st = dnnl_primitive_desc_create(&pd, &desc, attr, m->eng, NULL);
+        if (st == dnnl_success) {
+            size_t sz;
+            smd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+            sz = smd ? dnnl_memory_desc_get_size(smd) : 0;
+            if (sz > o->scratch) o->scratch = sz;
+            st = dnnl_primitive_create(i == 0 ? &o->prim : &o->prim1, pd);
+        }
+        omp_set_num_threads(saved);
+        if (pd) dnnl_primitive_desc_destroy(pd);
+        pd = NULL;
     }
-    if (pd) dnnl_primitive_desc_destroy(pd);
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
     if (st != dnnl_success) {
+        if (o->prim) dnnl_primitive_destroy(o->prim);
+        if (o->prim1) dnnl_primitive_destroy(o->prim1);
+        o->prim = o->prim1 = NULL;
         msx__err(MSX_E_DNNL, "SAM: oneDNN matmul %d×%d×%d (lda %d ldb %d ldc %d) could not be created (status %d)",
                  M, K, N, lda, ldb, ldc, (int)st);
         return -1;
@@ -441,7 +465,7 @@ static void msx__sam_mm_run(const msx_sam *m, msx_sam_ws *ws, int slot, int op, 
     args[n].arg = DNNL_ARG_DST; args[n++].memory = mem[3];
     if (o->bias) { args[n].arg = DNNL_ARG_BIAS; args[n++].memory = mem[2]; }
     if (o->scratch) { args[n].arg = DNNL_ARG_SCRATCHPAD; args[n++].memory = ws->scr_mem[slot]; }
-    st = dnnl_primitive_execute(o->prim, ws->stream[slot], n, args);
+    st = dnnl_primitive_execute(ws->nt == 1 || omp_in_parallel() ? o->prim1 : o->prim, ws->stream[slot], n, args);
     if (st == dnnl_success) st = dnnl_stream_wait(ws->stream[slot]);
     if (st != dnnl_success) ws->dnnl_err = (int)st;
 }
@@ -777,16 +801,22 @@ static msx_result msx__sam_create_ops(msx_sam *m) {
         /* S[mb×T] = q·kᵀ straight from the qkv rows; O = P·v into the attention output */
         MSX__SAM_OP(op_gqk, m->mb, hd, T, 3 * C, 3 * C, T, 1, 0, 0, 0);
         MSX__SAM_OP(op_gav, m->mb, T, hd, T, 3 * C, C, 0, 0, 0, 0);
-        m->op_gqk_r = m->op_gav_r = -1;
+        /* rel-pos: q·R[r] for every table row r (then indexed by qh − kh + size − 1) */
+        MSX__SAM_OP(op_grh, m->mb, hd, 2 * m->H - 1, 3 * C, hd, 2 * m->H - 1, 1, 0, 0, 0);
+        MSX__SAM_OP(op_grw, m->mb, hd, 2 * m->W - 1, 3 * C, hd, 2 * m->W - 1, 1, 0, 0, 0);
+        m->op_gqk_r = m->op_gav_r = m->op_grh_r = m->op_grw_r = -1;
         if (r) {
             MSX__SAM_OP(op_gqk_r, r, hd, T, 3 * C, 3 * C, T, 1, 0, 0, 0);
             MSX__SAM_OP(op_gav_r, r, T, hd, T, 3 * C, C, 0, 0, 0, 0);
+            MSX__SAM_OP(op_grh_r, r, hd, 2 * m->H - 1, 3 * C, hd, 2 * m->H - 1, 1, 0, 0, 0);
+            MSX__SAM_OP(op_grw_r, r, hd, 2 * m->W - 1, 3 * C, hd, 2 * m->W - 1, 1, 0, 0, 0);
         }
     }
     if (m->any_win) {
         int n = a->window_size * a->window_size;
         MSX__SAM_OP(op_wqk, n, hd, n, hd, hd, n, 1, 0, 0, 0);
         MSX__SAM_OP(op_wav, n, n, hd, n, hd, hd, 0, 0, 0, 0);
+        MSX__SAM_OP(op_wrel, n, hd, 2 * a->window_size - 1, hd, hd, 2 * a->window_size - 1, 1, 0, 0, 0);
     }
     MSX__SAM_OP(op_neck1, T, C, D, C, C, D, 1, 0, 0, 0);
     MSX__SAM_OP(op_neck2, T, 9 * D, D, 9 * D, 9 * D, D, 1, 0, 0, 0);
@@ -804,8 +834,10 @@ static msx_result msx__sam_create_ops(msx_sam *m) {
 MSXDEF void msx_sam_free(msx_sam *m) {
     int i;
     if (!m) return;
-    for (i = 0; i < m->n_mm; i++)
+    for (i = 0; i < m->n_mm; i++) {
         if (m->mm[i].prim) dnnl_primitive_destroy(m->mm[i].prim);
+        if (m->mm[i].prim1) dnnl_primitive_destroy(m->mm[i].prim1);
+    }
     if (m->eng) dnnl_engine_destroy(m->eng);
     if (m->blk)
         for (i = 0; i < m->a.depth; i++) MSX_FREE(m->blk[i].rph_i);
@@ -917,6 +949,7 @@ MSXDEF msx_result msx_sam_create(const msx_checkpoint *ck, const msx_sam_arch *a
         msx_sam_free(m);
         return r;
     }
+    m->small = msx_sam_encode_flops(m) < MSX_SAM_SMALL_FLOPS;
     *out = m;
     return MSX_OK;
 }
@@ -975,10 +1008,10 @@ MSXDEF msx_result msx_sam_ws_create(const msx_sam *m, msx_sam_ws **out) {
     if (T * (size_t)(a->in_chans * a->patch_size * a->patch_size) > big) big = T * (size_t)(a->in_chans * a->patch_size * a->patch_size);
     /* per-slot attention buffer (floats, each piece rounded to 16) */
     slot = 0;
-    if (m->any_glob) slot = (size_t)m->mb * T + (size_t)m->mb * (size_t)(m->H + m->W) + 64;
+    if (m->any_glob) slot = (size_t)m->mb * (T + (size_t)(2 * m->H - 1) + (size_t)(2 * m->W - 1) + 1) + (size_t)m->W + 64;
     if (m->any_win) {
         size_t nw = (size_t)a->window_size * (size_t)a->window_size;
-        size_t sw = 4 * nw * (size_t)m->hd + nw * nw + 2 * nw * (size_t)a->window_size + 128;
+        size_t sw = 4 * nw * (size_t)m->hd + nw * nw + 2 * nw * (size_t)(2 * a->window_size - 1) + nw + (size_t)a->window_size + 128;
         if (sw > slot) slot = sw;
     }
     slot = (slot + 15) / 16 * 16;
@@ -1111,57 +1144,67 @@ MSXDEF const float *msx_sam_ws_tap(const msx_sam_ws *ws, const char *name, int *
 /* ---- image encoder ------------------------------------------------------------ */
 
 /* Adds the decomposed rel-pos terms to rows of raw scores, then softmax:
-   s = (q·k)·scale + rel_h[qh,kh] + rel_w[qw,kw] (rel terms from the unscaled
-   q, official add_decomposed_rel_pos), softmax over the row. Row i is query
-   number i0 + i of a gh×gw grid whose q vector is q + i·ldq. */
-static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, const float *q, int ldq, int hd, int gh, int gw,
-                                 const float *Rh, const float *Rw, float scale, float *rh, float *rw) {
+   s = (q·k)·scale + rel_h[qh,kh] + rel_w[qw,kw] (official
+   add_decomposed_rel_pos; rel terms from the unscaled q). Row i is query
+   number i0 + i of a gh×gw grid; RH/RW (NULL: no rel-pos) hold q·R[r] for
+   every table row r (rows × (2gh−1), rows × (2gw−1)), so rel_h[qh,kh] =
+   RH[qh − kh + gh − 1]. The rows are left unnormalised: inv[i] = 1/Σ. */
+static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, int gh, int gw, const float *RH, const float *RW,
+                                 float scale, float *rw, float *inv) {
     int i, kh, kw, nk = gh * gw;
     for (i = 0; i < rows; i++) {
         float *s = S + (size_t)i * ldS;
-        const float *qi = q + (size_t)i * ldq;
         float mx = -INFINITY;
-        if (Rh) {
+        if (RH) {
             int pos = i0 + i, qh = pos / gw, qw = pos % gw;
-            for (kh = 0; kh < gh; kh++) rh[kh] = msx__sam_dot(qi, Rh + (size_t)(qh - kh + gh - 1) * hd, hd);
-            for (kw = 0; kw < gw; kw++) rw[kw] = msx__sam_dot(qi, Rw + (size_t)(qw - kw + gw - 1) * hd, hd);
-            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rh[kh], rw, mx);
+            const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
+            for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
+            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
         } else {
             mx = msx__sam_row_affine_max(s, nk, scale, 0.0f, NULL, mx);
         }
-        msx__sam_row_scale(s, nk, 1.0f / msx__sam_row_expsum(s, nk, mx));
+        inv[i] = 1.0f / msx__sam_row_expsum(s, nk, mx);
     }
 }
 
 /* Attention of block b: ws->big holds qkv (T × 3C, [q|k|v] head-major),
-   result (before proj) goes to ws->xn (T × C). */
+   result (before proj) goes to ws->xn (T × C). Work items: (head, block of
+   query rows) for global attention, (window, head) for windowed attention;
+   each thread owns a slot of scratch rows and calls oneDNN single-threaded. */
 static void msx__sam_attention(const msx_sam *m, msx_sam_ws *ws, const msx__sam_blk *b) {
-    int C = m->C, hd = m->hd, heads = m->a.num_heads, T = m->T, nt = ws->nt;
+    int C = m->C, hd = m->hd, heads = m->a.num_heads, T = m->T, nt = ws->nt, rel = b->rph != NULL;
     float scale = 1.0f / sqrtf((float)hd);
     const float *qkv = ws->big;
     float *ao = ws->xn;
     long it;
     if (!b->win) {
-        int mb = m->mb, nb = (T + mb - 1) / mb;
+        int mb = m->mb, nb = (T + mb - 1) / mb, Lh = 2 * m->H - 1, Lw = 2 * m->W - 1;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (it = 0; it < (long)heads * nb; it++) {
-            int h = (int)(it / nb), blk = (int)(it % nb), slot = omp_get_thread_num();
-            int r0 = blk * mb, rows = T - r0 < mb ? T - r0 : mb;
-            float *S = ws->slot_buf + (size_t)slot * ws->slot_sz, *rh = S + (size_t)mb * T, *rw = rh + m->H;
+            int h = (int)(it / nb), blk = (int)(it % nb), slot = omp_get_thread_num(), i;
+            int r0 = blk * mb, rows = T - r0 < mb ? T - r0 : mb, full = rows == mb;
+            float *S = ws->slot_buf + (size_t)slot * ws->slot_sz, *RH = S + (size_t)mb * T, *RW = RH + (size_t)mb * Lh;
+            float *inv = RW + (size_t)mb * Lw, *rw = inv + mb;
             const float *q = qkv + (size_t)r0 * 3 * C + (size_t)h * hd;
-            msx__sam_mm_run(m, ws, slot, rows == mb ? m->op_gqk : m->op_gqk_r, q, qkv + C + (size_t)h * hd, NULL, S);
-            msx__sam_softmax_rel(S, T, rows, r0, q, 3 * C, hd, m->H, m->W, b->rph, b->rpw, scale, rh, rw);
-            msx__sam_mm_run(m, ws, slot, rows == mb ? m->op_gav : m->op_gav_r, S, qkv + 2 * C + (size_t)h * hd, NULL,
+            msx__sam_mm_run(m, ws, slot, full ? m->op_gqk : m->op_gqk_r, q, qkv + C + (size_t)h * hd, NULL, S);
+            if (rel) {
+                msx__sam_mm_run(m, ws, slot, full ? m->op_grh : m->op_grh_r, q, b->rph, NULL, RH);
+                msx__sam_mm_run(m, ws, slot, full ? m->op_grw : m->op_grw_r, q, b->rpw, NULL, RW);
+            }
+            msx__sam_softmax_rel(S, T, rows, r0, m->H, m->W, rel ? RH : NULL, RW, scale, rw, inv);
+            msx__sam_mm_run(m, ws, slot, full ? m->op_gav : m->op_gav_r, S, qkv + 2 * C + (size_t)h * hd, NULL,
                             ao + (size_t)r0 * C + (size_t)h * hd);
+            for (i = 0; i < rows; i++) msx__sam_row_scale(ao + (size_t)(r0 + i) * C + (size_t)h * hd, hd, inv[i]);
         }
     } else {
-        int w = b->win, n = w * w, nwx = m->Wp / w, nwin = (m->Hp / w) * nwx;
+        int w = b->win, n = w * w, nwx = m->Wp / w, nwin = (m->Hp / w) * nwx, L = 2 * w - 1;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (it = 0; it < (long)nwin * heads; it++) {
             int win = (int)(it / heads), h = (int)(it % heads), slot = omp_get_thread_num();
             int wy = win / nwx, wx = win % nwx, t, d;
             float *qg = ws->slot_buf + (size_t)slot * ws->slot_sz, *kg = qg + (size_t)n * hd, *vg = kg + (size_t)n * hd;
-            float *og = vg + (size_t)n * hd, *S = og + (size_t)n * hd, *rh = S + (size_t)n * n, *rw = rh + w;
+            float *og = vg + (size_t)n * hd, *S = og + (size_t)n * hd, *RH = S + (size_t)n * n, *RW = RH + (size_t)n * L;
+            float *inv = RW + (size_t)n * L, *rw = inv + n;
             const float *bq = b->qkvb + (size_t)h * hd;
             /* gather the window; zero-padded tokens have q/k/v = qkv bias */
             for (t = 0; t < n; t++) {
@@ -1181,12 +1224,18 @@ static void msx__sam_attention(const msx_sam *m, msx_sam_ws *ws, const msx__sam_
                 memcpy(vg + (size_t)t * hd, sv, (size_t)hd * sizeof(float));
             }
             msx__sam_mm_run(m, ws, slot, m->op_wqk, qg, kg, NULL, S);
-            msx__sam_softmax_rel(S, n, n, 0, qg, hd, hd, w, w, b->rph, b->rpw, scale, rh, rw);
+            if (rel) {
+                msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rph, NULL, RH);
+                msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rpw, NULL, RW);
+            }
+            msx__sam_softmax_rel(S, n, n, 0, w, w, rel ? RH : NULL, RW, scale, rw, inv);
             msx__sam_mm_run(m, ws, slot, m->op_wav, S, vg, NULL, og);
             for (t = 0; t < n; t++) {
                 int gy = wy * w + t / w, gx = wx * w + t % w;
+                float *o;
                 if (gy >= m->H || gx >= m->W) continue;
-                for (d = 0; d < hd; d++) ao[((size_t)gy * m->W + gx) * C + (size_t)h * hd + d] = og[(size_t)t * hd + d];
+                o = ao + ((size_t)gy * m->W + gx) * C + (size_t)h * hd;
+                for (d = 0; d < hd; d++) o[d] = og[(size_t)t * hd + d] * inv[t];
             }
         }
     }
@@ -1241,16 +1290,19 @@ static msx_result msx__sam_encode_impl(const msx_sam *m, msx_sam_ws *ws, const f
 }
 
 MSXDEF msx_result msx_sam_encode(const msx_sam *m, msx_sam_ws *ws, const float *input, float *emb) {
-    int saved;
+    int saved, nt;
     msx_result r;
     if (!m || !ws || !input) return msx__err(MSX_E_ARG, "msx_sam_encode: NULL model, workspace or input");
     if (ws->m != m) return msx__err(MSX_E_ARG, "msx_sam_encode: the workspace belongs to another model");
     ws->dnnl_err = 0;
     ws->have_emb = 0;
+    nt = ws->nt;
+    if (m->small) ws->nt = 1;
     saved = omp_get_max_threads(); /* oneDNN takes its thread count from here */
     omp_set_num_threads(ws->nt);
     r = msx__sam_encode_impl(m, ws, input, emb);
     omp_set_num_threads(saved);
+    ws->nt = nt;
     return r;
 }
 
@@ -1455,7 +1507,7 @@ static msx_result msx__sam_decode_impl(const msx_sam *m, msx_sam_ws *ws, const f
 
 MSXDEF msx_result msx_sam_decode(const msx_sam *m, msx_sam_ws *ws, const float *emb, const msx_prompt *p, int multimask,
                                  float *low_res, float *iou) {
-    int saved, i;
+    int saved, i, nt;
     msx_result r;
     msx_prompt none;
     if (!m || !ws) return msx__err(MSX_E_ARG, "msx_sam_decode: NULL model or workspace");
@@ -1476,10 +1528,13 @@ MSXDEF msx_result msx_sam_decode(const msx_sam *m, msx_sam_ws *ws, const float *
     if (emb && !msx__sam_finite(emb, (size_t)m->T * m->D))
         return msx__err(MSX_E_ARG, "msx_sam_decode: the image embedding contains NaN or infinite values");
     ws->dnnl_err = 0;
+    nt = ws->nt;
+    if (m->small) ws->nt = 1;
     saved = omp_get_max_threads();
     omp_set_num_threads(ws->nt);
     r = msx__sam_decode_impl(m, ws, emb, p, multimask, low_res, iou);
     omp_set_num_threads(saved);
+    ws->nt = nt;
     return r;
 }
 

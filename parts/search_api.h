@@ -85,6 +85,7 @@ typedef struct msx_search_options {
     const char *arch_config;          /* optional architecture JSON (NULL: infer) */
     const char *out_dir;              /* run folder (created); NULL = "runs/search" */
     int multi;                        /* 0: MedSAMix-S on tasks[0]; 1: MedSAMix-M, one objective per task */
+    int mo_mean;                      /* multi-task scalarisation: 0 ParEGO (paper), 1 mean of normalised costs (what the reference code ran) */
     int n_trials;                     /* total, initial configurations included; 0 = 100 */
     int jobs;                         /* trials evaluated at once; 0 = the measured default */
     int threads;                      /* total threads; 0 = omp_get_max_threads() */

@@ -159,7 +159,7 @@ static msx_result msx__search_pair(const char *dir, msx__simg **out, int *n_out)
     char **iv = NULL, **mv = NULL;
     int ni = 0, nm = 0, i, j, n = 0;
     msx__simg *v = NULL;
-    msx__sb miss = {0};
+    msx__sb miss = {NULL, 0, 0, 0};
     msx_result r = MSX_OK;
     *out = NULL;
     *n_out = 0;
@@ -1091,6 +1091,7 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     h = msx__search_hash(h, &R->n_obj, sizeof R->n_obj);
     h = msx__search_hash(h, &R->o->seed, sizeof R->o->seed);
     h = msx__search_hash(h, &R->so.preprocess, sizeof R->so.preprocess);
+    if (R->o->mo_mean) h = msx__search_hash(h, "mean", 4); /* keeps ParEGO fingerprints unchanged */
     R->fingerprint = h;
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
     msx__sb_puts(b, "{\"format\": \"medsamix-trials-v1\", \"fingerprint\": ");
@@ -1164,7 +1165,10 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     if (!fp || strcmp(fp, hex))
         return msx__err(MSX_E_STATE, "%s: search setup fingerprint %s differs from this run's %s (different search space or preprocessing); use another --out",
                         p, fp ? fp : "?", hex);
-    if (msx__json_num(h, "batch", &v, 0) && v >= 1) R->batch = (int)v; /* keep the logged schedule */
+    if (msx__json_num(h, "batch", &v, 0) && v >= 1) { /* keep the logged schedule */
+        if (v > 256) return msx__err(MSX_E_FORMAT, "%s: batch %g in the header exceeds 256; the log was edited?", p, v);
+        R->batch = (int)v;
+    }
     return MSX_OK;
 }
 
@@ -1299,7 +1303,7 @@ static void msx__srun_update_best(msx__srun *R, const msx__strial *T) {
 /* Finished trial: log line (one write + fsync), progress, callback. Called
    inside a critical section. */
 static msx_result msx__srun_finish(msx__srun *R, int t) {
-    msx__sb b = {0};
+    msx__sb b = {NULL, 0, 0, 0};
     msx__strial *T = &R->tr[t];
     msx_result r;
     msx__srun_trial_json(R, t, &b);
@@ -1419,7 +1423,7 @@ static msx_result msx__srun_resume(msx__srun *R, msx__search_loglines *L, int *n
     double *cfgs = NULL, *canon = NULL;
     int ids[256];
     unsigned char need[256];
-    msx__sb b = {0};
+    msx__sb b = {NULL, 0, 0, 0};
     for (i = 1; i < L->n && r == MSX_OK; i++) r = msx__srun_trial_parse(R, L->v[i], i + 1);
     if (r != MSX_OK) return r;
     for (;;) {
@@ -1527,7 +1531,7 @@ static int msx__srun_choose(const msx__srun *R, int n) {
     double bs = -1;
     for (t = 0; t < n; t++) {
         double s = msx__srun_score(R, &R->tr[t]);
-        if (!R->tr[t].failed && s > bs) { bs = s; best = t; }
+        if (R->tr[t].logged && !R->tr[t].failed && s > bs) { bs = s; best = t; }
     }
     return best;
 }
@@ -1563,7 +1567,7 @@ static void msx__srun_dice_obj(const msx__srun *R, const msx__strial *T, msx__sb
 /* best_plan.json (and, multi-task, the Pareto front with every point's
    per-task calib Dice and plan, also as pareto.json). */
 static msx_result msx__srun_write_plans(msx__srun *R, int chosen, int n_done, msx_plan *plan) {
-    msx__sb extra = {0}, b = {0}, pf = {0};
+    msx__sb extra = {NULL, 0, 0, 0}, b = {NULL, 0, 0, 0}, pf = {NULL, 0, 0, 0};
     char *path = NULL;
     msx_result r = MSX_OK;
     int *idx = NULL, np = 0, i;
@@ -1638,7 +1642,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     msx__search_table tab;
     msx_plan *p = NULL;
     msx__sset set;
-    msx__sb b = {0};
+    msx__sb b = {NULL, 0, 0, 0};
     char *path = NULL, *ovdir = NULL, name[64];
     int k, l, i, splits[2] = {0, 1}, n_ov = R->o->n_overlays == 0 ? 3 : R->o->n_overlays < 0 ? 0 : R->o->n_overlays;
     msx_result r = MSX_OK;
@@ -1709,7 +1713,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     msx__sb_printf(&b, "\n- searched on the calib split of:");
     for (i = 0; i < R->n_eval; i++) msx__sb_printf(&b, " `%s`", R->tasks[i]->name);
     msx__sb_printf(&b, " (%s)\n- trials: %d, seed %llu, granularity %d, %d hyperparameters%s, batch %d (%d worker(s) x %d thread(s))\n",
-                   R->o->multi ? "one objective per task, ParEGO" : "objective: 1 - mean calib Dice",
+                   R->o->multi ? (R->o->mo_mean ? "one objective per task, mean of normalised costs" : "one objective per task, ParEGO") : "objective: 1 - mean calib Dice",
                    sum->n_trials_done, (unsigned long long)R->o->seed, R->granularity, R->dim,
                    R->prune ? " (groups prompt_encoder_group_1/2 and mask_decoder_group_5 fixed at the base: they cannot change a box-only Dice)" : "",
                    R->batch, R->n_w, R->tpj);
@@ -1749,7 +1753,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     msx_search_summary dummy;
     msx_opt_options oo;
     msx__search_loglines L;
-    int i, n_done = 0, n_batches = 0, chosen, resuming = 0;
+    int i, n_done = 0, n_batches = 0, chosen, resuming = 0, levels = 0;
     double t_start = msx_time_now(), *cfgs = NULL;
     int ids[256];
     unsigned char need[256];
@@ -1850,12 +1854,12 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     oo.n_init = (R.n_trials - R.n_init) / 5;
     if (oo.n_init > 10) oo.n_init = 10;
     if (oo.n_init <= 0) oo.n_init = -1;
-    oo.mo_mode = MSX_MO_PAREGO;
+    oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
     if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
     {
-        msx__sb hb = {0};
+        msx__sb hb = {NULL, 0, 0, 0};
         msx__srun_header(&R, &hb); /* computes the fingerprint */
         msx__sb_free(&hb);
     }
@@ -1880,7 +1884,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         if ((r = msx__swork_init(&R.w[i], R.ck[0], (const msx_checkpoint *const *)(R.ck + 1), o->n_models,
                                  R.granularity, &R.arch, R.tpj)) != MSX_OK) goto done;
 #ifdef _OPENMP
-    /* J workers of T threads: nested regions only when both exceed 1 */
+    /* J workers of T threads: nested regions only when both exceed 1
+       (restored at the end) */
+    levels = omp_get_max_active_levels();
     omp_set_max_active_levels(R.jobs > 1 && R.tpj > 1 ? 2 : 1);
 #endif
     /* 5. replay or start */
@@ -1891,7 +1897,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         if (r == MSX_E_CANCELLED) { sum->cancelled = 1; }
         else if (r != MSX_OK) goto done;
     } else {
-        msx__sb hb = {0};
+        msx__sb hb = {NULL, 0, 0, 0};
         msx__srun_header(&R, &hb);
         r = msx__search_write_sb(R.log_path, &hb);
         msx__sb_free(&hb);
@@ -1920,10 +1926,10 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     }
     msx__search_progress_end(&R.prog);
     r = MSX_OK;
-    sum->n_trials_done = n_done;
+    sum->n_trials_done = sum->cancelled ? R.n_fin : n_done; /* logged trials */
     sum->n_tasks = R.n_tasks;
     /* 7. outputs: plan, merged checkpoint, report */
-    chosen = msx__srun_choose(&R, n_done);
+    chosen = msx__srun_choose(&R, sum->cancelled ? R.n_tr : n_done);
     sum->best_trial = chosen;
     if (chosen < 0) {
         r = sum->cancelled ? msx__err(MSX_E_CANCELLED, "stopped before any trial finished")
@@ -1934,7 +1940,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if ((r = msx_plan_clone(R.tmpl, &plan)) != MSX_OK) goto done;
     if ((r = msx__srun_write_plans(&R, chosen, n_done, plan)) != MSX_OK) goto done;
     if (sum->cancelled) {
-        r = msx__err(MSX_E_CANCELLED, "stopped on request after %d trial(s); best_plan.json written; continue with --resume", n_done);
+        r = msx__err(MSX_E_CANCELLED, "stopped on request with %d trial(s) logged; best_plan.json written; continue with --resume", R.n_fin);
         goto done;
     }
     msx__search_cfg_to_plan(R.groups, R.n_models, R.tr[chosen].cfg, plan);
@@ -1949,6 +1955,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (!o->no_report) r = msx__srun_report(&R, plan, sum);
     if (r == MSX_E_CANCELLED) sum->cancelled = 1;
 done:
+#ifdef _OPENMP
+    if (levels > 0) omp_set_max_active_levels(levels);
+#endif
     msx__search_progress_end(&R.prog);
     msx__search_loglines_free(&L);
     sum->seconds = msx_time_now() - t_start;

@@ -178,7 +178,8 @@ static void ref_ties(float *out, const float *base, const float *const *ft, int 
 
 static void test_ties_bruteforce(void) {
     const int64_t N = 150000; /* > MSX__TIES_DIRECT: the bracketed selection */
-    float *base = (float *)malloc(N * 4), *f[3], *o1 = (float *)malloc(N * 4), *o2 = (float *)malloc(N * 4);
+    /* o2 64-byte aligned like tensor data: the streaming-store path runs */
+    float *base = (float *)malloc(N * 4), *f[3], *o1 = (float *)malloc(N * 4), *o2 = (float *)msx__aligned_alloc(N * 4);
     msx_rng rng;
     int kind, i;
     int64_t j;
@@ -200,7 +201,7 @@ static void test_ties_bruteforce(void) {
                 default: {
                     /* the sampled chunks (same geometry as msx__ties_thresholds) hold tiny deltas,
                        the rest large: the bracket misses -> fallback */
-                    int64_t s64 = N / 32 < 4096 ? 4096 : (N / 32 > MSX__TIES_SAMPLE ? MSX__TIES_SAMPLE : N / 32);
+                    int64_t s64 = N / 64 < 4096 ? 4096 : (N / 64 > MSX__TIES_SAMPLE ? MSX__TIES_SAMPLE : N / 64);
                     int64_t nch = s64 / MSX__TIES_SAMPLE_CHUNK, c;
                     int in = 0;
                     for (c = 0; c < nch && !in; c++) {
@@ -235,7 +236,7 @@ static void test_ties_bruteforce(void) {
     for (i = 0; i < 3; i++) free(f[i]);
     free(base);
     free(o1);
-    free(o2);
+    msx__aligned_free(o2);
 }
 
 /* ---- key -> group mapping --------------------------------------------------------- */
@@ -659,10 +660,56 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
                 }
                 MSX_CHECK_OK(msx_plan_load_json("build/tests/test_merge_export.plan.json", &pb));
                 MSX_CHECK(pb && same_plan(p, pb), "plan beside the export");
+#ifndef MSX_SKIP_CKPT
+                {
+                    /* the checkpoint loader accepts it as a SAM (strict key set and shapes) */
+                    msx_checkpoint *sam = NULL;
+                    MSX_CHECK_OK(msx_sam_load(path, NULL, &sam, NULL));
+                    MSX_CHECK(sam && same_ckpt(out, sam, NULL) && same_ckpt(sam, out, NULL), "%s: msx_sam_load of the export differs", label);
+                    msx_ckpt_free(sam);
+                }
+#endif
                 msx_ckpt_free(back);
                 msx_plan_free(pb);
                 remove(path);
                 remove("build/tests/test_merge_export.plan.json");
+            }
+            /* two mergers run concurrently (one thread each, as the search does) equal sequential runs */
+            if (g == 2) {
+                msx_merger *m2 = NULL;
+                msx_plan *p2 = NULL;
+                msx_checkpoint *o1 = NULL, *o2 = NULL;
+                msx_merge_options one;
+                int rc1 = -1, rc2 = -1;
+                memset(&one, 0, sizeof one);
+                one.n_threads = 1;
+                MSX_CHECK_OK(msx_merger_create(base, fts, n_ft, g, &m2));
+                MSX_CHECK_OK(msx_plan_clone(p, &p2));
+                random_plan(p, &rng, 1);
+                random_plan(p2, &rng, 1);
+                msx_ckpt_clone(base, &o1);
+                msx_ckpt_clone(base, &o2);
+                if (m2 && p2 && o1 && o2) {
+                    msx_merger_set_options(m, &one);
+                    msx_merger_set_options(m2, &one);
+#pragma omp parallel sections num_threads(2)
+                    {
+#pragma omp section
+                        rc1 = (int)msx_merger_run(m, p, o1, NULL);
+#pragma omp section
+                        rc2 = (int)msx_merger_run(m2, p2, o2, NULL);
+                    }
+                    MSX_CHECK(rc1 == 0 && rc2 == 0, "%s: concurrent runs failed", label);
+                    msx_merger_set_options(m, NULL);
+                    MSX_CHECK_OK(msx_merger_run(m, p, out, NULL));
+                    MSX_CHECK(same_ckpt(out, o1, NULL), "%s: concurrent run 1 differs", label);
+                    MSX_CHECK_OK(msx_merger_run(m, p2, out, NULL));
+                    MSX_CHECK(same_ckpt(out, o2, NULL), "%s: concurrent run 2 differs", label);
+                }
+                msx_ckpt_free(o1);
+                msx_ckpt_free(o2);
+                msx_plan_free(p2);
+                msx_merger_free(m2);
             }
             msx_plan_free(p);
             msx_merger_free(m);

@@ -541,6 +541,184 @@ static void test_bad_input(void) {
     msx_space_free(s);
 }
 
+/* Matern-5/2 written out independently of the library. */
+static double matern52(double dist, double ls) {
+    double r = sqrt(5.0) * dist / ls;
+    return (1 + r + r * r / 3) * exp(-r);
+}
+/* Local GP stage: posterior and likelihood against a hand-derived closed form
+   (3 points, explicit 3x3 inverse by cofactors), ARD relevance, and the local
+   proposals in a conditional space (bounds, conditions, only the incumbent's
+   active floats move); resume/replay exactness with the stage always on. */
+static void test_local_gp(void) {
+    { /* closed form */
+        static const double X[6] = {0.1, 0.2, 0.5, 0.9, 0.8, 0.4}, y[3] = {1.0, -0.5, 0.25};
+        const double ls[2] = {0.7, 0.4}, nug = 1e-3, xs[2] = {0.3, 0.6};
+        double K[3][3], C[3][3], det, alpha[3], L[9], al[3], sf2, nll, mu, var, ks[3], kk[3], sf2_ref = 0, q = 0, mu_ref = 0;
+        int i, j;
+        for (i = 0; i < 3; i++)
+            for (j = 0; j < 3; j++) {
+                double d0 = (X[2 * i] - X[2 * j]) / ls[0], d1 = (X[2 * i + 1] - X[2 * j + 1]) / ls[1];
+                K[i][j] = matern52(sqrt(d0 * d0 + d1 * d1), 1.0) + (i == j ? nug : 0);
+            }
+        C[0][0] = K[1][1] * K[2][2] - K[1][2] * K[2][1];
+        C[0][1] = -(K[1][0] * K[2][2] - K[1][2] * K[2][0]);
+        C[0][2] = K[1][0] * K[2][1] - K[1][1] * K[2][0];
+        C[1][1] = K[0][0] * K[2][2] - K[0][2] * K[2][0];
+        C[1][2] = -(K[0][0] * K[2][1] - K[0][1] * K[2][0]);
+        C[2][2] = K[0][0] * K[1][1] - K[0][1] * K[1][0];
+        C[1][0] = C[0][1]; C[2][0] = C[0][2]; C[2][1] = C[1][2]; /* symmetric */
+        det = K[0][0] * C[0][0] + K[0][1] * C[0][1] + K[0][2] * C[0][2];
+        for (i = 0; i < 3; i++) {
+            double d0 = (xs[0] - X[2 * i]) / ls[0], d1 = (xs[1] - X[2 * i + 1]) / ls[1];
+            kk[i] = matern52(sqrt(d0 * d0 + d1 * d1), 1.0);
+        }
+        for (i = 0; i < 3; i++) {
+            alpha[i] = 0;
+            for (j = 0; j < 3; j++) alpha[i] += C[i][j] / det * y[j];
+            sf2_ref += y[i] * alpha[i] / 3;
+            mu_ref += kk[i] * alpha[i];
+        }
+        for (i = 0; i < 3; i++)
+            for (j = 0; j < 3; j++) q += kk[i] * C[i][j] / det * kk[j];
+        nll = msx__gp_fit(X, y, 3, 2, ls, nug, L, al, &sf2);
+        MSX_CHECK(fabs(sf2 - sf2_ref) < 1e-12 * fabs(sf2_ref), "GP sf2 %.17g vs closed form %.17g", sf2, sf2_ref);
+        MSX_CHECK(fabs(nll - (1.5 * log(sf2_ref) + 0.5 * log(det))) < 1e-10, "GP nll %.17g vs %.17g", nll,
+                  1.5 * log(sf2_ref) + 0.5 * log(det));
+        for (i = 0; i < 3; i++) MSX_CHECK(fabs(al[i] - alpha[i]) < 1e-10 * (1 + fabs(alpha[i])), "alpha[%d]", i);
+        msx__gp_predict(X, 3, 2, ls, L, al, sf2, xs, ks, &mu, &var);
+        MSX_CHECK(fabs(mu - mu_ref) < 1e-10, "GP mean %.17g vs closed form %.17g", mu, mu_ref);
+        MSX_CHECK(fabs(var - sf2_ref * (1 - q)) < 1e-10 * sf2_ref, "GP var %.17g vs closed form %.17g", var, sf2_ref * (1 - q));
+        msx__gp_predict(X, 3, 2, ls, L, al, sf2, X + 2, ks, &mu, &var); /* at a data point: near-interpolation */
+        MSX_CHECK(fabs(mu - y[1]) < 0.01 && var < 0.01 * sf2, "GP at a training point: mu %g var %g", mu, var);
+    }
+    { /* ARD: y depends on x0 only -> the x1 lengthscale must come out much longer */
+        double X[80], y[40], ls[2], lsb[2], L[40 * 40], al[40], nug, sf2;
+        msx_rng r;
+        int i;
+        msx_rng_seed(&r, 5);
+        for (i = 0; i < 40; i++) {
+            X[2 * i] = msx_rng_uniform(&r);
+            X[2 * i + 1] = msx_rng_uniform(&r);
+            y[i] = sin(6 * X[2 * i]);
+        }
+        MSX_CHECK(msx__gp_train(X, y, 40, 2, ls, &nug, L, al, &sf2, lsb), "GP training failed");
+        MSX_CHECK(ls[1] >= 4 * ls[0], "ARD lengthscales %g (relevant) %g (irrelevant)", ls[0], ls[1]);
+    }
+    { /* proposals in a conditional space: 40 configs sharing one structure */
+        msx_space *s = msx_like_space(2, 1);
+        int d = msx_space_dim(s), i, q, np = 0, *parent = (int *)malloc(sizeof(int) * d), *pval = (int *)malloc(sizeof(int) * d);
+        double *x = (double *)malloc(sizeof(double) * d), *inc = (double *)malloc(sizeof(double) * d), c, bc = 1e300;
+        msx_opt_options o;
+        msx_opt *opt = NULL;
+        msx_rng r;
+        memset(&o, 0, sizeof o);
+        o.seed = 3;
+        o.n_init = -1;
+        for (i = 0; i < d; i++) { parent[i] = s->p[i].parent; pval[i] = s->p[i].pval; }
+        MSX_CHECK_OK(msx_opt_create(s, &o, &opt));
+        msx_rng_seed(&r, 4);
+        for (i = 0; opt && i < 40; i++) {
+            msx_space_sample(s, &r, x);
+            x[0] = 2; /* g0 ties -> variant */
+            x[msx_space_find(s, "g0.ties.variant")] = 1; /* -> log-scaled random.p active, topk inactive */
+            x[msx_space_find(s, "g1.method")] = 0;       /* g1 linear */
+            msx_space_canonicalize(s, x, x);
+            for (q = 0; q < d; q++)
+                if (msx_space_is_active(s, x, q) && msx_space_type(s, q) != MSX_PARAM_CAT && x[q] != x[q]) x[q] = 0.5;
+            msx_space_from_unit(s, x, x); /* no-op for unit floats; keeps shapes */
+            for (q = 0; q < d; q++) /* fill children activated by the overrides */
+                if (msx_space_is_active(s, x, q) == 0 && x[q] != x[q]) {
+                    double t[256];
+                    memcpy(t, x, sizeof(double) * d);
+                    t[q] = s->p[q].lo;
+                    if (msx__sp_active(s, t, q)) x[q] = s->p[q].type == MSX_PARAM_CAT ? 0 : 0.5 * (s->p[q].lo + s->p[q].hi);
+                }
+            MSX_CHECK_OK(msx_space_canonicalize(s, x, x));
+            c = msx_like_cost(s, x);
+            if (c < bc) { bc = c; memcpy(inc, x, sizeof(double) * d); }
+            MSX_CHECK_OK(msx_opt_tell_config(opt, x, &c, i % 13 == 5));
+            if (i % 13 == 5 && c <= bc) bc = 1e300; /* a failed trial cannot be the incumbent */
+        }
+        if (opt) {
+            double bcost;
+            msx_opt_best(opt, inc, &bcost);
+            for (i = 0; i < 20; i++) {
+                double y[256];
+                msx_rng pr;
+                int moved = 0, ok = 1;
+                msx_rng_seed(&pr, (uint64_t)i + 1);
+                msx__opt_targets(opt, NULL);
+                if (!msx__opt_gp_propose(opt, &pr, x, NULL, 0)) continue;
+                np++;
+                MSX_CHECK(msx_space_canonicalize(s, x, y) == MSX_OK && same_bits(x, y, (size_t)d), "local proposal not canonical: %s",
+                          msx_last_error());
+                MSX_CHECK(conditions_ok(s, x, parent, pval), "local proposal breaks conditions");
+                for (q = 0; q < d; q++) {
+                    int fl = msx_space_type(s, q) == MSX_PARAM_FLOAT && inc[q] == inc[q];
+                    if (!fl) ok &= same_bits(x + q, inc + q, 1);
+                    else moved |= x[q] != inc[q];
+                }
+                MSX_CHECK(ok && moved, "local proposal changed a non-float/inactive entry (%d) or nothing (%d)", ok, moved);
+            }
+            MSX_CHECK(np >= 15, "local stage proposed only %d times of 20", np);
+        }
+        msx_opt_free(opt);
+        free(x); free(inc); free(parent); free(pval);
+        msx_space_free(s);
+    }
+    { /* exact resume and replay with the local stage on every model-based slot */
+        msx_space *s = branin_space();
+        msx_opt_options o;
+        msx_opt *a = NULL, *b = NULL;
+        double ra[2 * 30], rb[2 * 30], rc[2 * 30], c;
+        const char *path = "build/test_opt_state_gp.json";
+        int i, id, run;
+        memset(&o, 0, sizeof o);
+        o.seed = 11;
+        o.n_trials = 30;
+        o.n_random_samples = 300;
+        o.local_prob = 1;
+        o.random_prob = -1;
+        for (run = 0; run < 3; run++) {
+            double *rec = run == 0 ? ra : run == 1 ? rb : rc;
+            MSX_CHECK_OK(msx_opt_create(s, &o, &a));
+            for (i = 0; a && i < 30; i++) {
+                if (run == 1 && i == 17) { /* save / restore mid-run */
+                    MSX_CHECK_OK(msx_opt_save(a, path));
+                    msx_opt_free(a);
+                    a = NULL;
+                    MSX_CHECK_OK(msx_opt_load(s, path, &a));
+                    if (!a) break;
+                }
+                if (run == 2 && i < 17) { /* replay of the first 17 results */
+                    memcpy(rec + 2 * i, ra + 2 * i, sizeof(double) * 2);
+                    c = branin(rec + 2 * i);
+                    MSX_CHECK_OK(msx_opt_tell_config(a, rec + 2 * i, &c, 0));
+                    continue;
+                }
+                MSX_CHECK_OK(msx_opt_ask(a, 1, rec + 2 * i, &id));
+                c = branin(rec + 2 * i);
+                MSX_CHECK_OK(msx_opt_tell(a, id, &c, 0));
+            }
+            msx_opt_free(a);
+            a = NULL;
+        }
+        MSX_CHECK(same_bits(ra, rb, 60), "save/load with the local stage diverged");
+        MSX_CHECK(same_bits(ra, rc, 60), "replay with the local stage diverged");
+        o.local_prob = -1; /* the stage really changes proposals */
+        MSX_CHECK_OK(msx_opt_create(s, &o, &b));
+        for (i = 0; b && i < 30; i++) {
+            MSX_CHECK_OK(msx_opt_ask(b, 1, rb + 2 * i, &id));
+            c = branin(rb + 2 * i);
+            MSX_CHECK_OK(msx_opt_tell(b, id, &c, 0));
+        }
+        MSX_CHECK(!same_bits(ra, rb, 60), "local_prob had no effect");
+        msx_opt_free(b);
+        msx_space_free(s);
+    }
+}
+
 static double median5(double *v) {
     int i, j;
     for (i = 1; i < 5; i++)
@@ -625,6 +803,7 @@ int main(void) {
     test_space();
     test_bad_input();
     test_resume();
+    test_local_gp();
     test_branin();
     report_overhead();
     printf("test_opt took %.1f s\n", msx_time_now() - t0);

@@ -261,6 +261,36 @@ static void errors(msx_checkpoint *ck, const msx_sam_arch *arch) {
     msx_sam_free(m);
 }
 
+/* Window size 4 on tiny_a (tables of 5 rows, 7 needed): the get_rel_pos
+   linear resize runs; the result must be finite and differ from window 3.
+   Row 0 of the resized table equals row 0 of the source (align_corners=False
+   clamps the first source coordinate to 0). */
+static void relpos_resize(msx_checkpoint *ck, const msx_sam_arch *arch) {
+    msx_sam_arch a = *arch;
+    msx_sam *m = NULL;
+    msx_sam_ws *ws = NULL;
+    msx_checkpoint *g = NULL;
+    static float e4[64 * 32];
+    int i, fin = 1;
+    a.window_size = 4;
+    MSX_CHECK_OK(msx_safetensors_load(msx_test_path("golden/sam/tiny_a/cases.safetensors"), &g));
+    MSX_CHECK_OK(msx_sam_create(ck, &a, NULL, &m));
+    if (m) MSX_CHECK_OK(msx_sam_ws_create(m, &ws));
+    if (ws && g) {
+        const msx_tensor *ref = msx_ckpt_find(g, "case0.image_embeddings");
+        MSX_CHECK_OK(msx_sam_encode(m, ws, (const float *)msx_ckpt_find(g, "case0.input")->data, e4));
+        for (i = 0; i < 64 * 32; i++) fin &= isfinite(e4[i]) != 0;
+        MSX_CHECK(fin, "window-4 embedding has NaN/inf");
+        MSX_CHECK(ref && memcmp(e4, ref->data, sizeof e4) != 0, "window 4 gave the window-3 result");
+        MSX_CHECK(m->blk[0].rph_i != NULL &&
+                      m->blk[0].rph_i[3] == ((const float *)msx_ckpt_find(ck, "image_encoder.blocks.0.attn.rel_pos_h")->data)[3],
+                  "resized rel-pos table row 0 differs from the source row 0");
+    }
+    msx_sam_ws_free(ws);
+    msx_sam_free(m);
+    msx_ckpt_free(g);
+}
+
 int main(void) {
     static const char *const cfgs[2] = {"tiny_a", "tiny_b"};
     int c;
@@ -281,6 +311,7 @@ int main(void) {
             MSX_CHECK_OK(msx_sam_create(ck, NULL, &opt, &m));
             msx_sam_free(m);
             concurrency_and_refresh(ck, &arch);
+            relpos_resize(ck, &arch);
             errors(ck, &arch);
         }
         msx_ckpt_free(ck);

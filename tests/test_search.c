@@ -417,6 +417,11 @@ int main(void) {
     test_baseline();
     test_bad_models();
     test_search_outputs();
-    printf("test_search: %.1f s (temporary files in %s)\n", msx_time_now() - t0, tmp_root);
+    printf("test_search: %.1f s\n", msx_time_now() - t0);
+    if (msx_test_fail == 0) { /* keep the files of a failing run for inspection */
+        char cmd[300];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_root);
+        if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmp_root);
+    } else fprintf(stderr, "temporary files kept in %s\n", tmp_root);
     return msx_test_summary("test_search");
 }

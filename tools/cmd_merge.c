@@ -182,7 +182,7 @@ int msx_cmd_merge(int argc, char **argv) {
     rc = 0;
     goto done;
 fail:
-    fprintf(stderr, "merge: %s: %s\n", msx_result_str(r), msx_last_error());
+    fprintf(stderr, "medsamix merge: error (%s): %s\n", msx_result_str(r), msx_last_error());
     rc = 1;
 done:
     msx_plan_free(plan);

@@ -246,8 +246,9 @@ static void overhead(int reps) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: medsamix bench-opt [--seeds N] [--evals N] [--only NAME] [--no-overhead]\n"
-               "         [--n-init N] [--random-prob P] [--trees N] [--samples N] [--leaf N] [--perturb N] [--mean-mo] [--no-log]\n"
+    fprintf(f, "usage: medsamix bench-opt [--seeds N] [--evals N] [--only NAME|--function NAME] [--no-overhead]\n"
+               "         [--n-init N] [--random-prob P] [--trees N] [--samples N] [--leaf N] [--perturb N] [--mean-mo] [--random-thresholds]\n"
+               "         [--ratio-features R] [--no-log] [--local-prob P]\n"
                "  Runs the optimiser and uniform random search for N seeds (default 20) at equal budget\n"
                "  (default 100 evaluations, DTLZ2 150) on branin, hartmann6, jenatton, zdt1, dtlz2 and\n"
                "  prints medians/IQR plus one RESULT line per function. Regret = best - f*; hypervolume\n"
@@ -262,7 +263,7 @@ int msx_cmd_bench_opt(int argc, char **argv) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
         else if (!strcmp(argv[i], "--seeds") && i + 1 < argc) seeds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--evals") && i + 1 < argc) evals = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else if ((!strcmp(argv[i], "--only") || !strcmp(argv[i], "--function")) && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--no-overhead")) do_overhead = 0;
         else if (!strcmp(argv[i], "--n-init") && i + 1 < argc) g_opts.n_init = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--random-prob") && i + 1 < argc) g_opts.random_prob = atof(argv[++i]);
@@ -271,7 +272,10 @@ int msx_cmd_bench_opt(int argc, char **argv) {
         else if (!strcmp(argv[i], "--perturb") && i + 1 < argc) g_opts.n_perturb_samples = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--leaf") && i + 1 < argc) g_opts.min_samples_leaf = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--mean-mo")) g_opts.mo_mode = MSX_MO_MEAN;
+        else if (!strcmp(argv[i], "--random-thresholds")) g_opts.rf_random_thresholds = 1;
+        else if (!strcmp(argv[i], "--ratio-features") && i + 1 < argc) g_opts.ratio_features = atof(argv[++i]);
         else if (!strcmp(argv[i], "--no-log")) g_opts.no_log_scale = 1;
+        else if (!strcmp(argv[i], "--local-prob") && i + 1 < argc) g_opts.local_prob = atof(argv[++i]);
         else { fprintf(stderr, "bench-opt: unknown argument '%s'\n", argv[i]); usage(stderr); return 2; }
     }
     if (seeds < 1 || seeds > 1000 || evals < 0 || evals > 100000) { fprintf(stderr, "bench-opt: bad --seeds or --evals\n"); return 2; }

@@ -25,6 +25,7 @@ static const char *const search_usage =
     "report.md, report.json and overlays/.\n"
     "\n"
     "  --multi              MedSAMix-M: one objective per task (ParEGO); default MedSAMix-S on the first task\n"
+    "  --mo parego|mean     multi-task scalarisation (default parego; mean = what the reference code ran)\n"
     "  --trials N           total trials, the reference's starting points included (default 100)\n"
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
     "  --threads T          total threads (default: all)\n"
@@ -151,6 +152,7 @@ int msx_cmd_search(int argc, char **argv) {
             if ((n = cmd_collect(argc, argv, &i, tasks, MSX_SEARCH_MAX_TASKS)) < 0) { fprintf(stderr, "--tasks: at most %d\n", MSX_SEARCH_MAX_TASKS); return 2; }
             o.n_tasks = n;
         } else if (!strcmp(a, "--multi")) o.multi = 1;
+        else if (!strcmp(a, "--mo") && v && (!strcmp(v, "parego") || !strcmp(v, "mean"))) { o.mo_mean = !strcmp(v, "mean"); i++; }
         else if (!strcmp(a, "--resume")) o.resume = 1;
         else if (!strcmp(a, "--no-prune")) o.no_prune = 1;
         else if (!strcmp(a, "--no-report")) o.no_report = 1;

@@ -15,7 +15,7 @@ bin="$build/medsamix"
 demo=examples/demo
 task=${MSX_DEMO_TASK:-mri_ring}
 s_trials=${MSX_DEMO_S_TRIALS:-60}
-m_trials=${MSX_DEMO_M_TRIALS:-80}
+m_trials=${MSX_DEMO_M_TRIALS:-150}
 seed=${MSX_DEMO_SEED:-0}
 jobs=${MSX_DEMO_JOBS:+--jobs $MSX_DEMO_JOBS}
 

@@ -9,7 +9,7 @@
 #include <string.h>
 
 static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[] = {
-    {"inspect", "inspect FILE [--json]            architecture and per-tensor digest of a checkpoint", msx_cmd_inspect},
+    {"inspect", "inspect FILE [--json] [--config C]  architecture and per-tensor digest of a checkpoint", msx_cmd_inspect},
     {"forward", "forward --model M --cases IN --out OUT   SAM forward pass on golden-format cases", msx_cmd_forward},
     {"segment", "segment --model M --image IMG --box x0,y0,x1,y1 --out MASK.png   segment one object", msx_cmd_segment},
     {"bench", "bench [--threads N]               SAM ViT-B encoder/decoder timing vs the GEMM peak", msx_cmd_bench},
