@@ -37,7 +37,7 @@
    evaluated config that used them; ParEGO weights are Dirichlet(1) per
    proposal; failures are imputed at the worst successful cost; the Pareto
    archive is complete (no 10-point cap); never stops early.
-   Local GP refinement (single objective and mean mode): with probability
+   Local GP refinement (all modes; ParEGO on each slot's scalarisation): with probability
    local_prob (default 0.5) a model-based proposal comes from a small
    Matern-5/2 ARD Gaussian process fitted on the <= 64 evaluated configs
    nearest to the incumbent that share its categorical/integer values and
@@ -45,7 +45,8 @@
    costs), maximising its EI over lengthscale-shaped Gaussian perturbations
    of the incumbent (TuRBO-like trust region). Why: the forest is piecewise
    constant and refines a basin slowly; on Hartmann-6 at 100 evaluations this
-   took the median regret from 0.19 to ~3e-4 (random search: 1.23). */
+   took the median regret from 0.19 to ~3e-4 (random search: 1.23), and the
+   ZDT1/DTLZ2 hypervolumes from 114.4/0.400 to ~120/0.525. */
 
 #ifdef __cplusplus
 extern "C" {
@@ -160,9 +161,9 @@ typedef struct msx_opt_options {
     int ls_max_evals;      /* acquisition evaluations per local search; 0 -> 5000 */
     int no_child_memory;   /* 1: SMAC behaviour, newly active children start at their
                               default; 0: from the best evaluated config using them */
-    double local_prob;     /* single objective / mean mode: probability that a model-based
-                              slot is a local GP refinement of the incumbent's active float
-                              dims instead of the forest's EI maximum; 0 -> 0.5, < 0 -> never */
+    double local_prob;     /* probability that a model-based slot is a local GP refinement
+                              of the incumbent's active float dims instead of the forest's
+                              EI maximum; 0 -> 0.5, < 0 -> never (forest only, as before) */
 } msx_opt_options;
 
 typedef struct msx_opt msx_opt;

@@ -87,7 +87,8 @@ typedef struct msx_search_options {
     int multi;                        /* 0: MedSAMix-S on tasks[0]; 1: MedSAMix-M, one objective per task */
     int mo_mean;                      /* multi-task scalarisation: 0 ParEGO (paper), 1 mean of normalised costs (what the reference code ran) */
     int n_trials;                     /* total, initial configurations included; 0 = 100 */
-    int jobs;                         /* trials evaluated at once; 0 = the measured default */
+    int jobs;                         /* trials evaluated at once; 0 = one per thread (J x 1 thread: on 2 cores
+                                         far faster than 1 x 2, whose per-primitive barriers stall under load) */
     int threads;                      /* total threads; 0 = omp_get_max_threads() */
     uint64_t seed;
     int granularity;                  /* blocks per layer group, 1..4; 0 = 2 */

@@ -1,6 +1,9 @@
 /* test_sam.c - SAM forward pass against the official PyTorch golden vectors
    (tests/data/golden/sam/{tiny_a,tiny_b}), plus concurrency and refresh. */
 #define MEDSAMIX_IMPLEMENTATION
+/* the tiny golden models are "small" (1 thread always); 0 keeps the
+   multi-threaded paths (parallel attention items, oneDNN on n threads) tested */
+#define MSX_SAM_SMALL_FLOPS 0
 #include "../medsamix.h"
 #include "test.h"
 

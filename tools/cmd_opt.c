@@ -207,7 +207,10 @@ static double medsamix_cost(const msx_space *s, const double *x) {
     return f;
 }
 
-static void overhead(int reps) {
+/* local = 1: every observation uses method linear in every group and every
+   model-based slot takes the local GP stage (its worst case: 57 active float
+   dims, 64 GP points). */
+static void overhead(int reps, int local) {
     msx_space *s = medsamix_space(19, 3);
     msx_opt_options o;
     msx_opt *opt = NULL;
@@ -217,10 +220,16 @@ static void overhead(int reps) {
     memset(&o, 0, sizeof o);
     o.seed = 1;
     o.n_init = -1;
+    if (local) { o.local_prob = 1; o.random_prob = -1; }
     if (msx_opt_create(s, &o, &opt) != MSX_OK) { fprintf(stderr, "bench-opt: %s\n", msx_last_error()); return; }
     msx_rng_seed(&r, 99);
     for (i = 0; i < 200; i++) {
         msx_space_sample(s, &r, x);
+        if (local) {
+            int q;
+            for (q = 0; q < d; q++) x[q] = msx_space_type(s, q) == MSX_PARAM_CAT ? 0 : msx_rng_uniform(&r);
+            msx_space_canonicalize(s, x, x);
+        }
         c = medsamix_cost(s, x);
         msx_opt_tell_config(opt, x, &c, 0);
     }
@@ -234,12 +243,13 @@ static void overhead(int reps) {
         msx_opt_last_timing(opt, &tf[i], &ta[i]);
         msx_opt_cancel(opt, id); /* keep 200 observations */
     }
-    printf("\nper-iteration overhead, MedSAMix-shaped space (19 groups x 10 = %d dims, 200 observations, %d asks):\n", d, reps);
+    printf("\nper-iteration overhead, MedSAMix-shaped space (19 groups x 10 = %d dims, 200 observations, %d asks)%s:\n", d, reps,
+           local ? ", local GP stage (all linear, local_prob 1)" : "");
     printf("  ask wall median %.3f s (fit %.3f s + acquisition %.3f s), min %.3f s, max %.3f s; CPU median %.3f s\n",
            quant(t, reps, 0.5), quant(tf, reps, 0.5), quant(ta, reps, 0.5), quant(t, reps, 0), quant(t, reps, 1),
            quant(tc, reps, 0.5));
-    printf("RESULT overhead dims=%d observations=200 ask_wall_median_s=%.4f ask_cpu_median_s=%.4f fit_wall_median_s=%.4f "
-           "acq_wall_median_s=%.4f\n", d, quant(t, reps, 0.5), quant(tc, reps, 0.5), quant(tf, reps, 0.5), quant(ta, reps, 0.5));
+    printf("RESULT overhead%s dims=%d observations=200 ask_wall_median_s=%.4f ask_cpu_median_s=%.4f fit_wall_median_s=%.4f "
+           "acq_wall_median_s=%.4f\n", local ? "_local" : "", d, quant(t, reps, 0.5), quant(tc, reps, 0.5), quant(tf, reps, 0.5), quant(ta, reps, 0.5));
     msx_opt_free(opt);
     msx_space_free(s);
     free(x);
@@ -303,6 +313,6 @@ int msx_cmd_bench_opt(int argc, char **argv) {
         free(bo);
         free(rs);
     }
-    if (do_overhead) overhead(7);
+    if (do_overhead) { overhead(7, 0); overhead(7, 1); }
     return 0;
 }
