@@ -660,7 +660,6 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
                 }
                 MSX_CHECK_OK(msx_plan_load_json("build/tests/test_merge_export.plan.json", &pb));
                 MSX_CHECK(pb && same_plan(p, pb), "plan beside the export");
-#ifndef MSX_SKIP_CKPT
                 {
                     /* the checkpoint loader accepts it as a SAM (strict key set and shapes) */
                     msx_checkpoint *sam = NULL;
@@ -668,7 +667,6 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
                     MSX_CHECK(sam && same_ckpt(out, sam, NULL) && same_ckpt(sam, out, NULL), "%s: msx_sam_load of the export differs", label);
                     msx_ckpt_free(sam);
                 }
-#endif
                 msx_ckpt_free(back);
                 msx_plan_free(pb);
                 remove(path);
@@ -767,7 +765,6 @@ int main(void) {
         msx_ckpt_free(f2);
         msx_ckpt_free(tiny);
     }
-#ifndef MSX_SKIP_CKPT
     /* the demo world: base + two specialists (depth 6) */
     {
         msx_checkpoint *b = NULL, *s1 = NULL, *s2 = NULL;
@@ -779,6 +776,5 @@ int main(void) {
         msx_ckpt_free(s1);
         msx_ckpt_free(s2);
     }
-#endif
     return msx_test_summary("test_merge");
 }
