@@ -33,7 +33,10 @@
       msx_merger_run(mg, plan, merged, NULL);
       msx_sam *sam; msx_sam_ws *ws;
       msx_sam_create(merged, &arch, NULL, &sam); msx_sam_ws_create(sam, &ws);
-      ... msx_image_load, msx_segment_box(sam, ws, &img, box, NULL, &mask) ...
+      msx_image img = {0}; msx_mask mask = {0};      (zeroed before first use)
+      float box[4] = {120, 80, 260, 200};          (x0 y0 x1 y1, pixels)
+      msx_image_load("slice.png", &img);
+      msx_segment_box(sam, ws, &img, box, NULL, &mask);
       Every call returns msx_result; see examples/ for complete programs.
 
    CONFIGURATION (define before including the implementation)
@@ -7295,7 +7298,8 @@ static void msx__ties_combine2(float *out, const float *base, const float *x0, c
         j = b0;
 #if defined(__AVX2__)
         {
-            const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), lv = _mm256_set1_ps(lam);
+            const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+            const __m256 lv = _mm256_set1_ps(lam);
             const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
             const __m256 h0 = _mm256_set1_ps(th0), h1 = _mm256_set1_ps(th1);
             __m256i bs = _mm256_setzero_si256();
@@ -7308,13 +7312,18 @@ static void msx__ties_combine2(float *out, const float *base, const float *x0, c
                 __m256 t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
                 __m256 sm = _mm256_add_ps(t0, t1);
                 __m256 sp = _mm256_cmp_ps(sm, zero, _CMP_GT_OQ), sn = _mm256_cmp_ps(sm, zero, _CMP_LT_OQ);
-                __m256 k0 = _mm256_or_ps(_mm256_and_ps(sp, _mm256_cmp_ps(t0, zero, _CMP_GT_OQ)),
-                                         _mm256_and_ps(sn, _mm256_cmp_ps(t0, zero, _CMP_LT_OQ)));
-                __m256 k1 = _mm256_or_ps(_mm256_and_ps(sp, _mm256_cmp_ps(t1, zero, _CMP_GT_OQ)),
-                                         _mm256_and_ps(sn, _mm256_cmp_ps(t1, zero, _CMP_LT_OQ)));
-                __m256 acc = _mm256_add_ps(_mm256_add_ps(zero, _mm256_and_ps(t0, k0)), _mm256_and_ps(t1, k1));
-                __m256 cnt = _mm256_add_ps(_mm256_and_ps(k0, one), _mm256_and_ps(k1, one));
-                __m256 tau = _mm256_div_ps(acc, _mm256_max_ps(cnt, one));
+                /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not
+                   NaN): blendv picks zero where t_i ^ sm has its sign bit set */
+                __m256 nz = _mm256_or_ps(sp, sn);
+                __m256 k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t0, zero, _CMP_NEQ_OQ)), zero,
+                                             _mm256_xor_ps(t0, sm));
+                __m256 k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero,
+                                             _mm256_xor_ps(t1, sm));
+                /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1)
+                   with cnt in {0, 1, 2} is acc * 1 or acc * 0.5, both exact
+                   as the division (same real value, one rounding) */
+                __m256 acc = _mm256_add_ps(_mm256_and_ps(t0, k0), _mm256_and_ps(t1, k1));
+                __m256 tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
                 __m256 res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
                 /* aligned output (64-byte tensors, blocks of 512): stream it
                    past the caches, saving the read-for-ownership traffic */
@@ -7460,6 +7469,101 @@ static void msx__ties_tensor(float *out, const float *base, const float *const *
         msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
     else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
     if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
+}
+
+/* ---- TIES on one large tensor by the whole thread team ----------------------
+   A lone thread per tensor streams base + models from DRAM twice (count pass,
+   then combine). Here every thread of the team works on the same tensor: the
+   count pass is split by element range, the per-thread counts / gathered
+   candidates are merged by the owner of each model (model i: thread i % nt),
+   and the combine pass re-reads the range it counted, backwards, so the inputs
+   come from the shared L3 while the output is streamed past it. Results are
+   bit-identical to msx__ties_tensor: the k-th value is order-independent and
+   every element gets the same float operations. Called by all team threads
+   (it holds barriers); each uses only its own scratch except to read the
+   others' gathered candidates between the second and third barrier. */
+
+#ifndef MSX__TIES_COOP_MIN
+#define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
+#endif
+#define MSX__TIES_COOP_SUB 65536   /* combine sub-range, walked last-to-first */
+
+typedef struct msx__ties_coop_state {
+    uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS], thr[MSX_MAX_MODELS];
+    int64_t lt[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], eq[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS];
+    int64_t nc[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], ss[MSX__MERGE_MAX_THREADS];
+} msx__ties_coop_state;
+
+static void msx__ties_coop(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
+                           float lam, int64_t n, uint32_t *scr_all, size_t per, int tid, int nt,
+                           msx__ties_coop_state *sh) {
+    int64_t k = (int64_t)((double)n * drop_rate), chunk, j0, j1, s, na = 0, ss = 0, tot;
+    uint32_t *scr = scr_all + per * (size_t)tid;
+    float thr[MSX_MAX_MODELS];
+    int i, u, trim;
+    if (k > n) k = n;
+    trim = k > 0 && n > 0;
+    chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
+    j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
+    j1 = j0 + chunk < n ? j0 + chunk : n;
+    if (trim) {
+        for (i = tid; i < n_ft; i += nt)
+            msx__ties_bracket(base, ft[i], n, k, scr + (size_t)n_ft * (size_t)n, &sh->lo[i], &sh->hi[i]);
+        MSX__MOMP("omp barrier")
+        for (i = 0; i < n_ft; i++) sh->lt[tid][i] = sh->eq[tid][i] = sh->nc[tid][i] = 0;
+#ifdef MSX__TIES_COUNT2
+        if (n_ft == 2 && sh->lo[0] != sh->hi[0] && sh->lo[1] != sh->hi[1])
+            msx__ties_count_gather2(ft[0], ft[1], base, j0, j1, sh->lo, sh->hi, sh->lt[tid], scr, scr + n, sh->nc[tid]);
+        else
+#endif
+        for (s = j0; s < j1; s += MSX__MERGE_BLOCK) {
+            int64_t e = s + MSX__MERGE_BLOCK < j1 ? s + MSX__MERGE_BLOCK : j1;
+            for (i = 0; i < n_ft; i++)
+                msx__ties_count_gather(ft[i], base, s, e, sh->lo[i], sh->hi[i], &sh->lt[tid][i], &sh->eq[tid][i],
+                                       scr + (size_t)i * (size_t)n, &sh->nc[tid][i]);
+        }
+        MSX__MOMP("omp barrier")
+        for (i = tid; i < n_ft; i += nt) { /* owner: gather all candidates of model i, select */
+            uint32_t *c = scr + (size_t)i * (size_t)n, lo = sh->lo[i], hi = sh->hi[i];
+            int64_t L = 0, E = 0, C = sh->nc[tid][i], r;
+            for (u = 0; u < nt; u++) {
+                L += sh->lt[u][i];
+                E += sh->eq[u][i];
+                if (u != tid && lo != hi && sh->nc[u][i] > 0) {
+                    memcpy(c + C, scr_all + per * (size_t)u + (size_t)i * (size_t)n, (size_t)sh->nc[u][i] * 4);
+                    C += sh->nc[u][i];
+                }
+            }
+            r = k - L; /* 1-based rank within the bracket */
+            if (lo == hi && r >= 1 && r <= E) sh->thr[i] = lo;
+            else if (lo != hi && r >= 1 && r <= C)
+                sh->thr[i] = msx__select_in_range(c, C, r - 1, lo, hi == 0x7FFFFFFFu ? 0x80000000u : hi + 1);
+            else sh->thr[i] = msx__select_full(ft[i], base, n, k, c);
+        }
+        MSX__MOMP("omp barrier")
+        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &sh->thr[i], 4);
+    } else
+        for (i = 0; i < n_ft; i++) thr[i] = 0;
+    /* combine [j0, j1) last sub-range first (most recently counted = most
+       likely still cached); zero-sum positions go to scr[0..) as absolute indices */
+    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; j1 > j0 && s >= j0;
+         s -= MSX__TIES_COOP_SUB) {
+        int64_t len = j1 - s < MSX__TIES_COOP_SUB ? j1 - s : MSX__TIES_COOP_SUB, s1 = 0, a = 0, q;
+        const float *fo[MSX_MAX_MODELS];
+        if (n_ft == 2)
+            msx__ties_combine2(out + s, base + s, ft[0] + s, ft[1] + s, thr[0], thr[1], lam, len, &s1, scr + na, &a);
+        else {
+            for (i = 0; i < n_ft; i++) fo[i] = ft[i] + s;
+            msx__ties_combine(out + s, base + s, fo, n_ft, thr, trim, lam, len, &s1, scr + na, &a);
+        }
+        for (q = na; q < na + a; q++) scr[q] += (uint32_t)s;
+        na += a;
+        ss += s1;
+    }
+    sh->ss[tid] = ss;
+    MSX__MOMP("omp barrier")
+    for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
+    if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
 }
 
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
@@ -7704,7 +7808,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0;
+    int need_scratch = 0, n_coop = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -7741,14 +7845,18 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         s->action = 0;
         msx__merge_warn(report, "group %s: %s: %d tensors kept the base", plan->ids[g], why, m->group_tensors[g]);
     }
-    /* work list: whole tensors for TIES / SLERP (largest first), then
-       chunks of the streaming ones; threads take items dynamically */
-    for (pass = 0; pass < 2; pass++)
+    /* work list: first the large TIES tensors, which the whole team runs
+       one at a time (msx__ties_coop), then whole tensors for TIES / SLERP
+       (largest first), then chunks of the streaming ones; threads take the
+       last two kinds dynamically */
+    for (pass = 0; pass < 3; pass++)
         for (q = 0; q < base->n; q++) {
             int ti = m->order[q], a = m->tgroup[ti] >= 0 ? m->gs[m->tgroup[ti]].action : 0;
-            int whole = a == 1 + MSX_MERGE_TIES || a == 1 + MSX_MERGE_SLERP;
             int64_t n = base->tensors[ti].numel, j0;
-            if (whole != (pass == 0)) continue;
+            int coop = a == 1 + MSX_MERGE_TIES && n >= MSX__TIES_COOP_MIN && n <= (int64_t)UINT32_MAX;
+            int whole = a == 1 + MSX_MERGE_TIES || a == 1 + MSX_MERGE_SLERP;
+            if ((pass == 0) != coop || (!coop && whole != (pass == 1))) continue;
+            if (coop) n_coop++;
             if (whole || n == 0) {
                 m->items[n_items].tensor = ti;
                 m->items[n_items].j0 = 0;
@@ -7776,15 +7884,27 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         uint32_t *scr = m->scratch;
         size_t per = m->scratch_per_thread;
         msx__merge_item *items = m->items;
+        msx__ties_coop_state coop_state;
+        msx__ties_coop_state *cs = &coop_state;
+        const int nc0 = n_coop;
         (void)per;
         MSX__MOMP("omp parallel num_threads(nth) if(n_items > 1)")
         {
-            int tid = 0, it;
+            int tid = 0, it, nt = 1;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
+            nt = omp_get_num_threads();
 #endif
+            for (it = 0; it < nc0; it++) {
+                const msx__merge_item *ci = &items[it];
+                int ti = ci->tensor;
+                const msx_group_plan *gp = &plan->groups[cm->tgroup[ti]];
+                msx__ties_coop((float *)out->tensors[ti].data, cm->srcp[(size_t)ti * (size_t)(cm->n_ft + 1)],
+                               cm->srcp + (size_t)ti * (size_t)(cm->n_ft + 1) + 1, cm->n_ft, gp->drop_rate,
+                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs);
+            }
             MSX__MOMP("omp for schedule(dynamic, 1)")
-            for (it = 0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
+            for (it = nc0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
         }
     }
     if (report) {
