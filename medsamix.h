@@ -1202,6 +1202,15 @@ typedef struct msx_search_summary {
    best_plan.json for multi-task). */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
+/* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
+   per layer group a categorical method {linear, task_arithmetic, ties,
+   slerp} with its conditional parameters, named as in the reference with the
+   models' stems (base first). prune = 1 leaves out the groups that cannot
+   change a box-only Dice. For base + 2 models at ViT-B depth 12, granularity
+   2, no pruning: 19 groups x 10 = 190 hyperparameters. */
+MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
+                                          int prune, msx_space **out);
+
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
    λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; ref §2.5) plus linear equal weights
@@ -11064,6 +11073,22 @@ static msx_result msx__search_space(const msx_plan *tmpl, char *const *stems, in
     *out = s;
     *groups_out = gs;
     return MSX_OK;
+}
+
+MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
+                                          int prune, msx_space **out) {
+    msx_plan *tmpl = NULL;
+    msx__sgroup *gs = NULL;
+    msx_result r;
+    if (!out || !model_stems) return msx__err(MSX_E_ARG, "msx_search_space_create: NULL argument");
+    *out = NULL;
+    r = msx_plan_create(depth, n_models, granularity, &tmpl);
+    if (r != MSX_OK) return r;
+    /* the builder only reads the stems */
+    r = msx__search_space(tmpl, (char *const *)(uintptr_t)model_stems, n_models, prune, out, &gs);
+    MSX_FREE(gs);
+    msx_plan_free(tmpl);
+    return r;
 }
 
 /* Configuration (space values, NAN = inactive) -> merge plan (ref §2.4: a

@@ -165,34 +165,12 @@ static double quant(double *v, int n, double q) {
 /* MedSAMix-shaped space: per group a method {linear, task_arithmetic, ties,
    slerp} with linear weights per model, the TA scale, TIES drop rate and
    scale, SLERP t per model (models = base + 2 fine-tuned). */
-static msx_space *medsamix_space(int groups, int models) {
-    static const char *meth[4] = {"linear", "task_arithmetic", "ties", "slerp"};
-    msx_space *s = msx_space_new();
-    char nm[64];
-    int g, k, m, c;
-    for (g = 0; g < groups; g++) {
-        snprintf(nm, sizeof nm, "g%d.method", g);
-        m = msx_space_add_cat(s, nm, 4, meth);
-        for (k = 0; k < models; k++) {
-            snprintf(nm, sizeof nm, "g%d.linear.w%d", g, k);
-            c = msx_space_add_float(s, nm, 0, 1, 0);
-            msx_space_add_condition(s, c, m, 0);
-        }
-        snprintf(nm, sizeof nm, "g%d.ta.scale", g);
-        c = msx_space_add_float(s, nm, 0, 1, 0);
-        msx_space_add_condition(s, c, m, 1);
-        snprintf(nm, sizeof nm, "g%d.ties.drop", g);
-        c = msx_space_add_float(s, nm, 0, 0.99, 0);
-        msx_space_add_condition(s, c, m, 2);
-        snprintf(nm, sizeof nm, "g%d.ties.scale", g);
-        c = msx_space_add_float(s, nm, 0, 1, 0);
-        msx_space_add_condition(s, c, m, 2);
-        for (k = 0; k < models; k++) {
-            snprintf(nm, sizeof nm, "g%d.slerp.t%d", g, k);
-            c = msx_space_add_float(s, nm, 0, 1, 0);
-            msx_space_add_condition(s, c, m, 3);
-        }
-    }
+/* The real MedSAMix space of the search driver: ViT-B depth 12,
+   granularity 2, base + 2 models, no pruning = 19 groups x 10 dims. */
+static msx_space *medsamix_space(void) {
+    static const char *const stems[3] = {"sam", "medsam", "medicosam"};
+    msx_space *s = NULL;
+    if (msx_search_space_create(12, 2, stems, 3, 0, &s) != MSX_OK) fprintf(stderr, "bench-opt: %s\n", msx_last_error());
     return s;
 }
 /* synthetic cost with a known structure: method offset + quadratic in the active children */
@@ -211,12 +189,15 @@ static double medsamix_cost(const msx_space *s, const double *x) {
    model-based slot takes the local GP stage (its worst case: 57 active float
    dims, 64 GP points). */
 static void overhead(int reps, int local) {
-    msx_space *s = medsamix_space(19, 3);
+    msx_space *s = medsamix_space();
     msx_opt_options o;
     msx_opt *opt = NULL;
     msx_rng r;
-    int d = msx_space_dim(s), i, id;
-    double *x = (double *)malloc(sizeof(double) * (size_t)d), t[32], tc[32], tf[32], ta[32], c;
+    int d, i, id;
+    double *x, t[32], tc[32], tf[32], ta[32], c;
+    if (!s) return;
+    d = msx_space_dim(s);
+    x = (double *)malloc(sizeof(double) * (size_t)d);
     memset(&o, 0, sizeof o);
     o.seed = 1;
     o.n_init = -1;
