@@ -405,16 +405,8 @@ static void test_handmade(void) {
     }
     /* Protocol 4: FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL, NEWOBJ_EX. */
     {
-        int64_t s[1] = {3}, st[1] = {2};
         const float want[3] = {1, 3, 5};
-        p.n = 0;
-        mk_u8(&p, 0x80); mk_u8(&p, 4); mk_u8(&p, 0x95); mk_u64(&p, 0);
-        mk_u8(&p, 0x8c); mk_u8(&p, 11); mk_put(&p, "collections", 11); mk_u8(&p, 0x94);
-        mk_u8(&p, 0x8c); mk_u8(&p, 11); mk_put(&p, "OrderedDict", 11); mk_u8(&p, 0x94);
-        mk_u8(&p, 0x93); mk_u8(&p, ')'); mk_u8(&p, '}'); mk_u8(&p, 0x92); mk_u8(&p, 0x94);
-        mk_u8(&p, '('); mk_u8(&p, 0x8c); mk_u8(&p, 8); mk_put(&p, "module.v", 8);
-        pk_tensor(&p, "FloatStorage", "0", 12, 0, 1, s, st);
-        mk_u8(&p, 'u'); mk_u8(&p, '.');
+        mk_proto4_sd(&p);
         MSX_CHECK_OK(load_pkl(&p, "p4", 0, sizeof stor0, &ck));
         w = ck ? msx_ckpt_find(ck, "v") : NULL;
         MSX_CHECK(w && w->numel == 3 && !memcmp(w->data, want, sizeof want), "protocol 4 state dict");

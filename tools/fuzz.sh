@@ -14,16 +14,14 @@ command -v "$CLANG" >/dev/null 2>&1 || CLANG=clang-14
 out=build/fuzz
 mkdir -p "$out"
 # (Re)generate the seed corpus from tests/fuzz/make_corpus.c.
-cc -std=c99 -O1 -I. -DMSX_SKIP_SAM -DMSX_SKIP_IMAGE -DMSX_SKIP_MERGE -DMSX_SKIP_OPT -DMSX_SKIP_SEARCH \
-   -o "$out/make_corpus" tests/fuzz/make_corpus.c -lm
+cc -std=c99 -O1 -fopenmp -I. -o "$out/make_corpus" tests/fuzz/make_corpus.c -ldnnl -lstb -lm
 "$out/make_corpus" >/dev/null
 status=0
 for h in $harnesses; do
     # The zip harness skips CRC checks so that mutants reach the pickle.
     extra=""; [ "$h" = zip ] && extra="-DMSX_NO_CRC_CHECK"
     "$CLANG" -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined $extra \
-        -DMSX_SKIP_SAM -DMSX_SKIP_IMAGE -DMSX_SKIP_MERGE -DMSX_SKIP_OPT -DMSX_SKIP_SEARCH -I. \
-        -o "$out/fuzz_$h" "tests/fuzz/fuzz_$h.c" -lm
+        -fopenmp -I. -o "$out/fuzz_$h" "tests/fuzz/fuzz_$h.c" -ldnnl -lstb -lm
     mkdir -p "$out/corpus_$h" # kept between runs: the fuzzer grows it
     cp tests/fuzz/corpus/"$h"/* "$out/corpus_$h/"
     for f in tests/fuzz/regressions/"$h"-*; do

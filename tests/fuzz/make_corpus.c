@@ -54,15 +54,7 @@ int main(void) {
     pth("proto4.pth", &p, "p4", 4, 0, 0);
     /* protocol 4 state dict: STACK_GLOBAL OrderedDict + NEWOBJ_EX, a strided tensor */
     {
-        int64_t s[1] = {3}, st[1] = {2};
-        p.n = 0;
-        mk_u8(&p, 0x80); mk_u8(&p, 4); mk_u8(&p, 0x95); mk_u64(&p, 0);
-        mk_u8(&p, 0x8c); mk_u8(&p, 11); mk_put(&p, "collections", 11); mk_u8(&p, 0x94);
-        mk_u8(&p, 0x8c); mk_u8(&p, 11); mk_put(&p, "OrderedDict", 11); mk_u8(&p, 0x94);
-        mk_u8(&p, 0x93); mk_u8(&p, ')'); mk_u8(&p, '}'); mk_u8(&p, 0x92); mk_u8(&p, 0x94);
-        mk_u8(&p, '('); mk_u8(&p, 0x8c); mk_u8(&p, 8); mk_put(&p, "module.v", 8);
-        pk_tensor(&p, "FloatStorage", "0", 12, 0, 1, s, st);
-        mk_u8(&p, 'u'); mk_u8(&p, '.');
+        mk_proto4_sd(&p);
         put("pickle", "proto4_sd.pkl", p.p, p.n);
         pth("proto4_sd.pth", &p, "p4sd", 4, 0, 0);
     }

@@ -170,4 +170,17 @@ MK_FN void mk_two_t(mk_buf *pkl, const char *prefix, const char *wrap, int dup, 
 }
 
 MK_FN void mk_two(mk_buf *pkl, const char *prefix, const char *wrap, int dup) { mk_two_t(pkl, prefix, wrap, dup, "FloatStorage"); }
+/* Protocol 4 state dict {"module.v": 3 floats at stride 2 of storage "0"}:
+   FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL, NEWOBJ_EX. */
+MK_FN void mk_proto4_sd(mk_buf *p) {
+    int64_t s[1] = {3}, st[1] = {2};
+    p->n = 0;
+    mk_u8(p, 0x80); mk_u8(p, 4); mk_u8(p, 0x95); mk_u64(p, 0);
+    mk_u8(p, 0x8c); mk_u8(p, 11); mk_put(p, "collections", 11); mk_u8(p, 0x94);
+    mk_u8(p, 0x8c); mk_u8(p, 11); mk_put(p, "OrderedDict", 11); mk_u8(p, 0x94);
+    mk_u8(p, 0x93); mk_u8(p, ')'); mk_u8(p, '}'); mk_u8(p, 0x92); mk_u8(p, 0x94);
+    mk_u8(p, '('); mk_u8(p, 0x8c); mk_u8(p, 8); mk_put(p, "module.v", 8);
+    pk_tensor(p, "FloatStorage", "0", 12, 0, 1, s, st);
+    mk_u8(p, 'u'); mk_u8(p, '.');
+}
 #endif
