@@ -4,6 +4,7 @@
 #include "cli.h"
 
 #include <signal.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +79,21 @@ static int cmd_num(const char *opt, const char *s, double lo, double hi, double 
     return 1;
 }
 
+/* Seeds are exact 64-bit integers (a double would round those above 2^53). */
+static int cmd_seed(const char *opt, const char *s, uint64_t *out) {
+    char *end;
+    unsigned long long v;
+    if (!s) { fprintf(stderr, "%s needs a value\n", opt); return 0; }
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (end == s || *end || *s == '-' || errno == ERANGE) {
+        fprintf(stderr, "%s: '%s' is not a whole number in [0, 2^64)\n", opt, s);
+        return 0;
+    }
+    *out = (uint64_t)v;
+    return 1;
+}
+
 /* Task/mask options shared by search and eval; returns 1 if argv[*i] was one, -1 on error. */
 static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_preprocess_mode *pre, const char *split_name) {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
@@ -95,16 +111,14 @@ static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_
     } else if (!strcmp(a, "--calib-fraction")) {
         if (!cmd_num(a, v, 1e-6, 1 - 1e-6, &t->calib_fraction)) return -1;
     } else if (!strcmp(a, "--split-seed")) {
-        if (!cmd_num(a, v, 0, 1.8e19, &x)) return -1;
-        t->split_seed = (uint64_t)x;
+        if (!cmd_seed(a, v, &t->split_seed)) return -1;
     } else if (!strcmp(a, "--box-margin")) {
         if (!cmd_num(a, v, 0, 1e6, &x)) return -1;
         t->box_margin = (int)x;
     } else if (!strcmp(a, "--box-jitter")) {
         if (!cmd_num(a, v, 0, 1, &t->box_jitter)) return -1;
     } else if (!strcmp(a, "--box-seed")) {
-        if (!cmd_num(a, v, 0, 1.8e19, &x)) return -1;
-        t->box_seed = (uint64_t)x;
+        if (!cmd_seed(a, v, &t->box_seed)) return -1;
     } else if (!strcmp(a, "--max-images")) {
         if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
         t->max_images = (int)x;
@@ -163,7 +177,7 @@ int msx_cmd_search(int argc, char **argv) {
         else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
         else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
-        else if (!strcmp(a, "--seed")) { if (!cmd_num(a, v, 0, 1.8e19, &x)) return 2; o.seed = (uint64_t)x; i++; }
+        else if (!strcmp(a, "--seed")) { if (!cmd_seed(a, v, &o.seed)) return 2; i++; }
         else if (!strcmp(a, "--granularity")) { if (!cmd_num(a, v, 1, 4, &x)) return 2; o.granularity = (int)x; i++; }
         else if (!strcmp(a, "--overlays")) { if (!cmd_num(a, v, 0, 1000, &x)) return 2; o.n_overlays = x == 0 ? -1 : (int)x; i++; }
         else { fprintf(stderr, "search: unknown or incomplete option '%s'\n\n%s", a, search_usage); return 2; }
