@@ -792,12 +792,15 @@ MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float
    k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
    is row i's threshold and |d| >= thr is kept; sign election by summed
    mass, zero sums take the tensor-wide majority sign; disjoint mean;
-   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
-   streaming pass counts below the bracket and gathers the ~1.5% inside,
-   and a histogram + quickselect picks the exact value among those (exact
-   fallback on a full copy if the bracket missed). `scratch` is NULL
-   (allocated per call when trimming) or holds
-   msx_merge_ties_scratch_floats(n, n_ft) floats. */
+   base + fl32(scale) τ. Selection, two fine-tuned models: a histogram of
+   the magnitudes brackets the k-th value exactly; one pass then writes
+   every output decided by the bracket and keeps the ~0.1% inside, the
+   exact value is selected among those and only their outputs redone.
+   Other model counts: a sample brackets the k-th value, one streaming pass
+   counts below the bracket and gathers the ~1.5% inside, and a histogram +
+   quickselect picks the exact value among those (exact fallback on a full
+   copy if the bracket missed). `scratch` is NULL (allocated per call when
+   trimming) or holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft);
@@ -846,8 +849,12 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
    region: threads take work items dynamically (whole tensors for TIES and
    SLERP, largest first, then 256K-element chunks of linear / TA / copied
    tensors). Nothing is allocated except, on the first run with a TIES
-   group, per-thread TIES scratch (about n_ft x the largest tensor) that is
-   kept for later runs. Different mergers may run concurrently on different
+   group, per-thread TIES scratch (about n_ft x the largest tensor) and, for
+   two fine-tuned models, rank tables of every tensor above 64K elements
+   (64 KB each), both kept for later runs: the tables turn each later TIES
+   merge of a tensor into a single pass. The merger reads the base and
+   fine-tuned models on every run; they must not change while it lives
+   (the tables describe them). Different mergers may run concurrently on different
    outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
    not re-entrant. `report` may be NULL. Errors (plan of another shape,
    strict-mode keep-the-base case) leave `out` untouched. */
@@ -7013,6 +7020,9 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
 }
 
 /* -- TIES ------------------------------------------------------------------------ */
+/* Two schemes, the same bits: two fine-tuned models (the paper's setting)
+   take one pass per tensor with rank tables (msx__ties_coop2 below); other
+   model counts take two (sample bracket, count + gather, select, combine). */
 
 static uint32_t msx__abs_bits(float d) {
     uint32_t u;
@@ -7058,9 +7068,75 @@ static uint32_t msx__qselect_u32(uint32_t *a, int64_t len, int64_t r) {
     return a[r];
 }
 
-MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
-    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
+
+#if defined(__AVX2__)
+/* Set bits of an 8-bit mask. */
+static int msx__popcnt8(int m) {
+    m = (m & 0x55) + ((m >> 1) & 0x55);
+    m = (m & 0x33) + ((m >> 2) & 0x33);
+    return (m & 0x0F) + (m >> 4);
 }
+
+/* Index of the lowest set bit of x != 0. */
+static int msx__ctz32(unsigned x) {
+#if defined(__GNUC__)
+    return __builtin_ctz(x);
+#else
+    int i = 0;
+    while (!(x & 1u)) { x >>= 1; i++; }
+    return i;
+#endif
+}
+
+/* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
+   |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
+   averaged, result b + lam * tau. The same float operations as the scalar
+   form in msx__ties_combine2, so vector and scalar lanes agree bit for bit. */
+typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
+
+static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    msx__ties2_v8 o;
+    __m256 t1, nz, k0, k1, acc, tau;
+    o.t0 = _mm256_and_ps(v0, _mm256_cmp_ps(_mm256_and_ps(v0, absm), h0, _CMP_GE_OQ));
+    t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
+    o.sm = _mm256_add_ps(o.t0, t1);
+    o.sp = _mm256_cmp_ps(o.sm, zero, _CMP_GT_OQ);
+    o.sn = _mm256_cmp_ps(o.sm, zero, _CMP_LT_OQ);
+    /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not NaN):
+       blendv picks zero where t_i ^ sm has its sign bit set */
+    nz = _mm256_or_ps(o.sp, o.sn);
+    k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(o.t0, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(o.t0, o.sm));
+    k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(t1, o.sm));
+    /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1) with cnt in
+       {0, 1, 2} is acc * 1 or acc * 0.5, both exact as the division (same
+       real value, one rounding) */
+    acc = _mm256_add_ps(_mm256_and_ps(o.t0, k0), _mm256_and_ps(t1, k1));
+    tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
+    o.res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
+    return o;
+}
+
+/* Lanes where t0 != 0 but sm == 0 (an exact cancellation), as a bit mask. */
+static inline int msx__ties2_cancel(const msx__ties2_v8 *o) {
+    const __m256 zero = _mm256_setzero_ps();
+    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(o->sm, zero, _CMP_EQ_OQ), _mm256_cmp_ps(o->t0, zero, _CMP_NEQ_UQ)));
+}
+
+/* vpermd control that moves the lanes set in mk (8 bits) to the front. */
+static inline __m256i msx__lpack_perm(int mk) {
+#if defined(__BMI2__)
+    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
+#else
+    uint64_t sel = 0;
+    int l, c = 0;
+    for (l = 0; l < 8; l++)
+        if ((mk >> l) & 1) sel |= (uint64_t)l << (8 * c++);
+#endif
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
+}
+#endif
 
 /* Over [j0, j1) of |x - b| (as bit keys u <= 0x7FFFFFFF), with
    l <= h <= 0x7FFFFFFF: counts u < l into *lt; if l == h counts u == l
@@ -7090,21 +7166,9 @@ static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, i
                 int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(mlt, _mm256_cmpgt_epi32(u, hv)))) & 0xFF;
                 aL = _mm256_sub_epi32(aL, mlt);
                 if (mk) { /* rare with a narrow bracket: a well-predicted branch */
-#if defined(__BMI2__) && defined(__POPCNT__)
-                    /* left-pack: pdep spreads the mask to bytes, pext picks
-                       the lane numbers of the set ones; the 8-lane store
-                       stays below c + j + 8 <= c + j1 */
-                    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
-                    __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
-                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, perm));
-                    C += _mm_popcnt_u32((unsigned)mk);
-#else
-                    _mm256_storeu_si256((__m256i *)(void *)tmp, u);
-                    for (q = 0; q < 8; q++) {
-                        c[C] = (uint32_t)tmp[q];
-                        C += (mk >> q) & 1;
-                    }
-#endif
+                    /* left-pack; the 8-lane store stays below c + j + 8 <= c + j1 */
+                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, msx__lpack_perm(mk)));
+                    C += msx__popcnt8(mk);
                 }
             }
         }
@@ -7126,59 +7190,6 @@ static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, i
     *nc = C;
 }
 
-#if defined(__AVX2__) && defined(__BMI2__) && defined(__POPCNT__)
-#define MSX__TIES_COUNT2 1
-/* msx__ties_count_gather for two models at once (base loaded once), both
-   with lo < hi: the common case of the paper's setting. */
-static void msx__ties_count_gather2(const float *x0, const float *x1, const float *b, int64_t j0, int64_t j1,
-                                    const uint32_t *lo, const uint32_t *hi, int64_t *lt, uint32_t *c0, uint32_t *c1,
-                                    int64_t *nc) {
-    const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF);
-    const __m256i l0 = _mm256_set1_epi32((int)lo[0]), h0 = _mm256_set1_epi32((int)hi[0]);
-    const __m256i l1 = _mm256_set1_epi32((int)lo[1]), h1 = _mm256_set1_epi32((int)hi[1]);
-    __m256i aL0 = _mm256_setzero_si256(), aL1 = aL0;
-    int64_t j = j0, C0 = nc[0], C1 = nc[1], L0 = 0, L1 = 0;
-    int32_t tmp[8];
-    int q;
-    for (; j + 8 <= j1; j += 8) {
-        __m256 bv = _mm256_loadu_ps(b + j);
-        __m256i u0 = _mm256_and_si256(_mm256_castps_si256(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), bv)), absm);
-        __m256i u1 = _mm256_and_si256(_mm256_castps_si256(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), bv)), absm);
-        __m256i lt0 = _mm256_cmpgt_epi32(l0, u0), lt1 = _mm256_cmpgt_epi32(l1, u1);
-        int m0 = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt0, _mm256_cmpgt_epi32(u0, h0)))) & 0xFF;
-        int m1 = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt1, _mm256_cmpgt_epi32(u1, h1)))) & 0xFF;
-        aL0 = _mm256_sub_epi32(aL0, lt0);
-        aL1 = _mm256_sub_epi32(aL1, lt1);
-        if (m0 | m1) { /* rare with a narrow bracket */
-            uint64_t s0 = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)m0, 0x0101010101010101ull) * 0xFF);
-            uint64_t s1 = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)m1, 0x0101010101010101ull) * 0xFF);
-            _mm256_storeu_si256((__m256i *)(void *)(c0 + C0),
-                                _mm256_permutevar8x32_epi32(u0, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s0))));
-            _mm256_storeu_si256((__m256i *)(void *)(c1 + C1),
-                                _mm256_permutevar8x32_epi32(u1, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s1))));
-            C0 += _mm_popcnt_u32((unsigned)m0);
-            C1 += _mm_popcnt_u32((unsigned)m1);
-        }
-    }
-    _mm256_storeu_si256((__m256i *)(void *)tmp, aL0);
-    for (q = 0; q < 8; q++) L0 += tmp[q];
-    _mm256_storeu_si256((__m256i *)(void *)tmp, aL1);
-    for (q = 0; q < 8; q++) L1 += tmp[q];
-    for (; j < j1; j++) {
-        uint32_t u0 = msx__abs_bits(x0[j] - b[j]), u1 = msx__abs_bits(x1[j] - b[j]);
-        L0 += u0 < lo[0];
-        L1 += u1 < lo[1];
-        c0[C0] = u0;
-        C0 += u0 >= lo[0] && u0 <= hi[0];
-        c1[C1] = u1;
-        C1 += u1 >= lo[1] && u1 <= hi[1];
-    }
-    lt[0] += L0;
-    lt[1] += L1;
-    nc[0] = C0;
-    nc[1] = C1;
-}
-#endif
 
 /* Element of 0-based rank r among c[0..m), all in [lo, hi): a 4096-bin
    histogram over the key range finds the bin, quickselect finishes within
@@ -7214,20 +7225,26 @@ static uint32_t msx__select_full(const float *x, const float *b, int64_t n, int6
     return msx__select_in_range(c, n, k - 1, mn, mx + 1);
 }
 
-/* Bracket [*lo, *hi] (bit keys, hi <= 0x7FFFFFFF) that holds the k-th
-   smallest |x - b| with high probability, from a sample of n/64
-   (4096..MSX__TIES_SAMPLE) values drawn in contiguous chunks: ±2.6 standard
-   errors of the sample quantile, so ~1.5% of the elements fall inside and a
-   miss (handled exactly by the callers) is rare. sbuf: 2 * MSX__TIES_SAMPLE. */
+/* Bracket [*lo, *hi] (bit keys) that holds the k-th smallest |x - b| with
+   high probability, from a sample of n/64
+   (4096..MSX__TIES_SAMPLE) values drawn in contiguous chunks: sample ranks
+   ±2.6 standard errors of the quantile, so ~1.5% of the elements fall inside
+   and a miss (handled exactly by the callers) is rare. One histogram over
+   the keys' top bits (>= 256 bins per octave: the same relative resolution
+   at any scale) finds the bins of the two ranks; a second pass takes the
+   smallest sample value of the lower bin and the largest of the upper, so
+   an atom (e.g. all-zero deltas) gives lo == hi exactly. sbuf: 2 *
+   MSX__TIES_SAMPLE (sample, then histogram). */
 static void msx__ties_bracket(const float *base, const float *x, int64_t n, int64_t k, uint32_t *sbuf, uint32_t *lo,
                               uint32_t *hi) {
     const int CH = MSX__TIES_SAMPLE_CHUNK;
     int64_t S64 = n / 64 < 4096 ? 4096 : (n / 64 > MSX__TIES_SAMPLE ? MSX__TIES_SAMPLE : n / 64);
     const int NCH = (int)(S64 / CH), S = NCH * CH;
     double p = ((double)k - 0.5) / (double)n, delta = 1.3 / sqrt((double)S) + 2.0 / S;
-    uint32_t *s = sbuf, *s2 = sbuf + MSX__TIES_SAMPLE, mn = 0xFFFFFFFFu, mx = 0;
-    int c, q;
-    int64_t rl = (int64_t)floor((p - delta) * S), rh = (int64_t)ceil((p + delta) * S);
+    uint32_t *s = sbuf, *hist = sbuf + MSX__TIES_SAMPLE, mn = 0xFFFFFFFFu, mx = 0, h0, nb, bl = 0, bh = 0;
+    uint32_t vl = 0xFFFFFFFFu, vh = 0;
+    int c, q, shift = 15;
+    int64_t rl = (int64_t)floor((p - delta) * S), rh = (int64_t)ceil((p + delta) * S), cum;
     for (c = 0; c < NCH; c++) {
         int64_t pos = (int64_t)((double)c * (double)(n - CH) / (double)(NCH - 1));
         for (q = 0; q < CH; q++) {
@@ -7237,9 +7254,26 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
             mx = u > mx ? u : mx;
         }
     }
-    memcpy(s2, s, (size_t)S * sizeof *s); /* selection reorders: one copy per bound */
-    *lo = rl <= 0 ? 0u : (mn == mx ? mn : msx__select_in_range(s, S, rl, mn, mx + 1));
-    *hi = rh >= S - 1 ? 0x7FFFFFFFu : (mn == mx ? mn : msx__select_in_range(s2, S, rh, mn, mx + 1));
+    rl = rl < 0 ? 0 : rl;
+    rh = rh > S - 1 ? S - 1 : rh;
+    while ((mx >> shift) - (mn >> shift) >= (uint32_t)MSX__TIES_SAMPLE) shift++;
+    h0 = mn >> shift;
+    nb = (mx >> shift) - h0 + 1;
+    memset(hist, 0, (size_t)nb * sizeof *hist);
+    for (q = 0; q < S; q++) hist[(s[q] >> shift) - h0]++;
+    for (cum = 0, q = 0; q < (int)nb; q++) { /* bins holding sample ranks rl <= rh */
+        int64_t nx = cum + hist[q];
+        if (cum <= rl && rl < nx) bl = (uint32_t)q;
+        if (cum <= rh && rh < nx) { bh = (uint32_t)q; break; }
+        cum = nx;
+    }
+    for (q = 0; q < S; q++) {
+        uint32_t u = s[q], b = (u >> shift) - h0;
+        if (b == bl && u < vl) vl = u;
+        if (b == bh && u > vh) vh = u;
+    }
+    *lo = (int64_t)floor((p - delta) * S) <= 0 ? 0u : vl;
+    *hi = (int64_t)ceil((p + delta) * S) >= S - 1 ? 0x7FFFFFFFu : vh;
 }
 
 /* Row thresholds thr[i] = k-th smallest |ft_i - base| (1-based k >= 1) as
@@ -7263,11 +7297,6 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
             msx__ties_bracket(base, ft[i], n, k, scratch + (size_t)n_ft * (size_t)n, &lo[i], &hi[i]);
             lt[i] = eql[i] = nc[i] = 0;
         }
-#ifdef MSX__TIES_COUNT2
-        if (n_ft == 2 && lo[0] != hi[0] && lo[1] != hi[1])
-            msx__ties_count_gather2(ft[0], ft[1], base, 0, n, lo, hi, lt, scratch, scratch + n, nc);
-        else
-#endif
         for (b0 = 0; b0 < n; b0 += MSX__MERGE_BLOCK) {
             int64_t e = b0 + MSX__MERGE_BLOCK < n ? b0 + MSX__MERGE_BLOCK : n;
             for (i = 0; i < n_ft; i++)
@@ -7307,40 +7336,20 @@ static void msx__ties_combine2(float *out, const float *base, const float *x0, c
         j = b0;
 #if defined(__AVX2__)
         {
-            const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-            const __m256 lv = _mm256_set1_ps(lam);
-            const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            const __m256 h0 = _mm256_set1_ps(th0), h1 = _mm256_set1_ps(th1);
+            const __m256 lv = _mm256_set1_ps(lam), h0 = _mm256_set1_ps(th0), h1 = _mm256_set1_ps(th1);
             __m256i bs = _mm256_setzero_si256();
             int32_t tmp[8];
             int q;
             for (; j + 8 <= e; j += 8) {
                 __m256 b = _mm256_loadu_ps(base + j);
                 __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
-                __m256 t0 = _mm256_and_ps(v0, _mm256_cmp_ps(_mm256_and_ps(v0, absm), h0, _CMP_GE_OQ));
-                __m256 t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
-                __m256 sm = _mm256_add_ps(t0, t1);
-                __m256 sp = _mm256_cmp_ps(sm, zero, _CMP_GT_OQ), sn = _mm256_cmp_ps(sm, zero, _CMP_LT_OQ);
-                /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not
-                   NaN): blendv picks zero where t_i ^ sm has its sign bit set */
-                __m256 nz = _mm256_or_ps(sp, sn);
-                __m256 k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t0, zero, _CMP_NEQ_OQ)), zero,
-                                             _mm256_xor_ps(t0, sm));
-                __m256 k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero,
-                                             _mm256_xor_ps(t1, sm));
-                /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1)
-                   with cnt in {0, 1, 2} is acc * 1 or acc * 0.5, both exact
-                   as the division (same real value, one rounding) */
-                __m256 acc = _mm256_add_ps(_mm256_and_ps(t0, k0), _mm256_and_ps(t1, k1));
-                __m256 tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
-                __m256 res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
+                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
                 /* aligned output (64-byte tensors, blocks of 512): stream it
                    past the caches, saving the read-for-ownership traffic */
-                if (nt) _mm256_stream_ps(out + j, res);
-                else _mm256_storeu_ps(out + j, res);
-                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(sp)), _mm256_castps_si256(sn));
-                z |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(sm, zero, _CMP_EQ_OQ),
-                                                      _mm256_cmp_ps(t0, zero, _CMP_NEQ_UQ)));
+                if (nt) _mm256_stream_ps(out + j, o.res);
+                else _mm256_storeu_ps(out + j, o.res);
+                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
+                z |= msx__ties2_cancel(&o);
             }
             _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
             for (q = 0; q < 8; q++) ss += tmp[q];
@@ -7459,38 +7468,348 @@ static void msx__ties_fix(float *out, const float *base, const float *const *ft,
     }
 }
 
-/* TIES of one tensor on the calling thread; scratch as for
-   msx__ties_thresholds, or NULL when nothing is trimmed. */
-static void msx__ties_tensor(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                             float lam, int64_t n, uint32_t *scratch) {
-    int64_t k = (int64_t)((double)n * drop_rate), ss = 0, amb = 0;
-    float thr[MSX_MAX_MODELS];
-    uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
-    int i, trim = k > 0 && n > 0;
-    if (k > n) k = n;
-    if (trim) {
-        uint32_t tb[MSX_MAX_MODELS];
-        msx__ties_thresholds(base, ft, n_ft, n, k, scratch, tb);
-        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &tb[i], 4);
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    if (n_ft == 2)
-        msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
-    else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
-    if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
+/* ---- one-pass TIES for two fine-tuned models, with rank tables -----------------
+   The two-pass scheme streams base and models twice (count, then combine):
+   28 bytes per element against the 16 a merge must move. Here the combine
+   pass also finds the threshold. A rank table of |delta_i| (below) gives an
+   exact bracket [lo_i, hi_i) of the k-th key together with the exact number
+   of keys below lo_i. In the pass an element with |delta_i| < lo_i is
+   trimmed and one with |delta_i| >= hi_i kept whatever the exact threshold
+   is, so its output (computed with the threshold lo_i) is final; an element
+   inside either bracket is "pending": it gets a provisional output and its
+   (index, base, x0, x1) go to a record list. The records hold every key in
+   the bracket, so the exact k-th value follows from them; a fix-up then
+   redoes the pending elements whose keep/trim decision changed. Every
+   element ends with the float operations of msx__ties_combine2 under the
+   exact thresholds: bit-identical to the two-pass result.
+
+   The table of a tensor and model is a histogram of the |delta| keys in
+   65,537 bins (key 0 alone, then 256 bins per octave), kept as the bin
+   boundaries where the running count passes each 1/4096 of the tensor. A
+   bracket then holds at most n/4096 keys plus one bin, ~0.1% of a tensor
+   against ~3% for a sample-based bracket; building it takes one extra read
+   of base and models. The merger builds the tables on its first TIES run
+   and keeps them (its sources are immutable), so later runs make one pass. */
+
+#define MSX__TIES_TQ 4096          /* table points per tensor and model */
+#define MSX__TIES_NBIN 65537       /* histogram bins: key 0, then key >> 15 */
+
+typedef struct msx__ties_table {
+    uint32_t m;                        /* points used */
+    uint32_t key[MSX__TIES_TQ + 4];    /* bin boundary keys, increasing */
+    uint32_t lt[MSX__TIES_TQ + 4];     /* exact count of keys below key[e] */
+} msx__ties_table;
+
+#define MSX__TIES_TAB_WORDS ((sizeof(msx__ties_table) + 3) / 4)
+#define MSX__TIES_HIST_WORDS ((MSX__TIES_NBIN + 15) & ~15)
+
+/* Record capacity per thread for a range of n elements. */
+static int64_t msx__ties_rec_cap(int64_t n) { return n / 8 + 64; }
+
+/* Scratch layout of the two-model path (words): zero-sum list [0, n),
+   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms, two
+   tables (used when the caller keeps none). */
+static size_t msx__ties_off_rec(int64_t n) { return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE; }
+static size_t msx__ties_off_hist(int64_t n) { return msx__ties_off_rec(n) + 4 * (size_t)(n / 8 + 72); }
+static size_t msx__ties_off_tab(int64_t n) { return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS; }
+
+static uint32_t msx__ties_bin(uint32_t u) { return u ? (u >> 15) + 1 : 0; }
+/* First key of bin b (b = MSX__TIES_NBIN: one past the largest key). */
+static uint32_t msx__ties_bin_key(uint32_t b) { return b < 2 ? b : (b - 1) << 15; }
+
+/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here). */
+static void msx__ties_hist2(const float *base, const float *x0, const float *x1, int64_t j0, int64_t j1,
+                            uint32_t *h0, uint32_t *h1) {
+    int64_t j = j0;
+    memset(h0, 0, MSX__TIES_NBIN * sizeof *h0);
+    memset(h1, 0, MSX__TIES_NBIN * sizeof *h1);
+#if defined(__AVX2__)
+    {
+        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+        uint32_t t0[8], t1[8];
+        int q;
+        for (; j + 8 <= j1; j += 8) {
+            __m256 b = _mm256_loadu_ps(base + j);
+            __m256i u0 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), absm));
+            __m256i u1 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), b), absm));
+            /* bin: 0 for key 0, else (key >> 15) + 1 */
+            u0 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u0, zero), _mm256_add_epi32(_mm256_srli_epi32(u0, 15), one));
+            u1 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u1, zero), _mm256_add_epi32(_mm256_srli_epi32(u1, 15), one));
+            _mm256_storeu_si256((__m256i *)(void *)t0, u0);
+            _mm256_storeu_si256((__m256i *)(void *)t1, u1);
+            for (q = 0; q < 8; q++) {
+                h0[t0[q]]++;
+                h1[t1[q]]++;
+            }
+        }
+    }
+#endif
+    for (; j < j1; j++) {
+        h0[msx__ties_bin(msx__abs_bits(x0[j] - base[j]))]++;
+        h1[msx__ties_bin(msx__abs_bits(x1[j] - base[j]))]++;
+    }
+}
+
+/* Table from the sum of nh histograms (hist[u] + h_stride * u, u < nh) of
+   an n-element tensor: a point at every bin boundary where the running
+   count reaches the next multiple of n / MSX__TIES_TQ, plus the boundaries
+   around key 0 and the end. */
+static void msx__ties_table_build(const uint32_t *hist, size_t h_stride, int nh, int64_t n, msx__ties_table *t) {
+    int64_t cum = 0, next = 0;
+    uint32_t b, m = 0;
+    int u;
+    t->key[m] = 0;
+    t->lt[m++] = 0;
+    for (b = 0; b < MSX__TIES_NBIN; b++) {
+        for (u = 0; u < nh; u++) cum += hist[(size_t)u * h_stride + b];
+        if (b + 1 == MSX__TIES_NBIN || b == 0 || cum >= next) {
+            t->key[m] = msx__ties_bin_key(b + 1);
+            t->lt[m++] = (uint32_t)cum;
+            next = ((int64_t)(m - 1) * n) / MSX__TIES_TQ + 1;
+            if (m >= MSX__TIES_TQ + 3) next = n + 1; /* only the end point is left */
+        }
+    }
+    t->m = m;
+}
+
+/* Bracket of the k-th smallest key (1 <= k <= n): lo <= key < hx, with L
+   keys below lo and C inside. */
+static void msx__ties_table_find(const msx__ties_table *t, int64_t k, uint32_t *lo, uint32_t *hx, int64_t *L,
+                                 int64_t *C) {
+    uint32_t a = 1, z = t->m - 1; /* smallest e >= 1 with lt[e] >= k: lt[m - 1] = n >= k */
+    while (a < z) {
+        uint32_t mid = (a + z) / 2;
+        if ((int64_t)t->lt[mid] >= k) z = mid;
+        else a = mid + 1;
+    }
+    *lo = t->key[a - 1];
+    *hx = t->key[a];
+    *L = t->lt[a - 1];
+    *C = (int64_t)t->lt[a] - (int64_t)t->lt[a - 1];
+}
+
+typedef struct msx__ties_pass_out {
+    int64_t n_rec, ss, n_amb;
+    int overflow; /* more pending elements than the record capacity: the tensor is redone */
+} msx__ties_pass_out;
+
+/* Scalar form of one element of the pass (tails, builds without AVX2);
+   plo/phi: inclusive pending range per model (empty when plo > phi);
+   returns 1 if the element is pending. */
+static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
+                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
+                               msx__ties_pass_out *po) {
+    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
+    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
+    float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
+    float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
+    int sg = (sm > 0) - (sm < 0);
+    if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
+    if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
+    tau = acc / (cnt > 1.0f ? cnt : 1.0f);
+    p = lam * tau;
+    out[j] = b + p;
+    po->ss += sg; /* provisional for a pending element: the fix-up trades it for the exact one */
+    return (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
+}
+
+/* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
+   the sign sum (provisional for the pending elements), and the decided
+   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0). */
+static void msx__ties_spec_pass(float *out, const float *base, const float *x0, const float *x1, int64_t j0,
+                                int64_t j1, const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
+                                uint32_t *pj, float *pb, float *p0, float *p1, int64_t cap, uint32_t *amb,
+                                msx__ties_pass_out *po) {
+    int64_t b0, j, R = 0, na = 0;
+#if defined(__AVX2__)
+    int nt = ((uintptr_t)(out + j0) & 31) == 0 && j1 - j0 >= MSX__MERGE_PAR_MIN;
+#endif
+    memset(po, 0, sizeof *po);
+    for (b0 = j0; b0 < j1; b0 += MSX__TIES_BLOCK) {
+        int64_t e = j1 - b0 < MSX__TIES_BLOCK ? j1 : b0 + MSX__TIES_BLOCK;
+        int z = 0;
+        if (R + MSX__TIES_BLOCK + 8 > cap) { po->overflow = 1; break; }
+        j = b0;
+#if defined(__AVX2__)
+        {
+            const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+            const __m256 h0 = _mm256_set1_ps(g0), h1 = _mm256_set1_ps(g1);
+            const __m256i l0 = _mm256_set1_epi32((int)plo[0]), l1 = _mm256_set1_epi32((int)plo[1]);
+            const __m256i e0 = _mm256_set1_epi32((int)phi[0]), e1 = _mm256_set1_epi32((int)phi[1]);
+            __m256i bs = _mm256_setzero_si256();
+            int32_t tmp[8];
+            int q;
+            for (; j + 8 <= e; j += 8) {
+                __m256 b = _mm256_loadu_ps(base + j);
+                __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
+                __m256i u0 = _mm256_castps_si256(_mm256_and_ps(v0, absm)), u1 = _mm256_castps_si256(_mm256_and_ps(v1, absm));
+                /* decided for model i: outside [plo_i, phi_i]; pending: not decided for both */
+                __m256i d0 = _mm256_or_si256(_mm256_cmpgt_epi32(l0, u0), _mm256_cmpgt_epi32(u0, e0));
+                __m256i d1 = _mm256_or_si256(_mm256_cmpgt_epi32(l1, u1), _mm256_cmpgt_epi32(u1, e1));
+                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(d0, d1))) & 0xFF;
+                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
+                if (nt) _mm256_stream_ps(out + j, o.res);
+                else _mm256_storeu_ps(out + j, o.res);
+                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
+                z |= msx__ties2_cancel(&o);
+                while (mk) { /* rare with a table bracket */
+                    int64_t jl = j + msx__ctz32((unsigned)mk);
+                    mk &= mk - 1;
+                    pj[R] = (uint32_t)jl;
+                    pb[R] = base[jl];
+                    p0[R] = x0[jl];
+                    p1[R++] = x1[jl];
+                }
+            }
+            _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
+            for (q = 0; q < 8; q++) po->ss += tmp[q];
+        }
+#endif
+        for (; j < e; j++)
+            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po)) {
+                pj[R] = (uint32_t)j;
+                pb[R] = base[j];
+                p0[R] = x0[j];
+                p1[R++] = x1[j];
+            } else {
+                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
+                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
+                if (t0 + t1 == 0 && t0 != 0) amb[na++] = (uint32_t)j;
+            }
+        if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
+            for (j = b0; j < e - ((e - b0) & 7); j++) {
+                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
+                uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
+                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
+                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1])))
+                    amb[na++] = (uint32_t)j;
+            }
+    }
+#if defined(__AVX2__)
+    if (nt) _mm_sfence(); /* the streamed stores are ordered before the fix-up's and other threads' reads */
+#endif
+    po->n_rec = R;
+    po->n_amb = na;
+}
+
+/* Exact threshold key of model i: the (k - L)-th smallest of the record keys
+   in [lo, hx) of all n_parts threads. *miss when their number differs from
+   the table's C (records overflowed, or the sources changed after the table
+   was built): the exact value then comes from a full copy in c (n entries). */
+static uint32_t msx__ties_spec_select(int i, const float *base, const float *x, int64_t n, int64_t k, uint32_t lo,
+                                      uint32_t hx, int64_t L, int64_t Cx, const msx__ties_pass_out *po,
+                                      float *const *recs, int n_parts, int64_t rec_cap, uint32_t *c, int *miss) {
+    int64_t C = 0, q;
+    int u;
+    for (u = 0; u < n_parts; u++) {
+        const float *pb = recs[u] + rec_cap, *px = recs[u] + (size_t)(2 + i) * (size_t)rec_cap;
+        for (q = 0; q < po[u].n_rec; q++) {
+            uint32_t key = msx__abs_bits(px[q] - pb[q]);
+            c[C] = key;
+            C += key >= lo && key < hx;
+        }
+    }
+    *miss = 0;
+    if (C == Cx && k - L >= 1 && k - L <= C) return msx__select_in_range(c, C, k - L - 1, lo, hx);
+    *miss = 1;
+    return msx__select_full(x, base, n, k, c);
+}
+
+/* Fix-up of one thread's records under the exact thresholds: the sign sum
+   trades each pending element's provisional sign for its exact one, its
+   zero-sum position (if any) is appended to amb, and its output rewritten
+   when a keep/trim decision differs from the guess's. The rewrites land on
+   random cache lines long evicted: they are first compacted into the front
+   of the records (pj, pb; w <= q, so in place), then written with the lines
+   prefetched for writing well ahead, so the misses overlap. */
+static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float *p0, const float *p1, int64_t n_rec,
+                               float g0, float g1, float th0, float th1, float lam, int64_t *ss, uint32_t *amb,
+                               int64_t *n_amb) {
+    int64_t q = 0, S = 0, na = *n_amb, w = 0;
+#if defined(__AVX2__)
+    { /* vectors: every decision here is a coin flip, too costly as branches */
+        const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m256 G0 = _mm256_set1_ps(g0), G1 = _mm256_set1_ps(g1), T0 = _mm256_set1_ps(th0), T1 = _mm256_set1_ps(th1);
+        __m256i bs = _mm256_setzero_si256();
+        int32_t tmp[8];
+        int l;
+        for (; q + 8 <= n_rec; q += 8) {
+            __m256 b = _mm256_loadu_ps(pb + q);
+            __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(p0 + q), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(p1 + q), b);
+            __m256 w0 = _mm256_and_ps(v0, absm), w1 = _mm256_and_ps(v1, absm);
+            __m256i jv = _mm256_loadu_si256((const __m256i *)(const void *)(pj + q)), perm;
+            msx__ties2_v8 ex = msx__ties2_lanes(b, v0, v1, T0, T1, lv), gs = msx__ties2_lanes(b, v0, v1, G0, G1, lv);
+            int zm = msx__ties2_cancel(&ex);
+            int dm = _mm256_movemask_ps(_mm256_or_ps(
+                _mm256_xor_ps(_mm256_cmp_ps(w0, T0, _CMP_GE_OQ), _mm256_cmp_ps(w0, G0, _CMP_GE_OQ)),
+                _mm256_xor_ps(_mm256_cmp_ps(w1, T1, _CMP_GE_OQ), _mm256_cmp_ps(w1, G1, _CMP_GE_OQ))));
+            bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(ex.sp)), _mm256_castps_si256(ex.sn));
+            bs = _mm256_sub_epi32(_mm256_add_epi32(bs, _mm256_castps_si256(gs.sp)), _mm256_castps_si256(gs.sn));
+            while (zm) { /* rare */
+                amb[na++] = pj[q + msx__ctz32((unsigned)zm)];
+                zm &= zm - 1;
+            }
+            perm = msx__lpack_perm(dm);
+            _mm256_storeu_si256((__m256i *)(void *)(pj + w), _mm256_permutevar8x32_epi32(jv, perm));
+            _mm256_storeu_ps(pb + w, _mm256_permutevar8x32_ps(ex.res, perm));
+            w += msx__popcnt8(dm);
+        }
+        _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
+        for (l = 0; l < 8; l++) S += tmp[l];
+    }
+#endif
+    for (; q < n_rec; q++) {
+        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b;
+        int k0 = fabsf(v0) >= th0, k1 = fabsf(v1) >= th1;
+        float t0 = k0 ? v0 : 0.0f, t1 = k1 ? v1 : 0.0f, sm = t0 + t1;
+        float u0 = fabsf(v0) >= g0 ? v0 : 0.0f, u1 = fabsf(v1) >= g1 ? v1 : 0.0f, sgm = u0 + u1;
+        int sg = (sm > 0) - (sm < 0);
+        S += sg - ((sgm > 0) - (sgm < 0));
+        if (sm == 0 && t0 != 0) amb[na++] = pj[q];
+        if (k0 != (fabsf(v0) >= g0) || k1 != (fabsf(v1) >= g1)) {
+            float acc = 0.0f, cnt = 0.0f, tau, p;
+            if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
+            if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
+            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
+            p = lam * tau;
+            pj[w] = pj[q];
+            pb[w++] = b + p;
+        }
+    }
+    for (q = 0; q < w; q++) {
+#if defined(__GNUC__)
+        if (q + 24 < w) __builtin_prefetch(out + pj[q + 24], 1, 0);
+#endif
+        out[pj[q]] = pb[q];
+    }
+    *ss += S;
+    *n_amb = na;
+}
+
+MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
+    /* two models: the one-pass layout (msx__ties_off_*); otherwise candidates
+       per model and the sample */
+    if (n_ft == 2) return msx__ties_off_tab(n) + 2 * MSX__TIES_TAB_WORDS + 16;
+    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
 /* ---- TIES on one large tensor by the whole thread team ----------------------
-   A lone thread per tensor streams base + models from DRAM twice (count pass,
-   then combine). Here every thread of the team works on the same tensor: the
-   count pass is split by element range, the per-thread counts / gathered
-   candidates are merged by the owner of each model (model i: thread i % nt),
-   and the combine pass re-reads the range it counted, backwards, so the inputs
-   come from the shared L3 while the output is streamed past it. Results are
-   bit-identical to msx__ties_tensor: the k-th value is order-independent and
-   every element gets the same float operations. Called by all team threads
-   (it holds barriers); each uses only its own scratch except to read the
-   others' gathered candidates between the second and third barrier. */
+   Every thread of the team works on the same tensor, on its own element
+   range. Two fine-tuned models (the paper's setting): the rank tables (built
+   from per-thread histograms when the caller keeps none yet), one pass, the
+   owner of each model (model i: thread i % nt) selects its exact threshold
+   from all threads' records, then each thread fixes up its own pending
+   elements. Other model counts: the two-pass scheme (sample bracket, count +
+   gather, select, combine), whose combine re-reads the range it counted,
+   backwards, so the inputs come from the shared L3. Results are
+   bit-identical to a single thread's for any number of threads: the k-th
+   value is order-independent and every element gets the same float
+   operations. Called by all team threads (it holds barriers, skipped when
+   nt == 1, so msx__ties_tensor can run it alone); each writes only its own
+   scratch, and reads the others' between barriers. tab/tab_ok: the caller's
+   two tables of this tensor and whether they are built (NULL: built in the
+   scratch of thread 0 on every call). */
 
 #ifndef MSX__TIES_COOP_MIN
 #define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
@@ -7499,39 +7818,97 @@ static void msx__ties_tensor(float *out, const float *base, const float *const *
 
 typedef struct msx__ties_coop_state {
     uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS], thr[MSX_MAX_MODELS];
+    int miss[MSX_MAX_MODELS];
     int64_t lt[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], eq[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS];
     int64_t nc[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], ss[MSX__MERGE_MAX_THREADS];
+    msx__ties_pass_out po[MSX__MERGE_MAX_THREADS];
 } msx__ties_coop_state;
+
+#define MSX__COOP_BARRIER() do { if (nt > 1) { MSX__MOMP("omp barrier") } } while (0)
+
+/* The two-model path from the tables on (trim only); returns 1 when the
+   outputs, *ss and the zero-sum list (scr[0..*na)) are complete, 0 when the
+   tensor must be recombined with the exact thresholds left in thr. */
+static int msx__ties_coop2(float *out, const float *base, const float *const *ft, int64_t k, float lam, int64_t n,
+                           uint32_t *scr_all, size_t per, int tid, int nt, int64_t j0, int64_t j1, int64_t cap,
+                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
+                           int64_t *ss, int64_t *na) {
+    uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
+    msx__ties_table *tb = tab ? tab : (msx__ties_table *)(void *)(scr_all + msx__ties_off_tab(n));
+    float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
+    int64_t L[2], C[2];
+    int i, u, ovf = 0, redo;
+    if (!(tab && tab_ok && *tab_ok)) {
+        uint32_t *h = scr + msx__ties_off_hist(n);
+        msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
+        MSX__COOP_BARRIER();
+        for (i = tid; i < 2; i += nt)
+            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tb[i]);
+        MSX__COOP_BARRIER();
+    }
+    for (i = 0; i < 2; i++) {
+        msx__ties_table_find(&tb[i], k, &lo[i], &hx[i], &L[i], &C[i]);
+        plo[i] = lo[i];
+        phi[i] = hx[i] - 1;
+        if (hx[i] == lo[i] + 1) { plo[i] = 1; phi[i] = 0; } /* one key (key 0's bin): it is the threshold */
+        memcpy(&g[i], &lo[i], 4);
+    }
+    msx__ties_spec_pass(out, base, ft[0], ft[1], j0, j1, plo, phi, g[0], g[1], lam, (uint32_t *)(void *)rec, rec + cap,
+                        rec + 2 * cap, rec + 3 * cap, cap, scr, &sh->po[tid]);
+    MSX__COOP_BARRIER();
+    for (u = 0; u < nt; u++) ovf |= sh->po[u].overflow;
+    for (i = tid; i < 2; i += nt) { /* owner of model i */
+        sh->miss[i] = 0;
+        if (ovf) {
+            sh->thr[i] = msx__select_full(ft[i], base, n, k, scr + n);
+            sh->miss[i] = 1;
+        } else if (plo[i] > phi[i]) sh->thr[i] = lo[i];
+        else {
+            float *recs[MSX__MERGE_MAX_THREADS];
+            for (u = 0; u < nt; u++) recs[u] = (float *)(void *)(scr_all + per * (size_t)u + msx__ties_off_rec(n));
+            sh->thr[i] = msx__ties_spec_select(i, base, ft[i], n, k, lo[i], hx[i], L[i], C[i], sh->po, recs, nt, cap,
+                                               scr + n, &sh->miss[i]);
+        }
+    }
+    MSX__COOP_BARRIER();
+    memcpy(thr, sh->thr, 2 * sizeof(float));
+    redo = ovf || sh->miss[0] || sh->miss[1];
+    if (tab_ok && tid == 0) *tab_ok = (unsigned char)(ovf || !redo); /* a miss without overflow: rebuild next time */
+    if (redo) return 0;
+    *ss = sh->po[tid].ss;
+    *na = sh->po[tid].n_amb;
+    msx__ties_spec_fix(out, (uint32_t *)(void *)rec, rec + cap, rec + 2 * cap, rec + 3 * cap, sh->po[tid].n_rec, g[0],
+                       g[1], thr[0], thr[1], lam, ss, scr, na);
+    return 1;
+}
 
 static void msx__ties_coop(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
                            float lam, int64_t n, uint32_t *scr_all, size_t per, int tid, int nt,
-                           msx__ties_coop_state *sh) {
+                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok) {
     int64_t k = (int64_t)((double)n * drop_rate), chunk, j0, j1, s, na = 0, ss = 0, tot;
     uint32_t *scr = scr_all + per * (size_t)tid;
     float thr[MSX_MAX_MODELS];
-    int i, u, trim;
+    int i, u, trim, combine = 1;
     if (k > n) k = n;
     trim = k > 0 && n > 0;
     chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
     j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
     j1 = j0 + chunk < n ? j0 + chunk : n;
-    if (trim) {
+    if (trim && n_ft == 2)
+        combine = !msx__ties_coop2(out, base, ft, k, lam, n, scr_all, per, tid, nt, j0, j1, msx__ties_rec_cap(chunk), sh,
+                                   tab, tab_ok, thr, &ss, &na);
+    else if (trim) {
         for (i = tid; i < n_ft; i += nt)
             msx__ties_bracket(base, ft[i], n, k, scr + (size_t)n_ft * (size_t)n, &sh->lo[i], &sh->hi[i]);
-        MSX__MOMP("omp barrier")
+        MSX__COOP_BARRIER();
         for (i = 0; i < n_ft; i++) sh->lt[tid][i] = sh->eq[tid][i] = sh->nc[tid][i] = 0;
-#ifdef MSX__TIES_COUNT2
-        if (n_ft == 2 && sh->lo[0] != sh->hi[0] && sh->lo[1] != sh->hi[1])
-            msx__ties_count_gather2(ft[0], ft[1], base, j0, j1, sh->lo, sh->hi, sh->lt[tid], scr, scr + n, sh->nc[tid]);
-        else
-#endif
         for (s = j0; s < j1; s += MSX__MERGE_BLOCK) {
             int64_t e = s + MSX__MERGE_BLOCK < j1 ? s + MSX__MERGE_BLOCK : j1;
             for (i = 0; i < n_ft; i++)
                 msx__ties_count_gather(ft[i], base, s, e, sh->lo[i], sh->hi[i], &sh->lt[tid][i], &sh->eq[tid][i],
                                        scr + (size_t)i * (size_t)n, &sh->nc[tid][i]);
         }
-        MSX__MOMP("omp barrier")
+        MSX__COOP_BARRIER();
         for (i = tid; i < n_ft; i += nt) { /* owner: gather all candidates of model i, select */
             uint32_t *c = scr + (size_t)i * (size_t)n, lo = sh->lo[i], hi = sh->hi[i];
             int64_t L = 0, E = 0, C = sh->nc[tid][i], r;
@@ -7549,13 +7926,13 @@ static void msx__ties_coop(float *out, const float *base, const float *const *ft
                 sh->thr[i] = msx__select_in_range(c, C, r - 1, lo, hi == 0x7FFFFFFFu ? 0x80000000u : hi + 1);
             else sh->thr[i] = msx__select_full(ft[i], base, n, k, c);
         }
-        MSX__MOMP("omp barrier")
-        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &sh->thr[i], 4);
+        MSX__COOP_BARRIER();
+        memcpy(thr, sh->thr, (size_t)n_ft * sizeof(float));
     } else
         for (i = 0; i < n_ft; i++) thr[i] = 0;
     /* combine [j0, j1) last sub-range first (most recently counted = most
        likely still cached); zero-sum positions go to scr[0..) as absolute indices */
-    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; j1 > j0 && s >= j0;
+    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; combine && j1 > j0 && s >= j0;
          s -= MSX__TIES_COOP_SUB) {
         int64_t len = j1 - s < MSX__TIES_COOP_SUB ? j1 - s : MSX__TIES_COOP_SUB, s1 = 0, a = 0, q;
         const float *fo[MSX_MAX_MODELS];
@@ -7570,9 +7947,35 @@ static void msx__ties_coop(float *out, const float *base, const float *const *ft
         ss += s1;
     }
     sh->ss[tid] = ss;
-    MSX__MOMP("omp barrier")
+    MSX__COOP_BARRIER();
     for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
     if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
+}
+
+/* TIES of one tensor on the calling thread; scratch as for
+   msx__ties_thresholds, or NULL when nothing is trimmed. */
+static void msx__ties_tensor(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
+                             float lam, int64_t n, uint32_t *scratch, msx__ties_table *tab, unsigned char *tab_ok) {
+    int64_t k = (int64_t)((double)n * drop_rate), ss = 0, amb = 0;
+    float thr[MSX_MAX_MODELS];
+    uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
+    int i, trim = k > 0 && n > 0;
+    if (k > n) k = n;
+    if (trim && n_ft == 2 && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* one pass, alone */
+        msx__ties_coop_state st;
+        msx__ties_coop(out, base, ft, 2, drop_rate, lam, n, scratch, 0, 0, 1, &st, tab, tab_ok);
+        return;
+    }
+    if (trim) {
+        uint32_t tb[MSX_MAX_MODELS];
+        msx__ties_thresholds(base, ft, n_ft, n, k, scratch, tb);
+        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &tb[i], 4);
+    } else
+        for (i = 0; i < n_ft; i++) thr[i] = 0;
+    if (n_ft == 2)
+        msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
+    else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
+    if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
 }
 
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
@@ -7587,7 +7990,7 @@ MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const flo
         if (!own) return msx__err(MSX_E_NOMEM, "ties: cannot allocate scratch for %lld elements", (long long)n);
         scratch = own;
     }
-    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch);
+    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch, NULL, NULL);
     msx__aligned_free(own);
     return MSX_OK;
 }
@@ -7621,6 +8024,9 @@ struct msx_merger {
     uint32_t *scratch;      /* TIES, per thread */
     size_t scratch_per_thread;
     int scratch_threads;
+    msx__ties_table *ties_tab;  /* two fine-tuned models: 2 rank tables per large tensor */
+    int *ties_tab_idx;          /* per tensor: its pair of tables, or -1 */
+    unsigned char *ties_tab_ok; /* per pair: built */
     msx_merge_options opt;
 };
 
@@ -7761,6 +8167,9 @@ MSXDEF void msx_merger_free(msx_merger *m) {
     MSX_FREE(m->items);
     MSX_FREE(m->gs);
     msx__aligned_free(m->scratch);
+    MSX_FREE(m->ties_tab);
+    MSX_FREE(m->ties_tab_idx);
+    MSX_FREE(m->ties_tab_ok);
     MSX_FREE(m);
 }
 
@@ -7800,7 +8209,12 @@ static void msx__merge_item_run(const msx_merger *m, const msx_plan *plan, msx_c
     switch (s ? s->action : 0) {
     case 1 + MSX_MERGE_LINEAR: msx__linear_range(o, src, s->wf, m->n_ft + 1, it->j0, it->j1); break;
     case 1 + MSX_MERGE_TASK_ARITHMETIC: msx__ta_range(o, src[0], src + 1, m->n_ft, (float)gp->scale, it->j0, it->j1); break;
-    case 1 + MSX_MERGE_TIES: msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch); break;
+    case 1 + MSX_MERGE_TIES: {
+        int ti = m->ties_tab_idx ? m->ties_tab_idx[i] : -1;
+        msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch,
+                         ti >= 0 ? m->ties_tab + 2 * (size_t)ti : NULL, ti >= 0 ? m->ties_tab_ok + ti : NULL);
+        break;
+    }
     case 1 + MSX_MERGE_SLERP: {
         double acc[3] = {0, 0, 0};
         float f0, f1;
@@ -7888,6 +8302,27 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         m->scratch = s;
         m->scratch_threads = nth;
     }
+    if (need_scratch && m->n_ft == 2 && !m->ties_tab) {
+        /* first TIES run: rank tables for the tensors the one-pass scheme takes */
+        int nb = 0;
+        m->ties_tab_idx = (int *)MSX_MALLOC((size_t)base->n * sizeof(int));
+        if (!m->ties_tab_idx) return msx__err(MSX_E_NOMEM, "merge: out of memory");
+        for (i = 0; i < base->n; i++)
+            m->ties_tab_idx[i] = base->tensors[i].numel > MSX__TIES_DIRECT && base->tensors[i].numel <= (int64_t)UINT32_MAX
+                                     ? nb++ : -1;
+        m->ties_tab = (msx__ties_table *)MSX_MALLOC(2 * (size_t)(nb ? nb : 1) * sizeof(msx__ties_table));
+        m->ties_tab_ok = (unsigned char *)MSX_MALLOC((size_t)(nb ? nb : 1));
+        if (!m->ties_tab || !m->ties_tab_ok) {
+            MSX_FREE(m->ties_tab);
+            MSX_FREE(m->ties_tab_ok);
+            MSX_FREE(m->ties_tab_idx);
+            m->ties_tab = NULL;
+            m->ties_tab_ok = NULL;
+            m->ties_tab_idx = NULL;
+            return msx__err(MSX_E_NOMEM, "merge: cannot allocate the TIES rank tables");
+        }
+        memset(m->ties_tab_ok, 0, (size_t)(nb ? nb : 1));
+    }
     {
         const msx_merger *cm = m;
         uint32_t *scr = m->scratch;
@@ -7908,9 +8343,11 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
                 const msx__merge_item *ci = &items[it];
                 int ti = ci->tensor;
                 const msx_group_plan *gp = &plan->groups[cm->tgroup[ti]];
+                int tx = cm->ties_tab_idx ? cm->ties_tab_idx[ti] : -1;
                 msx__ties_coop((float *)out->tensors[ti].data, cm->srcp[(size_t)ti * (size_t)(cm->n_ft + 1)],
                                cm->srcp + (size_t)ti * (size_t)(cm->n_ft + 1) + 1, cm->n_ft, gp->drop_rate,
-                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs);
+                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs,
+                               tx >= 0 ? cm->ties_tab + 2 * (size_t)tx : NULL, tx >= 0 ? cm->ties_tab_ok + tx : NULL);
             }
             MSX__MOMP("omp for schedule(dynamic, 1)")
             for (it = nc0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
