@@ -792,15 +792,14 @@ MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float
    k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
    is row i's threshold and |d| >= thr is kept; sign election by summed
    mass, zero sums take the tensor-wide majority sign; disjoint mean;
-   base + fl32(scale) τ. Selection, two fine-tuned models: a histogram of
-   the magnitudes brackets the k-th value exactly; one pass then writes
-   every output decided by the bracket and keeps the ~0.1% inside, the
-   exact value is selected among those and only their outputs redone.
-   Other model counts: a sample brackets the k-th value, one streaming pass
-   counts below the bracket and gathers the ~1.5% inside, and a histogram +
-   quickselect picks the exact value among those (exact fallback on a full
-   copy if the bracket missed). `scratch` is NULL (allocated per call when
-   trimming) or holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
+   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
+   streaming pass counts below the bracket and gathers the ~1.5% inside,
+   and a histogram + quickselect picks the exact value among those (exact
+   fallback on a full copy if the bracket missed); a second pass combines.
+   (Repeated merges of the same sources go faster through a merger: with
+   two fine-tuned models it keeps rank tables and makes one pass, see
+   msx_merger_run.) `scratch` is NULL (allocated per call when trimming) or
+   holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft);
@@ -851,10 +850,12 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
    tensors). Nothing is allocated except, on the first run with a TIES
    group, per-thread TIES scratch (about n_ft x the largest tensor) and, for
    two fine-tuned models, rank tables of every tensor above 64K elements
-   (64 KB each), both kept for later runs: the tables turn each later TIES
-   merge of a tensor into a single pass. The merger reads the base and
-   fine-tuned models on every run; they must not change while it lives
-   (the tables describe them). Different mergers may run concurrently on different
+   (64 KB each), both kept for later runs. With two fine-tuned models the
+   first TIES merge of a tensor reads the sources twice, like
+   msx_merge_tensor_ties; the second also builds the tensor's tables; every
+   later one reads them once. The merger reads the base and fine-tuned
+   models on every run; they must not change while it lives (the tables
+   describe them). Different mergers may run concurrently on different
    outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
    not re-entrant. `report` may be NULL. Errors (plan of another shape,
    strict-mode keep-the-base case) leave `out` untouched. */
@@ -7488,8 +7489,9 @@ static void msx__ties_fix(float *out, const float *base, const float *const *ft,
    boundaries where the running count passes each 1/4096 of the tensor. A
    bracket then holds at most n/4096 keys plus one bin, ~0.1% of a tensor
    against ~3% for a sample-based bracket; building it takes one extra read
-   of base and models. The merger builds the tables on its first TIES run
-   and keeps them (its sources are immutable), so later runs make one pass. */
+   of base and models. The merger keeps the tables (its sources are
+   immutable): its first TIES run of a tensor makes the usual two passes,
+   the second builds the tables and makes one, every later run makes one. */
 
 #define MSX__TIES_TQ 4096          /* table points per tensor and model */
 #define MSX__TIES_NBIN 65537       /* histogram bins: key 0, then key >> 15 */
@@ -7500,24 +7502,23 @@ typedef struct msx__ties_table {
     uint32_t lt[MSX__TIES_TQ + 4];     /* exact count of keys below key[e] */
 } msx__ties_table;
 
-#define MSX__TIES_TAB_WORDS ((sizeof(msx__ties_table) + 3) / 4)
 #define MSX__TIES_HIST_WORDS ((MSX__TIES_NBIN + 15) & ~15)
 
 /* Record capacity per thread for a range of n elements. */
 static int64_t msx__ties_rec_cap(int64_t n) { return n / 8 + 64; }
 
 /* Scratch layout of the two-model path (words): zero-sum list [0, n),
-   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms, two
-   tables (used when the caller keeps none). */
+   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms. */
 static size_t msx__ties_off_rec(int64_t n) { return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE; }
 static size_t msx__ties_off_hist(int64_t n) { return msx__ties_off_rec(n) + 4 * (size_t)(n / 8 + 72); }
-static size_t msx__ties_off_tab(int64_t n) { return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS; }
 
 static uint32_t msx__ties_bin(uint32_t u) { return u ? (u >> 15) + 1 : 0; }
 /* First key of bin b (b = MSX__TIES_NBIN: one past the largest key). */
 static uint32_t msx__ties_bin_key(uint32_t b) { return b < 2 ? b : (b - 1) << 15; }
 
-/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here). */
+/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here).
+   About 1.7 ns per element on one core (the increments bound it): paid
+   once per merger and tensor. */
 static void msx__ties_hist2(const float *base, const float *x0, const float *x1, int64_t j0, int64_t j1,
                             uint32_t *h0, uint32_t *h1) {
     int64_t j = j0;
@@ -7790,7 +7791,7 @@ static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float 
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
     /* two models: the one-pass layout (msx__ties_off_*); otherwise candidates
        per model and the sample */
-    if (n_ft == 2) return msx__ties_off_tab(n) + 2 * MSX__TIES_TAB_WORDS + 16;
+    if (n_ft == 2) return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS + 16;
     return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
@@ -7808,8 +7809,10 @@ MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
    operations. Called by all team threads (it holds barriers, skipped when
    nt == 1, so msx__ties_tensor can run it alone); each writes only its own
    scratch, and reads the others' between barriers. tab/tab_ok: the caller's
-   two tables of this tensor and whether they are built (NULL: built in the
-   scratch of thread 0 on every call). */
+   two tables of this tensor and their state: 0 on the first call, which runs
+   the two-pass scheme (a one-off merge is not slowed by building tables it
+   would never reuse), 1 build them during this call, 2 built. NULL: the
+   two-pass scheme. */
 
 #ifndef MSX__TIES_COOP_MIN
 #define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
@@ -7826,7 +7829,8 @@ typedef struct msx__ties_coop_state {
 
 #define MSX__COOP_BARRIER() do { if (nt > 1) { MSX__MOMP("omp barrier") } } while (0)
 
-/* The two-model path from the tables on (trim only); returns 1 when the
+/* The two-model path with the caller's tables (trim only; *tab_ok 1: build
+   them first, 2: built); returns 1 when the
    outputs, *ss and the zero-sum list (scr[0..*na)) are complete, 0 when the
    tensor must be recombined with the exact thresholds left in thr. */
 static int msx__ties_coop2(float *out, const float *base, const float *const *ft, int64_t k, float lam, int64_t n,
@@ -7834,11 +7838,11 @@ static int msx__ties_coop2(float *out, const float *base, const float *const *ft
                            msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
                            int64_t *ss, int64_t *na) {
     uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
-    msx__ties_table *tb = tab ? tab : (msx__ties_table *)(void *)(scr_all + msx__ties_off_tab(n));
+    msx__ties_table *tb = tab;
     float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
     int64_t L[2], C[2];
     int i, u, ovf = 0, redo;
-    if (!(tab && tab_ok && *tab_ok)) {
+    if (*tab_ok < 2) {
         uint32_t *h = scr + msx__ties_off_hist(n);
         msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
         MSX__COOP_BARRIER();
@@ -7873,7 +7877,7 @@ static int msx__ties_coop2(float *out, const float *base, const float *const *ft
     MSX__COOP_BARRIER();
     memcpy(thr, sh->thr, 2 * sizeof(float));
     redo = ovf || sh->miss[0] || sh->miss[1];
-    if (tab_ok && tid == 0) *tab_ok = (unsigned char)(ovf || !redo); /* a miss without overflow: rebuild next time */
+    if (tid == 0) *tab_ok = (unsigned char)(ovf || !redo ? 2 : 1); /* a miss without overflow: rebuild next time */
     if (redo) return 0;
     *ss = sh->po[tid].ss;
     *na = sh->po[tid].n_amb;
@@ -7894,7 +7898,7 @@ static void msx__ties_coop(float *out, const float *base, const float *const *ft
     chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
     j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
     j1 = j0 + chunk < n ? j0 + chunk : n;
-    if (trim && n_ft == 2)
+    if (trim && n_ft == 2 && tab && *tab_ok)
         combine = !msx__ties_coop2(out, base, ft, k, lam, n, scr_all, per, tid, nt, j0, j1, msx__ties_rec_cap(chunk), sh,
                                    tab, tab_ok, thr, &ss, &na);
     else if (trim) {
@@ -7950,6 +7954,7 @@ static void msx__ties_coop(float *out, const float *base, const float *const *ft
     MSX__COOP_BARRIER();
     for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
     if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
+    if (trim && n_ft == 2 && tab && *tab_ok == 0 && tid == 0) *tab_ok = 1; /* all have read it: build next time */
 }
 
 /* TIES of one tensor on the calling thread; scratch as for
@@ -7961,7 +7966,7 @@ static void msx__ties_tensor(float *out, const float *base, const float *const *
     uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
     int i, trim = k > 0 && n > 0;
     if (k > n) k = n;
-    if (trim && n_ft == 2 && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* one pass, alone */
+    if (trim && n_ft == 2 && tab && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* the caller keeps tables */
         msx__ties_coop_state st;
         msx__ties_coop(out, base, ft, 2, drop_rate, lam, n, scratch, 0, 0, 1, &st, tab, tab_ok);
         return;

@@ -6,6 +6,15 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* lam * tau + base must round twice, as in the reference: no FMA contraction
+   even in GNU C modes (which default to -ffp-contract=fast) */
+#if defined(__clang__)
+#pragma float_control(precise, on, push)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 static int cmp_float(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
@@ -50,4 +59,9 @@ static void ref_ties(float *out, const float *base, const float *const *ft, int 
     free(sg);
 }
 
+#if defined(__clang__)
+#pragma float_control(pop)
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
 #endif
