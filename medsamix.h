@@ -7323,68 +7323,6 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
    returned, and the positions of zero-sum elements that hold a non-zero
    trimmed value go to amb[] (capacity >= n, or NULL: count only), for
    msx__ties_fix to apply the majority sign. */
-/* msx__ties_combine for two fine-tuned models (the paper's setting) in one
-   pass: the same float operations in the same order (AVX2 when available). */
-static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
-                               float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    int64_t b0, j, ss = 0, na = 0;
-#if defined(__AVX2__)
-    int nt = ((uintptr_t)out & 31) == 0 && n >= MSX__MERGE_PAR_MIN;
-#endif
-    for (b0 = 0; b0 < n; b0 += MSX__TIES_BLOCK) {
-        int64_t e = n - b0 < MSX__TIES_BLOCK ? n : b0 + MSX__TIES_BLOCK;
-        int z = 0;
-        j = b0;
-#if defined(__AVX2__)
-        {
-            const __m256 lv = _mm256_set1_ps(lam), h0 = _mm256_set1_ps(th0), h1 = _mm256_set1_ps(th1);
-            __m256i bs = _mm256_setzero_si256();
-            int32_t tmp[8];
-            int q;
-            for (; j + 8 <= e; j += 8) {
-                __m256 b = _mm256_loadu_ps(base + j);
-                __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
-                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
-                /* aligned output (64-byte tensors, blocks of 512): stream it
-                   past the caches, saving the read-for-ownership traffic */
-                if (nt) _mm256_stream_ps(out + j, o.res);
-                else _mm256_storeu_ps(out + j, o.res);
-                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
-                z |= msx__ties2_cancel(&o);
-            }
-            _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-            for (q = 0; q < 8; q++) ss += tmp[q];
-        }
-#endif
-        for (; j < e; j++) {
-            float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-            float t0 = fabsf(v0) >= th0 ? v0 : 0.0f, t1 = fabsf(v1) >= th1 ? v1 : 0.0f;
-            float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
-            int sg = (sm > 0) - (sm < 0);
-            ss += sg;
-            z |= sm == 0 && t0 != 0;
-            if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
-            if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
-            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
-            p = lam * tau;
-            out[j] = b + p;
-        }
-        if (z) /* rare: exact cancellation t0 = -t1 != 0 */
-            for (j = b0; j < e; j++) {
-                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-                float t0 = fabsf(v0) >= th0 ? v0 : 0.0f, t1 = fabsf(v1) >= th1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0) {
-                    if (amb) amb[na] = (uint32_t)j;
-                    na++;
-                }
-            }
-    }
-#if defined(__AVX2__)
-    if (nt) _mm_sfence(); /* the streamed stores are visible before the fix-up reads */
-#endif
-    *sign_sum = ss;
-    *n_amb = na;
-}
 
 static void msx__ties_combine(float *out, const float *base, const float *const *ft, int n_ft, const float *thr,
                               int trim, float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
@@ -7617,7 +7555,8 @@ static int msx__ties_spec_elem(float *out, const float *base, const float *x0, c
 
 /* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
    the sign sum (provisional for the pending elements), and the decided
-   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0). */
+   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0,
+   or NULL: count only). */
 static void msx__ties_spec_pass(float *out, const float *base, const float *x0, const float *x1, int64_t j0,
                                 int64_t j1, const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
                                 uint32_t *pj, float *pb, float *p0, float *p1, int64_t cap, uint32_t *amb,
@@ -7676,15 +7615,20 @@ static void msx__ties_spec_pass(float *out, const float *base, const float *x0, 
             } else {
                 float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
                 float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0) amb[na++] = (uint32_t)j;
+                if (t0 + t1 == 0 && t0 != 0) {
+                    if (amb) amb[na] = (uint32_t)j;
+                    na++;
+                }
             }
         if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
             for (j = b0; j < e - ((e - b0) & 7); j++) {
                 float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
                 uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
                 float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1])))
-                    amb[na++] = (uint32_t)j;
+                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]))) {
+                    if (amb) amb[na] = (uint32_t)j;
+                    na++;
+                }
             }
     }
 #if defined(__AVX2__)
@@ -7692,6 +7636,19 @@ static void msx__ties_spec_pass(float *out, const float *base, const float *x0, 
 #endif
     po->n_rec = R;
     po->n_amb = na;
+}
+
+/* msx__ties_combine for two fine-tuned models given the exact thresholds:
+   the one-pass kernel with nothing pending (empty ranges), so the two
+   schemes share every float operation. amb: as for the pass. */
+static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
+                               float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
+    static const uint32_t none_lo[2] = {1, 1}, none_hi[2] = {0, 0};
+    msx__ties_pass_out po;
+    msx__ties_spec_pass(out, base, x0, x1, 0, n, none_lo, none_hi, th0, th1, lam, NULL, NULL, NULL, NULL, INT64_MAX / 2,
+                        amb, &po);
+    *sign_sum = po.ss;
+    *n_amb = po.n_amb;
 }
 
 /* Exact threshold key of model i: the (k - L)-th smallest of the record keys
