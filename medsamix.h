@@ -7092,7 +7092,7 @@ static int msx__ctz32(unsigned x) {
 /* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
    |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
    averaged, result b + lam * tau. The same float operations as the scalar
-   form in msx__ties_combine2, so vector and scalar lanes agree bit for bit. */
+   form in msx__ties_spec_elem, so vector and scalar lanes agree bit for bit. */
 typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
 
 static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
@@ -7419,8 +7419,9 @@ static void msx__ties_fix(float *out, const float *base, const float *const *ft,
    (index, base, x0, x1) go to a record list. The records hold every key in
    the bracket, so the exact k-th value follows from them; a fix-up then
    redoes the pending elements whose keep/trim decision changed. Every
-   element ends with the float operations of msx__ties_combine2 under the
-   exact thresholds: bit-identical to the two-pass result.
+   element ends with the float operations of the two-pass combine under the
+   exact thresholds (msx__ties_combine2 is this pass with nothing pending):
+   bit-identical to the two-pass result.
 
    The table of a tensor and model is a histogram of the |delta| keys in
    65,537 bins (key 0 alone, then 256 bins per octave), kept as the bin
