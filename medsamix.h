@@ -7092,7 +7092,7 @@ static int msx__ctz32(unsigned x) {
 /* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
    |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
    averaged, result b + lam * tau. The same float operations as the scalar
-   form in msx__ties_spec_elem, so vector and scalar lanes agree bit for bit. */
+   form (msx__ties2_one), so vector and scalar lanes agree bit for bit. */
 typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
 
 static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
@@ -7534,24 +7534,38 @@ typedef struct msx__ties_pass_out {
     int overflow; /* more pending elements than the record capacity: the tensor is redone */
 } msx__ties_pass_out;
 
-/* Scalar form of one element of the pass (tails, builds without AVX2);
-   plo/phi: inclusive pending range per model (empty when plo > phi);
-   returns 1 if the element is pending. */
-static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
-                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                               msx__ties_pass_out *po) {
-    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-    float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
+/* The two-model TIES element, scalar (tails, the fix-up, builds without
+   AVX2): keeps v_i where |v_i| >= h_i, returns b + lam * tau; *t0o and *smo
+   are t0 and the elected sum, as in msx__ties2_lanes. */
+static float msx__ties2_one(float b, float v0, float v1, float h0, float h1, float lam, float *t0o, float *smo) {
+    float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f;
     float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
     int sg = (sm > 0) - (sm < 0);
     if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
     if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
     tau = acc / (cnt > 1.0f ? cnt : 1.0f);
     p = lam * tau;
-    out[j] = b + p;
-    po->ss += sg; /* provisional for a pending element: the fix-up trades it for the exact one */
-    return (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
+    *t0o = t0;
+    *smo = sm;
+    return b + p;
+}
+
+/* One element of the pass in scalar form; plo/phi: inclusive pending range
+   per model (empty when plo > phi). A decided zero-sum position goes to
+   amb[*na] (amb NULL: counted only); returns 1 if the element is pending. */
+static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
+                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
+                               msx__ties_pass_out *po, uint32_t *amb, int64_t *na) {
+    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b, t0, sm;
+    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
+    int pend = (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
+    out[j] = msx__ties2_one(b, v0, v1, g0, g1, lam, &t0, &sm);
+    po->ss += (sm > 0) - (sm < 0); /* provisional for a pending element: the fix-up trades it for the exact one */
+    if (!pend && sm == 0 && t0 != 0) {
+        if (amb) amb[*na] = (uint32_t)j;
+        (*na)++;
+    }
+    return pend;
 }
 
 /* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
@@ -7608,18 +7622,11 @@ static void msx__ties_spec_pass(float *out, const float *base, const float *x0, 
         }
 #endif
         for (; j < e; j++)
-            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po)) {
+            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po, amb, &na)) {
                 pj[R] = (uint32_t)j;
                 pb[R] = base[j];
                 p0[R] = x0[j];
                 p1[R++] = x1[j];
-            } else {
-                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0) {
-                    if (amb) amb[na] = (uint32_t)j;
-                    na++;
-                }
             }
         if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
             for (j = b0; j < e - ((e - b0) & 7); j++) {
@@ -7718,22 +7725,15 @@ static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float 
         for (l = 0; l < 8; l++) S += tmp[l];
     }
 #endif
-    for (; q < n_rec; q++) {
-        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b;
-        int k0 = fabsf(v0) >= th0, k1 = fabsf(v1) >= th1;
-        float t0 = k0 ? v0 : 0.0f, t1 = k1 ? v1 : 0.0f, sm = t0 + t1;
-        float u0 = fabsf(v0) >= g0 ? v0 : 0.0f, u1 = fabsf(v1) >= g1 ? v1 : 0.0f, sgm = u0 + u1;
-        int sg = (sm > 0) - (sm < 0);
-        S += sg - ((sgm > 0) - (sgm < 0));
+    for (; q < n_rec; q++) { /* the last < 8 records (all of them without AVX2) */
+        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b, t0, sm, t0g, smg;
+        float res = msx__ties2_one(b, v0, v1, th0, th1, lam, &t0, &sm);
+        (void)msx__ties2_one(b, v0, v1, g0, g1, lam, &t0g, &smg);
+        S += ((sm > 0) - (sm < 0)) - ((smg > 0) - (smg < 0));
         if (sm == 0 && t0 != 0) amb[na++] = pj[q];
-        if (k0 != (fabsf(v0) >= g0) || k1 != (fabsf(v1) >= g1)) {
-            float acc = 0.0f, cnt = 0.0f, tau, p;
-            if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
-            if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
-            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
-            p = lam * tau;
+        if ((fabsf(v0) >= th0) != (fabsf(v0) >= g0) || (fabsf(v1) >= th1) != (fabsf(v1) >= g1)) {
             pj[w] = pj[q];
-            pb[w++] = b + p;
+            pb[w++] = res;
         }
     }
     for (q = 0; q < w; q++) {
@@ -7796,7 +7796,6 @@ static int msx__ties_coop2(float *out, const float *base, const float *const *ft
                            msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
                            int64_t *ss, int64_t *na) {
     uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
-    msx__ties_table *tb = tab;
     float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
     int64_t L[2], C[2];
     int i, u, ovf = 0, redo;
@@ -7805,11 +7804,11 @@ static int msx__ties_coop2(float *out, const float *base, const float *const *ft
         msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
         MSX__COOP_BARRIER();
         for (i = tid; i < 2; i += nt)
-            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tb[i]);
+            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tab[i]);
         MSX__COOP_BARRIER();
     }
     for (i = 0; i < 2; i++) {
-        msx__ties_table_find(&tb[i], k, &lo[i], &hx[i], &L[i], &C[i]);
+        msx__ties_table_find(&tab[i], k, &lo[i], &hx[i], &L[i], &C[i]);
         plo[i] = lo[i];
         phi[i] = hx[i] - 1;
         if (hx[i] == lo[i] + 1) { plo[i] = 1; phi[i] = 0; } /* one key (key 0's bin): it is the threshold */
