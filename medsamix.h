@@ -1005,6 +1005,26 @@ typedef enum msx_mo_mode {
     MSX_MO_MEAN = 1    /* mean of min-max normalised objectives (what MedSAMix ran) */
 } msx_mo_mode;
 typedef enum msx_init_mode { MSX_INIT_LHS = 0, MSX_INIT_RANDOM = 1 } msx_init_mode;
+/* Which proposal scheme runs after the initial design.
+   DEFAULT  this library's: forest + log-EI with perturbation samples, child
+            memory, random samples among the candidates, and the local GP
+            refinement (see above).
+   SMAC     the paper's optimiser, SMAC3 2.2 (automl/SMAC3 v2.2.0
+            smac/facade/hyperparameter_optimization_facade.py): forest + log-EI,
+            acquisition maximised by local search from the 10 best-predicted
+            evaluated and the 10 best of 10000 random configurations, only the
+            local-search end points returned (smac/acquisition/maximizer/
+            local_and_random_search.py), newly active children at their
+            defaults, 0.2 random interleaving (smac/random_design/
+            probability_design.py); no perturbation samples, no GP. The design
+            when n_init = 0: min(10 x all dimensions, n_trials / 4) points
+            (smac/initial_design/abstract_initial_design.py; Latin hypercube
+            or random here, SMAC's HPO facade uses Sobol). Kept from this
+            library: refit after every result (SMAC: every 8), crash
+            imputation, never stopping early.
+   RANDOM   the ablation: the same initial design, then uniform random
+            configurations (no model). */
+typedef enum msx_optimizer { MSX_OPTIMIZER_DEFAULT = 0, MSX_OPTIMIZER_SMAC = 1, MSX_OPTIMIZER_RANDOM = 2 } msx_optimizer;
 
 /* Zero-initialised = defaults (SMAC HPO facade unless noted). */
 typedef struct msx_opt_options {
@@ -1037,6 +1057,8 @@ typedef struct msx_opt_options {
     double local_prob;     /* probability that a model-based slot is a local GP refinement
                               of the incumbent's active float dims instead of the forest's
                               EI maximum; 0 -> 0.5, < 0 -> never (forest only, as before) */
+    msx_optimizer optimizer; /* DEFAULT; SMAC overrides n_perturb_samples, no_child_memory
+                              and local_prob with SMAC's behaviour; RANDOM: random_prob 1 */
 } msx_opt_options;
 
 typedef struct msx_opt msx_opt;
@@ -1166,6 +1188,13 @@ typedef struct msx_trial_info {
     const char *origin;         /* "base", "linear", ..., "optimizer" */
 } msx_trial_info;
 
+/* Levels of the log callback's messages. */
+enum {
+    MSX_LOG_WARN = 1,     /* a trial failed (the search goes on), a resume re-evaluates a trial */
+    MSX_LOG_INFO = 2,     /* notes: the search setup, resuming, the report phase */
+    MSX_LOG_PROGRESS = 3  /* one line per finished trial (unless progress = -1) */
+};
+
 /* Zero-initialise, then set what you need. */
 typedef struct msx_search_options {
     const char *base;                 /* base checkpoint (.pth / .safetensors) */
@@ -1185,14 +1214,25 @@ typedef struct msx_search_options {
     int granularity;                  /* blocks per layer group, 1..4; 0 = 2 */
     int no_prune;                     /* 1: also search the groups that cannot change box-only Dice */
     int resume;                       /* continue from out_dir/trials.jsonl */
-    int progress;                     /* 0 auto (live line on a TTY), 1 plain lines, -1 quiet */
+    int progress;                     /* >= 0: a MSX_LOG_PROGRESS message per finished trial; -1 none */
     int n_overlays;                   /* overlay PNGs per task; 0 = 3, -1 = none */
     int no_report;                    /* 1: skip the final test evaluation and report */
     msx_task_options task;
     msx_preprocess_mode preprocess;   /* MSX_PREPROCESS_SAM (default) or _MEDSAM, the same for every model */
     const volatile sig_atomic_t *cancel; /* set non-zero (e.g. from SIGINT) to stop */
+    /* Called once per finished trial, in finishing order, on one of the
+       search's worker threads (OpenMP), inside the lock that also writes the
+       log line: calls never overlap, but they do not come from the thread
+       that called msx_search_run, and a slow callback holds up the others. */
     void (*on_trial)(const msx_trial_info *info, void *user);
-    void *user;
+    /* Progress, per-trial failures and notes, one line each (no newline),
+       from the same threads and under the same lock as on_trial. NULL: the
+       library writes nothing to stdout or stderr. */
+    void (*log)(int level, const char *msg, void *user);
+    void *user;                       /* passed to on_trial and log */
+    msx_optimizer optimizer;          /* DEFAULT; SMAC = the paper's settings with the reference's initial
+                                         design (10 random configurations, then the starting points);
+                                         RANDOM = the default's starting points, then uniform random plans */
 } msx_search_options;
 
 typedef struct msx_search_summary {
@@ -9220,6 +9260,7 @@ struct msx_opt {
     msx_opt_options o; /* as given (saved with the state) */
     /* resolved settings */
     int n_trees, n_rs, n_pert, n_starts, ls_max, mem_on, log_scale;
+    int ls_only; /* candidates = local-search end points only (SMAC), not also the best random samples */
     double rprob, rho, vfloor;
     int *types, *topo;
     int *desc, *desc_off; /* descendants of each parameter, parents first */
@@ -9482,6 +9523,8 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
         return msx__err(MSX_E_ARG, "msx_opt_create: unknown init_mode %d", (int)opts->init_mode);
     if (!(opts->local_prob <= 1))
         return msx__err(MSX_E_ARG, "msx_opt_create: local_prob = %g (need <= 1; 0 = default, < 0 = off)", opts->local_prob);
+    if (opts->optimizer != MSX_OPTIMIZER_DEFAULT && opts->optimizer != MSX_OPTIMIZER_SMAC && opts->optimizer != MSX_OPTIMIZER_RANDOM)
+        return msx__err(MSX_E_ARG, "msx_opt_create: unknown optimizer %d (0 default, 1 smac, 2 random)", (int)opts->optimizer);
     if (!(opts->random_prob <= 1) || !(opts->parego_rho >= 0) || !(opts->var_floor >= 0) || !(opts->ratio_features >= 0))
         return msx__err(MSX_E_ARG, "msx_opt_create: random_prob must be <= 1 and parego_rho, var_floor, ratio_features >= 0");
     o = (msx_opt *)msx__calloc(1, sizeof *o);
@@ -9503,6 +9546,15 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     o->rho = opts->parego_rho > 0 ? opts->parego_rho : 0.05;
     o->lprob = opts->local_prob > 0 ? opts->local_prob : opts->local_prob < 0 ? 0 : 0.5;
     o->vfloor = opts->var_floor > 0 ? opts->var_floor : 1e-10;
+    if (opts->optimizer == MSX_OPTIMIZER_SMAC) { /* the paper's SMAC (see msx_optimizer) */
+        o->n_pert = 0;
+        o->mem_on = 0;
+        o->lprob = 0;
+        o->ls_only = 1;
+    } else if (opts->optimizer == MSX_OPTIMIZER_RANDOM) {
+        o->rprob = 1; /* every slot after the design is a uniform random configuration */
+        o->lprob = 0;
+    }
     o->next_id = 1;
     o->types = (int *)MSX_MALLOC((size_t)d * sizeof(int));
     o->topo = (int *)MSX_MALLOC((size_t)d * sizeof(int));
@@ -9583,7 +9635,11 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     }
     if (opts->n_init > 0) n_lhs = opts->n_init;
     else if (opts->n_init < 0) n_lhs = 0;
-    else { /* §7 sized by the always-active dimensions (§15), capped at 10 % of
+    else if (opts->optimizer == MSX_OPTIMIZER_SMAC) { /* SMAC: 10 per dimension (all), <= 25 % */
+        int cap = opts->n_trials > 0 ? opts->n_trials / 4 : 10;
+        if (cap < 1) cap = 1;
+        n_lhs = 10 * d < cap ? 10 * d : cap;
+    } else { /* §7 sized by the always-active dimensions (§15), capped at 10 % of
               the budget (SMAC: 25 %; 10 % was better on Hartmann-6 and Branin) */
         int top = 0, cap = opts->n_trials > 0 ? opts->n_trials / 10 : 10;
         for (i = 0; i < d; i++) top += o->sp->p[i].parent < 0;
@@ -9919,7 +9975,7 @@ static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int wa
         memcpy(o->cand + (size_t)i * d, o->cur, (size_t)d * sizeof(double));
     }
     o->n_cand = n_start;
-    for (i = 0; i < o->n_top; i++) {
+    for (i = 0; i < (o->ls_only ? 0 : o->n_top); i++) {
         memcpy(o->cand + (size_t)o->n_cand * d, o->top + (size_t)i * d, (size_t)d * sizeof(double));
         o->cand_acq[o->n_cand++] = o->top_acq[i];
     }
@@ -10384,6 +10440,7 @@ MSXDEF msx_result msx_opt_save(const msx_opt *o, const char *path) {
     msx__sb_json_num(&b, op->var_floor);
     msx__sb_puts(&b, ",\"local_prob\":");
     msx__sb_json_num(&b, op->local_prob);
+    msx__sb_printf(&b, ",\"optimizer\":%d", (int)op->optimizer);
     msx__sb_puts(&b, "},\n\"init_configs\":[");
     for (i = 0; i < o->n_user; i++) {
         msx__sb_puts(&b, i ? ",\n " : "\n ");
@@ -10518,6 +10575,9 @@ MSXDEF msx_result msx_opt_load(const msx_space *space, const char *path, msx_opt
     op.init_mode = (msx_init_mode)iv;
     if (!msx__opt_jint(jo, "mo_mode", &iv)) MSX__OPT_BAD("%s: malformed options.mo_mode", path);
     op.mo_mode = (msx_mo_mode)iv;
+    iv = 0; /* absent in states written before the option existed */
+    if (msx__json_get(jo, "optimizer") && !msx__opt_jint(jo, "optimizer", &iv)) MSX__OPT_BAD("%s: malformed options.optimizer", path);
+    op.optimizer = (msx_optimizer)iv;
     m = op.n_objectives > 0 ? op.n_objectives : 1;
     tmp = (double *)MSX_MALLOC((size_t)(ju->n + 1) * space->n * sizeof(double));
     cost = (double *)MSX_MALLOC((size_t)(m > 0 && m <= 64 ? m : 1) * sizeof(double));
@@ -11067,19 +11127,37 @@ static msx_result msx__search_log_read(const char *path, msx__search_loglines *o
 }
 
 /* ---- progress ------------------------------------------------------------------ */
+/* Everything the search says goes through the caller's log callback (none:
+   silent). The library never decides how it is shown (live line, colours):
+   the CLI does. */
 
 typedef struct msx__search_progress {
-    int mode;      /* 0 live line, 1 plain lines, -1 quiet */
+    int on;        /* progress messages wanted */
     double t0;
     int done0;     /* trials already in the log when this process started */
-    int live_open;
+    void (*log)(int level, const char *msg, void *user);
+    void *user;
 } msx__search_progress;
 
-static void msx__search_progress_init(msx__search_progress *p, int opt_mode, int done0) {
-    p->mode = opt_mode < 0 ? -1 : opt_mode == 1 ? 1 : (isatty(fileno(stdout)) ? 0 : 1);
+static void msx__search_progress_init(msx__search_progress *p, const msx_search_options *o, int done0) {
+    p->on = o->progress >= 0;
     p->t0 = msx_time_now();
     p->done0 = done0;
-    p->live_open = 0;
+    p->log = o->log;
+    p->user = o->user;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static void msx__search_say(const msx__search_progress *p, int level, const char *fmt, ...) {
+    char msg[1536];
+    va_list ap;
+    if (!p->log) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    p->log(level, msg, p->user);
 }
 
 static void msx__search_fmt_dur(char *buf, size_t cap, double s) {
@@ -11093,22 +11171,11 @@ static void msx__search_progress_show(msx__search_progress *p, int done, int tot
     double el = msx_time_now() - p->t0;
     int here = done - p->done0;
     double rate = here > 0 && el > 0 ? here / el * 60.0 : 0.0;
-    char eta[32], elb[32];
-    if (p->mode < 0) return;
+    char eta[32];
+    if (!p->on || !p->log) return;
     msx__search_fmt_dur(eta, sizeof eta, rate > 0 ? (total - done) / rate * 60.0 : -1);
-    msx__search_fmt_dur(elb, sizeof elb, el);
-    if (p->mode == 0) {
-        printf("\r\033[Ktrial %d/%d  best Dice %.4f  %.1f trials/min  elapsed %s  ETA %s", done, total, best, rate, elb, eta);
-        p->live_open = 1;
-    } else {
-        printf("trial %d/%d  #%-4d %-18s Dice %.4f  best %.4f  %.1f trials/min  ETA %s\n", done, total, id, origin, last, best, rate, eta);
-    }
-    fflush(stdout);
-}
-
-static void msx__search_progress_end(msx__search_progress *p) {
-    if (p->mode == 0 && p->live_open) { printf("\n"); fflush(stdout); }
-    p->live_open = 0;
+    msx__search_say(p, MSX_LOG_PROGRESS, "trial %d/%d  #%-4d %-18s Dice %.4f  best %.4f  %.1f trials/min  ETA %s", done, total, id,
+                    origin, last, best, rate, eta);
 }
 
 /* ---- reports ---------------------------------------------------------------- */
@@ -11679,6 +11746,7 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     h = msx__search_hash(h, &R->o->seed, sizeof R->o->seed);
     h = msx__search_hash(h, &R->so.preprocess, sizeof R->so.preprocess);
     if (R->o->mo_mean) h = msx__search_hash(h, "mean", 4); /* keeps ParEGO fingerprints unchanged */
+    if (R->o->optimizer) h = msx__search_hash(h, &R->o->optimizer, sizeof R->o->optimizer); /* default: unchanged */
     R->fingerprint = h;
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
     msx__sb_puts(b, "{\"format\": \"medsamix-trials-v1\", \"fingerprint\": ");
@@ -11955,14 +12023,15 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, const unsigned ch
         if (r != MSX_OK) {
             /* a trial that cannot be evaluated is a failed trial (ref §3:
                crash cost), the search goes on */
-            if (R->prog.mode >= 0) fprintf(stderr, "\ntrial %d failed: %s\n", t, msx_last_error());
             T->failed = 1;
         }
 #ifdef _OPENMP
 #pragma omp critical(msx__search_log)
 #endif
         {
-            msx_result lr = msx__srun_finish(R, t);
+            msx_result lr;
+            if (T->failed) msx__search_say(&R->prog, MSX_LOG_WARN, "trial %d failed: %s", t, msx_last_error());
+            lr = msx__srun_finish(R, t);
             if (lr != MSX_OK && fatal == MSX_OK) { fatal = lr; snprintf(msg, sizeof msg, "%s", msx_last_error()); }
         }
     }
@@ -12053,8 +12122,7 @@ static msx_result msx__srun_resume(msx__srun *R, msx__search_loglines *L, int *n
                 !msx__search_cfg_eq(canon, cfgs + (size_t)i * R->dim, R->dim)) {
                 /* should not happen (the optimiser is deterministic); evaluate
                    what it proposes now instead of the logged configuration */
-                if (R->prog.mode >= 0)
-                    fprintf(stderr, "resume: trial %d differs from the re-proposed configuration; re-evaluating it\n", start + i);
+                msx__search_say(&R->prog, MSX_LOG_WARN, "resume: trial %d differs from the re-proposed configuration; re-evaluating it", start + i);
                 T->logged = 0;
                 memcpy(T->cfg, cfgs + (size_t)i * R->dim, sizeof(double) * (size_t)R->dim);
                 T->batch = nb;
@@ -12251,7 +12319,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
         if (!(ovdir = msx__search_join(R->out, "overlays"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
         if ((r = msx__search_mkdir(ovdir)) != MSX_OK) goto done;
     }
-    if (R->prog.mode >= 0) { printf("report: evaluating %d models on the calib and test splits of %d task(s)\n", tab.n_labels, R->n_tasks); fflush(stdout); }
+    msx__search_say(&R->prog, MSX_LOG_INFO, "report: evaluating %d models on the calib and test splits of %d task(s)", tab.n_labels, R->n_tasks);
     for (k = 0; k < R->n_tasks && r == MSX_OK; k++) {
         if ((r = msx__sset_build(&set, &R->tasks[k], 1, splits, 2, &R->arch, R->so.preprocess)) != MSX_OK) goto done;
         for (l = 0; l < tab.n_labels && r == MSX_OK; l++) {
@@ -12344,7 +12412,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     msx_search_summary dummy;
     msx_opt_options oo;
     msx__search_loglines L;
-    int i, n_done = 0, n_batches = 0, chosen, resuming = 0, levels = 0;
+    int i, n_done = 0, n_batches = 0, chosen, resuming = 0, levels = 0, levels_set = 0;
     double t_start = msx_time_now(), *cfgs = NULL;
     int ids[256];
     unsigned char need[256];
@@ -12366,6 +12434,8 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         return msx__err(MSX_E_LIMIT, "msx_search_run: %d tasks; at most %d (MSX_SEARCH_MAX_TASKS)", o->n_tasks, MSX_SEARCH_MAX_TASKS);
     if (o->granularity < 0 || o->granularity > 4)
         return msx__err(MSX_E_ARG, "msx_search_run: granularity %d; use 1..4 (0 = the default 2)", o->granularity);
+    if (o->optimizer != MSX_OPTIMIZER_DEFAULT && o->optimizer != MSX_OPTIMIZER_SMAC && o->optimizer != MSX_OPTIMIZER_RANDOM)
+        return msx__err(MSX_E_ARG, "msx_search_run: unknown optimizer %d (0 default, 1 smac, 2 random)", (int)o->optimizer);
     if (o->n_trials < 0 || o->jobs < 0 || o->jobs > 256 || o->threads < 0)
         return msx__err(MSX_E_ARG, "msx_search_run: trials/jobs/threads must be >= 0 (jobs <= 256)");
     R.o = o;
@@ -12386,7 +12456,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         r = msx__err(MSX_E_NOMEM, "out of memory");
         goto done;
     }
-    msx__search_progress_init(&R.prog, o->progress, 0);
+    msx__search_progress_init(&R.prog, o, 0);
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
@@ -12446,6 +12516,15 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (oo.n_init > 10) oo.n_init = 10;
     if (oo.n_init <= 0) oo.n_init = -1;
     oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
+    oo.optimizer = o->optimizer;
+    if (o->optimizer == MSX_OPTIMIZER_SMAC) {
+        /* the reference's design (ref §4): RandomInitialDesign(n_configs = 10,
+           capped at n_trials / 4), the hand-made starting points after it */
+        oo.init_mode = MSX_INIT_RANDOM;
+        oo.n_init = R.n_trials / 4 < 10 ? R.n_trials / 4 : 10;
+        if (oo.n_init <= 0) oo.n_init = -1;
+        oo.init_configs_last = 1;
+    }
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
     if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
@@ -12478,11 +12557,12 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     /* J workers of T threads: nested regions only when both exceed 1
        (restored at the end) */
     levels = omp_get_max_active_levels();
+    levels_set = 1;
     omp_set_max_active_levels(R.jobs > 1 && R.tpj > 1 ? 2 : 1);
 #endif
     /* 5. replay or start */
     if (resuming) {
-        if (R.prog.mode >= 0) printf("resuming %s: %d logged line(s)%s\n", R.log_path, L.n - 1, L.dropped ? ", a torn last line dropped" : "");
+        msx__search_say(&R.prog, MSX_LOG_INFO, "resuming %s: %d logged line(s)%s", R.log_path, L.n - 1, L.dropped ? ", a torn last line dropped" : "");
         r = msx__srun_resume(&R, &L, &n_done, &n_batches);
         msx__search_loglines_free(&L);
         if (r == MSX_E_CANCELLED) { sum->cancelled = 1; }
@@ -12496,9 +12576,10 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         R.log_fd = open(R.log_path, O_WRONLY | O_APPEND);
         if (R.log_fd < 0) { r = msx__err(MSX_E_IO, "%s: cannot open for appending (%s)", R.log_path, strerror(errno)); goto done; }
     }
-    if (R.prog.mode >= 0 && !sum->cancelled)
-        printf("search: %s, %d trial(s) (%d done), %d hyperparameters, %d worker(s) x %d thread(s), %d calib image(s)\n",
-               o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, R.n_w, R.tpj, R.calib.n);
+    if (!sum->cancelled)
+        msx__search_say(&R.prog, MSX_LOG_INFO, "search: %s, %d trial(s) (%d done), %d hyperparameters, %d worker(s) x %d thread(s), %d calib image(s), optimizer %s",
+                        o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, R.n_w, R.tpj, R.calib.n,
+                        o->optimizer == MSX_OPTIMIZER_SMAC ? "smac" : o->optimizer == MSX_OPTIMIZER_RANDOM ? "random" : "default");
     cfgs = (double *)MSX_MALLOC(sizeof(double) * (size_t)R.batch * (size_t)R.dim + 1);
     if (!cfgs) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     /* 6. ask a batch, evaluate it in parallel, tell it in slot order */
@@ -12515,7 +12596,6 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         n_done += k;
         n_batches++;
     }
-    msx__search_progress_end(&R.prog);
     r = MSX_OK;
     sum->n_trials_done = sum->cancelled ? R.n_fin : n_done; /* logged trials */
     sum->n_tasks = R.n_tasks;
@@ -12547,9 +12627,10 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (r == MSX_E_CANCELLED) sum->cancelled = 1;
 done:
 #ifdef _OPENMP
-    if (levels > 0) omp_set_max_active_levels(levels);
+    if (levels_set) omp_set_max_active_levels(levels); /* a process-wide setting: restored */
+#else
+    (void)levels; (void)levels_set;
 #endif
-    msx__search_progress_end(&R.prog);
     msx__search_loglines_free(&L);
     sum->seconds = msx_time_now() - t_start;
     MSX_FREE(cfgs);

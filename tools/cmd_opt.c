@@ -1,6 +1,7 @@
-/* medsamix bench-opt - the optimiser against uniform random search at equal
-   budget on functions with known optima (optimizer-reference.md §16), plus
-   the per-iteration overhead in a MedSAMix-shaped conditional space. */
+/* medsamix bench-opt - the three optimisers (default, smac = the paper's
+   SMAC 2.2 settings, random = the same initial design then uniform random
+   configurations) at equal budget on functions with known optima, plus the
+   per-iteration overhead in a MedSAMix-shaped conditional space. */
 #include "../medsamix.h"
 #include "cli.h"
 #include <math.h>
@@ -112,7 +113,7 @@ static double metric(const bench_fn *fn, const double *costs, int n) {
 
 static msx_opt_options g_opts; /* overrides from the command line (zero = defaults) */
 
-static int run_bo(const bench_fn *fn, uint64_t seed, int evals, double *out, double *secs) {
+static int run_bo(const bench_fn *fn, msx_optimizer kind, uint64_t seed, int evals, double *out, double *secs) {
     msx_space *s = fn->space();
     msx_opt_options o;
     msx_opt *opt = NULL;
@@ -122,6 +123,7 @@ static int run_bo(const bench_fn *fn, uint64_t seed, int evals, double *out, dou
     o.seed = seed;
     o.n_objectives = fn->n_obj;
     o.n_trials = evals;
+    o.optimizer = kind;
     if (msx_opt_create(s, &o, &opt) != MSX_OK) ok = 0;
     for (i = 0; ok && i < evals; i++) {
         if (msx_opt_ask(opt, 1, x, &id) != MSX_OK) { ok = 0; break; }
@@ -136,20 +138,6 @@ static int run_bo(const bench_fn *fn, uint64_t seed, int evals, double *out, dou
     free(x);
     free(costs);
     return ok;
-}
-static void run_random(const bench_fn *fn, uint64_t seed, int evals, double *out) {
-    msx_space *s = fn->space();
-    msx_rng r;
-    double x[16], *costs = (double *)malloc(sizeof(double) * 3 * (size_t)evals);
-    int i;
-    msx_rng_seed(&r, seed * 7919u + 17u);
-    for (i = 0; i < evals; i++) {
-        msx_space_sample(s, &r, x);
-        fn->eval(x, costs + (size_t)i * fn->n_obj);
-    }
-    *out = metric(fn, costs, evals);
-    msx_space_free(s);
-    free(costs);
 }
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -239,16 +227,17 @@ static void overhead(int reps, int local) {
 static void usage(FILE *f) {
     fprintf(f, "usage: medsamix bench-opt [--seeds N] [--evals N] [--only NAME|--function NAME] [--no-overhead]\n"
                "         [--n-init N] [--random-prob P] [--trees N] [--samples N] [--leaf N] [--perturb N] [--mean-mo] [--random-thresholds]\n"
-               "         [--ratio-features R] [--no-log] [--local-prob P]\n"
-               "  Runs the optimiser and uniform random search for N seeds (default 20) at equal budget\n"
-               "  (default 100 evaluations, DTLZ2 150) on branin, hartmann6, jenatton, zdt1, dtlz2 and\n"
-               "  prints medians/IQR plus one RESULT line per function. Regret = best - f*; hypervolume\n"
+               "         [--ratio-features R] [--no-log] [--local-prob P] [--optimizer all|default|smac|random]\n"
+               "  Runs the optimisers (default all three: default, smac, random) for N seeds (default 20) at\n"
+               "  equal budget (default 100 evaluations, DTLZ2 150) on branin, hartmann6, jenatton, zdt1,\n"
+               "  dtlz2 and prints medians/IQR plus one RESULT line per function. Regret = best - f*; hypervolume\n"
                "  reference points: ZDT1 (d=6) r=(11,11) (HV*=120.667), DTLZ2 (M=3, d=6) r=(1.1,1.1,1.1)\n"
                "  (HV*=0.807401). Also times one ask at 200 observations in a 190-dim MedSAMix-shaped space.\n");
 }
 
 int msx_cmd_bench_opt(int argc, char **argv) {
-    int seeds = 20, evals = 0, i, f, s, do_overhead = 1;
+    static const char *const kname[3] = {"default", "smac", "random"};
+    int seeds = 20, evals = 0, i, f, s, k, do_overhead = 1, kinds[3] = {1, 1, 1};
     const char *only = NULL;
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
@@ -267,32 +256,40 @@ int msx_cmd_bench_opt(int argc, char **argv) {
         else if (!strcmp(argv[i], "--ratio-features") && i + 1 < argc) g_opts.ratio_features = atof(argv[++i]);
         else if (!strcmp(argv[i], "--no-log")) g_opts.no_log_scale = 1;
         else if (!strcmp(argv[i], "--local-prob") && i + 1 < argc) g_opts.local_prob = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--optimizer") && i + 1 < argc) {
+            const char *v = argv[++i];
+            for (k = 0; k < 3; k++) kinds[k] = !strcmp(v, "all") || !strcmp(v, kname[k]);
+            if (!kinds[0] && !kinds[1] && !kinds[2]) { fprintf(stderr, "bench-opt: --optimizer all|default|smac|random\n"); return 2; }
+        }
         else { fprintf(stderr, "bench-opt: unknown argument '%s'\n", argv[i]); usage(stderr); return 2; }
     }
     if (seeds < 1 || seeds > 1000 || evals < 0 || evals > 100000) { fprintf(stderr, "bench-opt: bad --seeds or --evals\n"); return 2; }
-    printf("%-10s %-11s %5s %5s | %-30s | %-30s | %s\n", "function", "metric", "evals", "seeds", "optimiser median [IQR]",
-           "random median [IQR]", "s/run");
+    printf("%-10s %-11s %5s %5s", "function", "metric", "evals", "seeds");
+    for (k = 0; k < 3; k++)
+        if (kinds[k]) printf(" | %-7s median [IQR]%-11s %-6s", kname[k], "", "s/run");
+    printf("\n");
     for (f = 0; f < (int)(sizeof FUNCS / sizeof FUNCS[0]); f++) {
         const bench_fn *fn = &FUNCS[f];
         int ne = evals ? evals : fn->evals;
-        double *bo = (double *)malloc(sizeof(double) * (size_t)seeds), *rs = (double *)malloc(sizeof(double) * (size_t)seeds);
-        double secs = 0, sec, b50, b25, b75, r50, r25, r75;
+        double *v = (double *)malloc(sizeof(double) * (size_t)seeds), med[3] = {NAN, NAN, NAN};
         const char *met = fn->n_obj == 1 ? "regret" : "hypervolume";
-        if (only && strcmp(only, fn->name)) { free(bo); free(rs); continue; }
-        for (s = 0; s < seeds; s++) {
-            if (!run_bo(fn, (uint64_t)s + 1, ne, &bo[s], &sec)) { free(bo); free(rs); return 1; }
-            secs += sec;
-            run_random(fn, (uint64_t)s + 1, ne, &rs[s]);
+        if (only && strcmp(only, fn->name)) { free(v); continue; }
+        printf("%-10s %-11s %5d %5d", fn->name, met, ne, seeds);
+        for (k = 0; k < 3; k++) {
+            double secs = 0, sec;
+            if (!kinds[k]) continue;
+            for (s = 0; s < seeds; s++) {
+                if (!run_bo(fn, (msx_optimizer)k, (uint64_t)s + 1, ne, &v[s], &sec)) { free(v); return 1; }
+                secs += sec;
+            }
+            med[k] = quant(v, seeds, 0.5);
+            printf(" | %-9.4g [%-9.4g %9.4g] %6.2f", med[k], quant(v, seeds, 0.25), quant(v, seeds, 0.75), secs / seeds);
+            fflush(stdout);
         }
-        b25 = quant(bo, seeds, 0.25); b50 = quant(bo, seeds, 0.5); b75 = quant(bo, seeds, 0.75);
-        r25 = quant(rs, seeds, 0.25); r50 = quant(rs, seeds, 0.5); r75 = quant(rs, seeds, 0.75);
-        printf("%-10s %-11s %5d %5d | %-9.4g [%-9.4g %9.4g] | %-9.4g [%-9.4g %9.4g] | %.2f\n", fn->name, met, ne, seeds,
-               b50, b25, b75, r50, r25, r75, secs / seeds);
-        printf("RESULT function=%s evals=%d seeds=%d metric=%s bo_median=%.6g random_median=%.6g\n", fn->name, ne, seeds,
-               met, b50, r50);
+        printf("\nRESULT function=%s evals=%d seeds=%d metric=%s default_median=%.6g smac_median=%.6g random_median=%.6g\n",
+               fn->name, ne, seeds, met, med[0], med[1], med[2]);
         fflush(stdout);
-        free(bo);
-        free(rs);
+        free(v);
     }
     if (do_overhead) { overhead(7, 0); overhead(7, 1); }
     return 0;

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static volatile sig_atomic_t cmd_search_stop = 0;
 
@@ -16,6 +17,29 @@ static volatile sig_atomic_t cmd_search_stop = 0;
 static void cmd_search_on_signal(int sig) {
     cmd_search_stop = 1;
     signal(sig, SIG_DFL);
+}
+
+/* The library prints nothing; this callback shows its messages: progress as
+   one live line on a terminal (plain lines otherwise or with --plain),
+   warnings on stderr. */
+typedef struct cmd_log_state {
+    int live;      /* progress as a live line */
+    int line_open; /* a live line is on screen */
+} cmd_log_state;
+
+static void cmd_log(int level, const char *msg, void *user) {
+    cmd_log_state *st = (cmd_log_state *)user;
+    if (level == MSX_LOG_PROGRESS && st->live) {
+        printf("\r\033[K%s", msg);
+        st->line_open = 1;
+        fflush(stdout);
+        return;
+    }
+    if (st->line_open) { printf("\n"); st->line_open = 0; }
+    fflush(stdout);
+    if (level == MSX_LOG_WARN) fprintf(stderr, "%s\n", msg);
+    else printf("%s\n", msg);
+    fflush(level == MSX_LOG_WARN ? stderr : stdout);
 }
 
 static const char *const search_usage =
@@ -27,6 +51,9 @@ static const char *const search_usage =
     "\n"
     "  --multi              MedSAMix-M: one objective per task (ParEGO); default MedSAMix-S on the first task\n"
     "  --mo parego|mean     multi-task scalarisation (default parego; mean = what the reference code ran)\n"
+    "  --optimizer default|smac|random   proposal scheme: default (forest + log-EI + local GP refinement),\n"
+    "                       smac (the paper's SMAC 2.2 settings and initial design), random (the same\n"
+    "                       starting points as default, then uniform random plans)\n"
     "  --trials N           total trials, the reference's starting points included (default 100)\n"
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
     "  --threads T          total threads (default: all)\n"
@@ -145,6 +172,8 @@ static void cmd_print_file(const char *dir, const char *name) {
 int msx_cmd_search(int argc, char **argv) {
     msx_search_options o;
     msx_search_summary s;
+    cmd_log_state ls = {0, 0};
+    int plain = 0;
     const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
     int i, n;
     double x;
@@ -170,7 +199,11 @@ int msx_cmd_search(int argc, char **argv) {
         else if (!strcmp(a, "--resume")) o.resume = 1;
         else if (!strcmp(a, "--no-prune")) o.no_prune = 1;
         else if (!strcmp(a, "--no-report")) o.no_report = 1;
-        else if (!strcmp(a, "--plain")) o.progress = 1;
+        else if (!strcmp(a, "--optimizer") && v && (!strcmp(v, "default") || !strcmp(v, "smac") || !strcmp(v, "random"))) {
+            o.optimizer = !strcmp(v, "smac") ? MSX_OPTIMIZER_SMAC : !strcmp(v, "random") ? MSX_OPTIMIZER_RANDOM : MSX_OPTIMIZER_DEFAULT;
+            i++;
+        }
+        else if (!strcmp(a, "--plain")) plain = 1;
         else if (!strcmp(a, "--quiet")) o.progress = -1;
         else if (!strcmp(a, "--out") && v) { o.out_dir = v; i++; }
         else if (!strcmp(a, "--config") && v) { o.arch_config = v; i++; }
@@ -188,11 +221,15 @@ int msx_cmd_search(int argc, char **argv) {
     }
     if (!o.out_dir) o.out_dir = "runs/search";
     o.cancel = &cmd_search_stop;
+    ls.live = !plain && isatty(fileno(stdout));
+    o.log = cmd_log;
+    o.user = &ls;
     signal(SIGINT, cmd_search_on_signal);
     signal(SIGTERM, cmd_search_on_signal);
     r = msx_search_run(&o, &s);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    if (ls.line_open) printf("\n");
     if (r == MSX_E_CANCELLED || s.cancelled) {
         fprintf(stderr, "search: interrupted after %d trial(s) (%s); the log is %s/trials.jsonl - rerun with --resume to continue\n",
                 s.n_trials_done, msx_last_error(), o.out_dir);
