@@ -1169,6 +1169,9 @@ MSXDEF int msx_task_count(const msx_task *t, int split);
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path */
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
+/* The ground-truth mask of image i, read with the task's mask rule (out is
+   zero-initialised or a mask to reuse). */
+MSXDEF msx_result msx_task_mask(const msx_task *t, int split, int i, msx_mask *out);
 
 /* --- evaluation ------------------------------------------------------------ */
 /* Mean Dice (image-pooled, 2ΣPG/(ΣP+ΣG+1e-8), box prompt, mask token 0) of the
@@ -1264,6 +1267,22 @@ MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char
    λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; ref §2.5) plus linear equal weights
    and TIES r = 0.5 λ = 1 (the report's uniform merges): n + 16. */
 MSXDEF int msx_search_n_initial(int n_models);
+
+/* The pieces of msx_search_run for callers who write the loop themselves
+   (examples/search_loop.c; same seed and options = the same trials).
+   `tmpl` is any plan of the model (msx_plan_create or msx_merger_plan_create):
+   it gives the group ids and the number of models; `space` comes from
+   msx_search_space_create for that model.
+   Starting point i (0 <= i < msx_search_n_initial(n_models - 1)), canonical. */
+MSXDEF msx_result msx_search_initial(const msx_space *space, const msx_plan *tmpl, int i, double *config);
+/* A configuration of the space as a merge plan (every group of `plan` set;
+   pruned groups stay at the base). */
+MSXDEF msx_result msx_search_config_to_plan(const msx_space *space, const double *config, msx_plan *plan);
+/* The optimiser options msx_search_run uses for `o` (seed, trials, objectives,
+   scalarisation, optimizer, design size), given its starting points
+   (n_init_configs x dim, kept by pointer until msx_opt_create). */
+MSXDEF void msx_search_opt_options(const msx_search_options *o, const double *init_configs, int n_init_configs,
+                                   msx_opt_options *out);
 
 #ifdef __cplusplus
 }
@@ -10967,6 +10986,11 @@ MSXDEF const char *msx_task_image(const msx_task *t, int split, int i) {
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
 }
+MSXDEF msx_result msx_task_mask(const msx_task *t, int split, int i, msx_mask *out) {
+    if (!t || !out || (split != 0 && split != 1) || i < 0 || i >= t->n[split])
+        return msx__err(MSX_E_ARG, "msx_task_mask: no image %d in split %d", i, split);
+    return msx__search_load_mask(t, &t->img[split][i], out);
+}
 
 /* ---- hashing (fingerprints of models, tasks and the search space) ---------- */
 
@@ -11630,6 +11654,100 @@ static void msx__search_initial(const msx__sgroup *gs, int n_groups, int n_model
     else if (kind == 2) snprintf(origin, origin_cap, "init:ties_d%g_s%g", drop, lambda);
     else if (kind == 3) snprintf(origin, origin_cap, "init:slerp_0.5");
     else snprintf(origin, origin_cap, "init:linear_equal");
+}
+
+/* The group map of a space built by msx__search_space, recovered from its
+   parameter names (so a caller holding only the msx_space gets the same
+   configuration -> plan mapping as the search). */
+static msx_result msx__search_groups_from_space(const msx_space *s, const msx_plan *tmpl, msx__sgroup *gs) {
+    char name[256], suf[256];
+    int g, i, m, n = msx_space_dim(s);
+    for (g = 0; g < tmpl->n_groups; g++) {
+        const char *id = tmpl->ids[g];
+        msx__sgroup *q = &gs[g];
+        int nl = 0, ns = 0;
+        memset(q, 0, sizeof *q);
+        if (!strncmp(id, "layer_", 6)) snprintf(name, sizeof name, "layer_selection_method_%s", id + 6);
+        else snprintf(name, sizeof name, "%s_method", id);
+        if ((q->sel = msx_space_find(s, name)) < 0) continue; /* pruned: stays at the base */
+        snprintf(name, sizeof name, "%s_method_task_arithmetic_param_scaling_coefficient", id);
+        q->ta = msx_space_find(s, name);
+        snprintf(name, sizeof name, "%s_method_ties_param_param_value_mask_rate", id);
+        q->ties_r = msx_space_find(s, name);
+        snprintf(name, sizeof name, "%s_method_ties_param_scaling_coefficient", id);
+        q->ties_s = msx_space_find(s, name);
+        for (m = 0; m < 2; m++) { /* per-model parameters, in model order */
+            size_t ls;
+            snprintf(suf, sizeof suf, m ? "_%s_method_slerp_param_slerp_t" : "_%s_method_linear_param_weights", id);
+            ls = strlen(suf);
+            for (i = 0; i < n; i++) {
+                const char *nm = msx_space_name(s, i);
+                size_t ln = strlen(nm);
+                if (strncmp(nm, "model_", 6) || ln <= ls + 6 || strcmp(nm + ln - ls, suf)) continue;
+                if ((m ? ns : nl) >= tmpl->n_models) return msx__err(MSX_E_ARG, "search space: more per-model parameters for %s than %d models", id, tmpl->n_models);
+                if (m) q->slerp[ns++] = i;
+                else q->lin[nl++] = i;
+            }
+        }
+        if (q->ta < 0 || q->ties_r < 0 || q->ties_s < 0 || nl != tmpl->n_models || ns != tmpl->n_models)
+            return msx__err(MSX_E_ARG, "search space: group %s is incomplete (not made by msx_search_space_create for %d models?)", id, tmpl->n_models);
+    }
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_search_config_to_plan(const msx_space *space, const double *config, msx_plan *plan) {
+    msx__sgroup *gs;
+    msx_result r;
+    if (!space || !config || !plan) return msx__err(MSX_E_ARG, "msx_search_config_to_plan: NULL argument");
+    if (!(gs = (msx__sgroup *)msx__calloc((size_t)plan->n_groups, sizeof *gs))) return msx__err(MSX_E_NOMEM, "out of memory");
+    if ((r = msx__search_groups_from_space(space, plan, gs)) == MSX_OK) msx__search_cfg_to_plan(gs, plan->n_models, config, plan);
+    MSX_FREE(gs);
+    return r;
+}
+
+MSXDEF msx_result msx_search_initial(const msx_space *space, const msx_plan *tmpl, int i, double *config) {
+    msx__sgroup *gs;
+    msx_result r;
+    char origin[40], *stems[MSX_MAX_MODELS];
+    int m;
+    if (!space || !tmpl || !config) return msx__err(MSX_E_ARG, "msx_search_initial: NULL argument");
+    if (i < 0 || i >= msx_search_n_initial(tmpl->n_models - 1))
+        return msx__err(MSX_E_ARG, "msx_search_initial: i = %d (need 0..%d)", i, msx_search_n_initial(tmpl->n_models - 1) - 1);
+    if (!(gs = (msx__sgroup *)msx__calloc((size_t)tmpl->n_groups, sizeof *gs))) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (m = 0; m < MSX_MAX_MODELS; m++) stems[m] = (char *)"model"; /* only names the origin, unused here */
+    if ((r = msx__search_groups_from_space(space, tmpl, gs)) == MSX_OK) {
+        msx__search_initial(gs, tmpl->n_groups, tmpl->n_models, msx_space_dim(space), i, config, origin, sizeof origin, stems);
+        r = msx_space_canonicalize(space, config, config);
+    }
+    MSX_FREE(gs);
+    return r;
+}
+
+MSXDEF void msx_search_opt_options(const msx_search_options *o, const double *init_configs, int n_init_configs,
+                                   msx_opt_options *oo) {
+    int n_trials = o->n_trials ? o->n_trials : 100;
+    memset(oo, 0, sizeof *oo);
+    oo->seed = o->seed;
+    oo->n_objectives = o->multi ? o->n_tasks : 1;
+    oo->n_trials = n_trials;
+    oo->init_configs = init_configs;
+    oo->n_init_configs = n_init_configs;
+    oo->init_configs_last = 0;
+    /* a small space-filling design after the reference's starting points
+       (the reference draws 10 random configurations, ref §4) */
+    oo->n_init = (n_trials - n_init_configs) / 5;
+    if (oo->n_init > 10) oo->n_init = 10;
+    if (oo->n_init <= 0) oo->n_init = -1;
+    oo->mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
+    oo->optimizer = o->optimizer;
+    if (o->optimizer == MSX_OPTIMIZER_SMAC) {
+        /* the reference's design (ref §4): RandomInitialDesign(n_configs = 10,
+           capped at n_trials / 4), the hand-made starting points after it */
+        oo->init_mode = MSX_INIT_RANDOM;
+        oo->n_init = n_trials / 4 < 10 ? n_trials / 4 : 10;
+        if (oo->n_init <= 0) oo->n_init = -1;
+        oo->init_configs_last = 1;
+    }
 }
 
 /* ---- the search run ------------------------------------------------------------ */
@@ -12503,28 +12621,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         msx__search_initial(R.groups, R.tmpl->n_groups, R.n_models, R.dim, i, c, R.init_origin[i], 40, R.stems);
         if ((r = msx_space_canonicalize(R.space, c, c)) != MSX_OK) goto done;
     }
-    memset(&oo, 0, sizeof oo);
-    oo.seed = o->seed;
-    oo.n_objectives = R.n_obj;
-    oo.n_trials = R.n_trials;
-    oo.init_configs = R.init_cfg;
-    oo.n_init_configs = R.n_init;
-    oo.init_configs_last = 0;
-    /* a small space-filling design after the reference's starting points
-       (the reference draws 10 random configurations, ref §4) */
-    oo.n_init = (R.n_trials - R.n_init) / 5;
-    if (oo.n_init > 10) oo.n_init = 10;
-    if (oo.n_init <= 0) oo.n_init = -1;
-    oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
-    oo.optimizer = o->optimizer;
-    if (o->optimizer == MSX_OPTIMIZER_SMAC) {
-        /* the reference's design (ref §4): RandomInitialDesign(n_configs = 10,
-           capped at n_trials / 4), the hand-made starting points after it */
-        oo.init_mode = MSX_INIT_RANDOM;
-        oo.n_init = R.n_trials / 4 < 10 ? R.n_trials / 4 : 10;
-        if (oo.n_init <= 0) oo.n_init = -1;
-        oo.init_configs_last = 1;
-    }
+    msx_search_opt_options(o, R.init_cfg, R.n_init, &oo);
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
     if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
