@@ -11171,10 +11171,7 @@ static void msx__search_progress_init(msx__search_progress *p, const msx_search_
     p->user = o->user;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void msx__search_say(const msx__search_progress *p, int level, const char *fmt, ...) {
+static MSX__PRINTF(3, 4) void msx__search_say(const msx__search_progress *p, int level, const char *fmt, ...) {
     char msg[1536];
     va_list ap;
     if (!p->log) return;
@@ -11203,6 +11200,80 @@ static void msx__search_progress_show(msx__search_progress *p, int done, int tot
 }
 
 /* ---- reports ---------------------------------------------------------------- */
+/* report.md / report.json tables, and the SVG plots linked from report.md,
+   drawn by the small SVG writer below (no dependency; any browser shows them). */
+
+static void msx__svg_esc(msx__sb *b, const char *t) {
+    for (; *t; t++) {
+        if (*t == '&') msx__sb_puts(b, "&amp;");
+        else if (*t == '<') msx__sb_puts(b, "&lt;");
+        else if (*t == '>') msx__sb_puts(b, "&gt;");
+        else if (*t == '"') msx__sb_puts(b, "&quot;");
+        else msx__sb_putn(b, t, 1);
+    }
+}
+static void msx__svg_begin(msx__sb *b, int w, int h) {
+    msx__sb_printf(b, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\" "
+                      "font-family=\"Helvetica, Arial, sans-serif\" font-size=\"12\">\n<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n",
+                   w, h, w, h, w, h);
+}
+/* anchor: "start", "middle" or "end" */
+static void msx__svg_text(msx__sb *b, double x, double y, int size, const char *anchor, const char *fill, const char *t) {
+    msx__sb_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"%d\" text-anchor=\"%s\" fill=\"%s\">", x, y, size, anchor, fill);
+    msx__svg_esc(b, t);
+    msx__sb_puts(b, "</text>\n");
+}
+static void msx__svg_line(msx__sb *b, double x1, double y1, double x2, double y2, const char *stroke, double w, const char *dash) {
+    msx__sb_printf(b, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"%.1f\"%s%s%s/>\n",
+                   x1, y1, x2, y2, stroke, w, dash ? " stroke-dasharray=\"" : "", dash ? dash : "", dash ? "\"" : "");
+}
+static void msx__svg_rect(msx__sb *b, double x, double y, double w, double h, const char *fill, const char *stroke) {
+    msx__sb_printf(b, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\" stroke=\"%s\"/>\n", x, y, w, h,
+                   fill, stroke ? stroke : "none");
+}
+
+/* Axis step: 1, 2 or 5 times a power of ten, about n steps over the span. */
+static double msx__svg_step(double span, int n) {
+    double raw = span / n, p = pow(10, floor(log10(raw))), f = raw / p;
+    return (f < 1.5 ? 1 : f < 3.5 ? 2 : f < 7.5 ? 5 : 10) * p;
+}
+
+/* A plot frame: data (x0..x1, y0..y1) onto the pixel box (px, py, pw, ph). */
+typedef struct msx__svg_frame {
+    double px, py, pw, ph, x0, x1, y0, y1;
+} msx__svg_frame;
+static double msx__svg_x(const msx__svg_frame *f, double x) { return f->px + (x - f->x0) / (f->x1 - f->x0) * f->pw; }
+static double msx__svg_y(const msx__svg_frame *f, double y) {
+    double v = f->py + f->ph - (y - f->y0) / (f->y1 - f->y0) * f->ph;
+    return v < f->py ? f->py : v > f->py + f->ph ? f->py + f->ph : v; /* clamp into the frame */
+}
+static void msx__svg_axes(msx__sb *b, const msx__svg_frame *f, const char *xlabel, const char *ylabel) {
+    double st, v;
+    char t[64];
+    msx__svg_rect(b, f->px, f->py, f->pw, f->ph, "none", "#888");
+    st = msx__svg_step(f->x1 - f->x0, 6);
+    for (v = ceil(f->x0 / st) * st; v <= f->x1 + 1e-9 * st; v += st) {
+        double x = msx__svg_x(f, v);
+        msx__svg_line(b, x, f->py + f->ph, x, f->py + f->ph + 4, "#888", 1, NULL);
+        snprintf(t, sizeof t, "%g", fabs(v) < 1e-9 * st ? 0.0 : v);
+        msx__svg_text(b, x, f->py + f->ph + 16, 11, "middle", "#333", t);
+    }
+    st = msx__svg_step(f->y1 - f->y0, 5);
+    for (v = ceil(f->y0 / st) * st; v <= f->y1 + 1e-9 * st; v += st) {
+        double y = msx__svg_y(f, v);
+        msx__svg_line(b, f->px, y, f->px + f->pw, y, "#eee", 1, NULL);
+        msx__svg_line(b, f->px - 4, y, f->px, y, "#888", 1, NULL);
+        snprintf(t, sizeof t, "%g", fabs(v) < 1e-9 * st ? 0.0 : v);
+        msx__svg_text(b, f->px - 7, y + 4, 11, "end", "#333", t);
+    }
+    msx__svg_text(b, f->px + f->pw / 2, f->py + f->ph + 34, 12, "middle", "#000", xlabel);
+    msx__sb_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"12\" text-anchor=\"middle\" transform=\"rotate(-90 %.1f %.1f)\">",
+                   f->px - 42, f->py + f->ph / 2, f->px - 42, f->py + f->ph / 2);
+    msx__svg_esc(b, ylabel);
+    msx__sb_puts(b, "</text>\n");
+}
+
+static const char *const msx__svg_colors[8] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
 /* Labels: the input stems, the four uniform merges, "medsamix". dice is
    [label][split][task]; NaN = not evaluated. */
 typedef struct msx__search_table {
@@ -12408,6 +12479,248 @@ static msx_result msx__srun_load_plan(msx__srun *R, const msx_plan *plan) {
     return MSX_OK;
 }
 
+/* ---- plots (SVG, next to report.md) ---- */
+
+/* Encoder passes a trial cost: one per calib image of the searched tasks. */
+static int msx__srun_trial_passes(const msx__srun *R, const msx__strial *T) {
+    (void)T;
+    return R->calib.n;
+}
+
+/* Mean calib Dice (%) of table label l over the searched tasks. */
+static double msx__srun_tab_calib(const msx__srun *R, const msx__search_table *tab, int l) {
+    double m = 0;
+    int k;
+    for (k = 0; k < R->n_eval; k++) m += *msx__search_cell(tab, l, 0, k);
+    return 100 * m / R->n_eval;
+}
+
+/* progress.svg: every trial's calib Dice (dots) and the best so far (line)
+   against trials and against encoder passes, with the best input model and
+   the uniform merges as reference lines. */
+static msx_result msx__srun_plot_progress(const msx__srun *R, const msx__search_table *tab, int n, const char *path) {
+    msx__sb b = {NULL, 0, 0, 0};
+    msx__svg_frame f[2];
+    double ref[5], y0 = 1e300, y1 = -1e300, best = -1, passes = 0, pad, lx;
+    const char *rname[5];
+    char t[160];
+    int i, p, l, bi = 0;
+    msx_result r;
+    for (l = 1; l < R->n_models; l++)
+        if (msx__srun_tab_calib(R, tab, l) > msx__srun_tab_calib(R, tab, bi)) bi = l;
+    ref[0] = msx__srun_tab_calib(R, tab, bi);
+    rname[0] = tab->labels[bi];
+    for (l = 0; l < 4; l++) { ref[l + 1] = msx__srun_tab_calib(R, tab, R->n_models + l); rname[l + 1] = tab->labels[R->n_models + l]; }
+    for (l = 0; l < 5; l++) { if (ref[l] < y0) y0 = ref[l]; if (ref[l] > y1) y1 = ref[l]; }
+    for (i = 0; i < n; i++) {
+        double sc = 100 * msx__srun_score(R, &R->tr[i]);
+        if (R->tr[i].failed) continue;
+        if (sc > y1) y1 = sc;
+        if (best < 0 && sc < y0) y0 = sc; /* the first trial sets where the line starts */
+        if (sc > best) best = sc;
+        passes += msx__srun_trial_passes(R, &R->tr[i]);
+    }
+    pad = (y1 - y0) * 0.08 > 0.3 ? (y1 - y0) * 0.08 : 0.3;
+    msx__svg_begin(&b, 1000, 440);
+    snprintf(t, sizeof t, "Search progress: calib Dice (%%, %s) of every trial and the best so far", R->n_eval > 1 ? "mean over the searched tasks" : R->tasks[0]->name);
+    msx__svg_text(&b, 500, 22, 15, "middle", "#000", t);
+    for (p = 0; p < 2; p++) {
+        f[p].px = 80 + p * 490;
+        f[p].py = 80;
+        f[p].pw = 390;
+        f[p].ph = 290;
+        f[p].x0 = 0;
+        f[p].x1 = p ? (passes > 0 ? passes : 1) : (n > 0 ? n : 1);
+        f[p].y0 = y0 - pad;
+        f[p].y1 = y1 + pad;
+        msx__svg_axes(&b, &f[p], p ? "encoder passes (calib images evaluated)" : "trials", "calib Dice (%)");
+        for (l = 0; l < 5; l++) {
+            double y = msx__svg_y(&f[p], ref[l]);
+            msx__svg_line(&b, f[p].px, y, f[p].px + f[p].pw, y, l ? msx__svg_colors[l + 1] : "#000", 1.2, l ? "6 4" : "2 3");
+        }
+        /* dots, then the best-so-far staircase */
+        msx__sb_puts(&b, "<g fill=\"#1f77b4\" fill-opacity=\"0.45\">\n");
+        for (i = 0, passes = 0; i < n; i++) {
+            const msx__strial *T = &R->tr[i];
+            passes += msx__srun_trial_passes(R, T);
+            if (T->failed) continue;
+            msx__sb_printf(&b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.6\"/>\n", msx__svg_x(&f[p], p ? passes : i + 1),
+                           msx__svg_y(&f[p], 100 * msx__srun_score(R, T)));
+        }
+        msx__sb_puts(&b, "</g>\n<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"");
+        for (i = 0, passes = 0, best = -1; i < n; i++) {
+            const msx__strial *T = &R->tr[i];
+            double sc = T->failed ? -1 : 100 * msx__srun_score(R, T), x = msx__svg_x(&f[p], p ? passes + msx__srun_trial_passes(R, T) : i + 1);
+            passes += msx__srun_trial_passes(R, T);
+            if (sc <= best) continue;
+            if (best >= 0) msx__sb_printf(&b, "%.1f,%.1f ", x, msx__svg_y(&f[p], best));
+            best = sc;
+            msx__sb_printf(&b, "%.1f,%.1f ", x, msx__svg_y(&f[p], best));
+        }
+        if (best >= 0) msx__sb_printf(&b, "%.1f,%.1f", f[p].px + f[p].pw, msx__svg_y(&f[p], best));
+        msx__sb_puts(&b, "\"/>\n");
+    }
+    /* legend */
+    lx = 80;
+    msx__sb_printf(&b, "<circle cx=\"%.1f\" cy=\"48\" r=\"3\" fill=\"#1f77b4\" fill-opacity=\"0.45\"/>\n", lx);
+    msx__svg_text(&b, lx + 8, 52, 12, "start", "#000", "trial");
+    msx__svg_text(&b, 500, 432, 11, "middle", "#555", "dots on the lower edge: trials below the plotted range");
+    lx += 50;
+    msx__svg_line(&b, lx, 48, lx + 22, 48, "#1f77b4", 2, NULL);
+    snprintf(t, sizeof t, "best so far %.1f", best);
+    msx__svg_text(&b, lx + 27, 52, 12, "start", "#000", t);
+    lx += 140;
+    for (l = 0; l < 5; l++) {
+        msx__svg_line(&b, lx, 48, lx + 22, 48, l ? msx__svg_colors[l + 1] : "#000", 1.5, l ? "6 4" : "2 3");
+        snprintf(t, sizeof t, "%s%s %.1f", l ? "" : "best input: ", rname[l], ref[l]);
+        msx__svg_text(&b, lx + 27, 52, 12, "start", "#000", t);
+        lx += 27 + 7.0 * (double)strlen(t) + 14;
+    }
+    msx__sb_puts(&b, "</svg>\n");
+    r = msx__search_write_sb(path, &b);
+    msx__sb_free(&b);
+    return r;
+}
+
+/* pareto.svg (multi-task): parallel coordinates, one vertical axis per task
+   (calib Dice %), every trial a thin line, the Pareto front orange, the
+   chosen result blue. */
+static msx_result msx__srun_plot_pareto(const msx__srun *R, int n, int chosen, const char *path) {
+    msx__sb b = {NULL, 0, 0, 0};
+    double lo[MSX_SEARCH_MAX_TASKS], hi[MSX_SEARCH_MAX_TASKS], ax, w;
+    int *front = NULL, nf = 0, i, k, pass, K = R->n_eval;
+    unsigned char *on = NULL;
+    char t[96];
+    msx_result r;
+    front = (int *)MSX_MALLOC(sizeof(int) * (size_t)(n + 1));
+    on = (unsigned char *)msx__calloc((size_t)n + 1, 1);
+    if (!front || !on) { MSX_FREE(front); MSX_FREE(on); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    nf = msx_opt_pareto(R->opt, front, n);
+    for (i = 0; i < nf && i < n; i++) if (front[i] >= 0 && front[i] < n) on[front[i]] = 1;
+    for (k = 0; k < K; k++) { lo[k] = 1e300; hi[k] = -1e300; }
+    for (i = 0; i < n; i++)
+        for (k = 0; k < K && !R->tr[i].failed; k++) {
+            double d = 100 * R->tr[i].dice[k];
+            if (d < lo[k]) lo[k] = d;
+            if (d > hi[k]) hi[k] = d;
+        }
+    w = K > 1 ? 160.0 * (K - 1) : 160.0;
+    msx__svg_begin(&b, (int)w + 200, 470);
+    snprintf(t, sizeof t, "Calib Dice (%%) per task: %d trials, Pareto front of %d, the chosen result", n, nf);
+    msx__svg_text(&b, (w + 200) / 2, 22, 15, "middle", "#000", t);
+    /* three passes: all trials, the front, the chosen */
+    for (pass = 0; pass < 3; pass++) {
+        for (i = 0; i < n; i++) {
+            const msx__strial *T = &R->tr[i];
+            if (T->failed || (pass == 1 && !on[i]) || (pass == 2 && i != chosen) || (pass == 0 && (on[i] || i == chosen))) continue;
+            msx__sb_printf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"%s\" stroke-opacity=\"%s\" points=\"",
+                           pass == 0 ? "#999" : pass == 1 ? "#ff7f0e" : "#1f77b4", pass == 0 ? "1" : pass == 1 ? "1.6" : "3.2",
+                           pass == 0 ? "0.35" : "0.9");
+            for (k = 0; k < K; k++) {
+                double span = hi[k] - lo[k] > 1e-9 ? hi[k] - lo[k] : 1;
+                msx__sb_printf(&b, "%.1f,%.1f ", 100 + (K > 1 ? w * k / (K - 1) : 0), 80 + 320 * (1 - (100 * T->dice[k] - lo[k]) / span));
+            }
+            msx__sb_puts(&b, "\"/>\n");
+        }
+    }
+    for (k = 0; k < K; k++) {
+        ax = 100 + (K > 1 ? w * k / (K - 1) : 0);
+        msx__svg_line(&b, ax, 80, ax, 400, "#333", 1.2, NULL);
+        msx__svg_text(&b, ax, 68, 12, "middle", "#000", R->tasks[k]->name);
+        snprintf(t, sizeof t, "%.1f", hi[k]);
+        msx__svg_text(&b, ax + 5, 84, 11, "start", "#333", t);
+        snprintf(t, sizeof t, "%.1f", lo[k]);
+        msx__svg_text(&b, ax + 5, 400, 11, "start", "#333", t);
+    }
+    msx__svg_line(&b, 100, 440, 122, 440, "#999", 1, NULL);
+    msx__svg_text(&b, 127, 444, 12, "start", "#000", "trial");
+    msx__svg_line(&b, 180, 440, 202, 440, "#ff7f0e", 1.6, NULL);
+    msx__svg_text(&b, 207, 444, 12, "start", "#000", "Pareto front");
+    msx__svg_line(&b, 300, 440, 322, 440, "#1f77b4", 3.2, NULL);
+    snprintf(t, sizeof t, "chosen (trial %d, highest mean)", chosen);
+    msx__svg_text(&b, 327, 444, 12, "start", "#000", t);
+    msx__svg_text(&b, 100, 462, 11, "start", "#555", "each axis spans its task's lowest to highest calib Dice over all trials");
+    msx__sb_puts(&b, "</svg>\n");
+    r = msx__search_write_sb(path, &b);
+    msx__sb_free(&b);
+    MSX_FREE(front);
+    MSX_FREE(on);
+    return r;
+}
+
+/* plan.svg: the chosen plan as a map, one row per layer group, one column
+   per method; the chosen method's cell is filled and shows its parameters
+   (weights and t in model order). */
+static msx_result msx__srun_plot_plan(const msx__srun *R, const msx_plan *p, const char *path) {
+    static const char *const fill[4] = {"#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"};
+    msx__sb b = {NULL, 0, 0, 0};
+    char t[256];
+    int g, m, c, H = 100 + 24 * p->n_groups;
+    size_t len;
+    msx_result r;
+    msx__svg_begin(&b, 1010, H);
+    msx__svg_text(&b, 505, 22, 15, "middle", "#000", "The chosen merge plan: method and parameters per layer group");
+    len = (size_t)snprintf(t, sizeof t, "weights w and SLERP t in model order:");
+    for (m = 0; m < R->n_models && len < sizeof t; m++) len += (size_t)snprintf(t + len, sizeof t - len, " %s%s", R->stems[m], m + 1 < R->n_models ? "," : "");
+    msx__svg_text(&b, 505, 42, 12, "middle", "#444", t);
+    for (c = 0; c < 4; c++) msx__svg_text(&b, 230 + c * 195 + 97, 70, 13, "middle", "#000", msx__search_uniform_names[c]);
+    for (g = 0; g < p->n_groups; g++) {
+        const msx_group_plan *gp = &p->groups[g];
+        double y = 80 + 24 * g;
+        int pruned = R->groups[g].sel < 0;
+        msx__svg_text(&b, 220, y + 16, 12, "end", "#000", p->ids[g]);
+        for (c = 0; c < 4; c++) {
+            int here = (int)gp->method == c;
+            msx__svg_rect(&b, 230 + c * 195, y, 193, 22, here ? (pruned ? "#dddddd" : fill[c]) : "#f7f7f7", "#ffffff");
+            if (!here) continue;
+            if (pruned) snprintf(t, sizeof t, "base (fixed: no effect on Dice)");
+            else if (c == MSX_MERGE_LINEAR || c == MSX_MERGE_SLERP) {
+                const double *v = c == MSX_MERGE_LINEAR ? gp->weights : gp->t;
+                len = (size_t)snprintf(t, sizeof t, "%s", c == MSX_MERGE_LINEAR ? "w" : "t");
+                for (m = 0; m < R->n_models && len < sizeof t; m++) len += (size_t)snprintf(t + len, sizeof t - len, " %.2f", v[m]);
+            } else if (c == MSX_MERGE_TASK_ARITHMETIC) snprintf(t, sizeof t, "\xCE\xBB %.2f", gp->scale);
+            else snprintf(t, sizeof t, "drop %.2f  \xCE\xBB %.2f", gp->drop_rate, gp->scale);
+            msx__svg_text(&b, 230 + c * 195 + 97, y + 15, 12, "middle", "#000", t);
+        }
+    }
+    msx__sb_puts(&b, "</svg>\n");
+    r = msx__search_write_sb(path, &b);
+    msx__sb_free(&b);
+    return r;
+}
+
+/* Overlay PNG: prediction tinted blue, ground-truth outline red, box green. */
+static msx_result msx__search_overlay_gt(const char *path, const msx_image *img, const msx_mask *pred, const msx_mask *gt,
+                                         const float *box) {
+    msx_image cp;
+    size_t n = (size_t)img->w * (size_t)img->h;
+    int x, y, c;
+    msx_result r;
+    if (gt->w != img->w || gt->h != img->h || pred->w != img->w || pred->h != img->h)
+        return msx__err(MSX_E_SHAPE, "%s: mask and image sizes differ", path);
+    cp = *img;
+    cp.data = (unsigned char *)MSX_MALLOC(n * 3);
+    if (!cp.data) return msx__err(MSX_E_NOMEM, "out of memory");
+    memcpy(cp.data, img->data, n * 3);
+    {
+        static const unsigned char tint[3] = {30, 144, 255}, red[3] = {230, 30, 30}; /* tint as msx_overlay_png */
+        size_t i;
+        for (i = 0; i < n; i++)
+            if (pred->data[i])
+                for (c = 0; c < 3; c++) cp.data[i * 3 + c] = (unsigned char)((cp.data[i * 3 + c] + tint[c] + 1) / 2);
+        for (y = 0; y < img->h; y++) /* outline: foreground pixels with a background 4-neighbour */
+            for (x = 0; x < img->w; x++) {
+                size_t k = (size_t)y * img->w + x;
+                if (gt->data[k] && (x == 0 || y == 0 || x == img->w - 1 || y == img->h - 1 || !gt->data[k - 1] ||
+                                    !gt->data[k + 1] || !gt->data[k - (size_t)img->w] || !gt->data[k + (size_t)img->w]))
+                    for (c = 0; c < 3; c++) cp.data[k * 3 + c] = red[c];
+            }
+    }
+    r = msx_overlay_png(path, &cp, NULL, box);
+    MSX_FREE(cp.data);
+    return r;
+}
+
 /* report.md, report.json and overlays: calib and test Dice of every input
    model, the four uniform merges and the result, task by task. */
 static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_search_summary *sum) {
@@ -12417,6 +12730,8 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     msx__sset set;
     msx__sb b = {NULL, 0, 0, 0};
     char *path = NULL, *ovdir = NULL, name[64];
+    double *ovd = NULL; /* per overlay image: Dice of the result, of the best input */
+    int bin[MSX_SEARCH_MAX_TASKS];
     int k, l, i, splits[2] = {0, 1}, n_ov = R->o->n_overlays == 0 ? 3 : R->o->n_overlays < 0 ? 0 : R->o->n_overlays;
     msx_result r = MSX_OK;
     memset(&tab, 0, sizeof tab);
@@ -12433,6 +12748,8 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     tab.labels[R->n_models + 4] = (char *)"medsamix";
     for (k = 0; k < R->n_tasks; k++) tab.tasks[k] = R->tasks[k]->name;
     if ((r = msx_plan_clone(best, &p)) != MSX_OK) goto done;
+    ovd = (double *)MSX_MALLOC(sizeof(double) * 2 * (size_t)(R->n_tasks * (n_ov > 0 ? n_ov : 1)));
+    if (!ovd) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     if (n_ov > 0) {
         if (!(ovdir = msx__search_join(R->out, "overlays"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
         if ((r = msx__search_mkdir(ovdir)) != MSX_OK) goto done;
@@ -12453,21 +12770,30 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
             *msx__search_cell(&tab, l, 0, k) = m[0];
             *msx__search_cell(&tab, l, 1, k) = m[1];
         }
-        /* overlays of the first test images with the result (loaded last) */
-        for (i = 0; r == MSX_OK && i < n_ov && i < R->tasks[k]->n[1]; i++) {
-            const msx__simg *si = &R->tasks[k]->img[1][i];
-            msx__sitem *it = &set.it[set.off[1] + i];
-            msx_image img;
-            double d;
-            char *op, fn[512];
-            memset(&img, 0, sizeof img);
-            if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
-            if ((r = msx_image_load(si->image, &img)) != MSX_OK) break;
-            snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
-            if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
-            r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
-            MSX_FREE(op);
-            msx_image_free(&img);
+        /* overlays of the first test images: the result (loaded last), then
+           the task's best input model (test Dice) */
+        for (l = 1, bin[k] = 0; l < R->n_models; l++)
+            if (*msx__search_cell(&tab, l, 1, k) > *msx__search_cell(&tab, bin[k], 1, k)) bin[k] = l;
+        for (l = 0; r == MSX_OK && l < 2 && n_ov > 0; l++) {
+            if (l == 1) {
+                snprintf(name, sizeof name, bin[k] ? "model%d" : "base", bin[k]);
+                if ((r = msx_plan_set_preset(p, name)) != MSX_OK || (r = msx__srun_load_plan(R, p)) != MSX_OK) break;
+            }
+            for (i = 0; r == MSX_OK && i < n_ov && i < R->tasks[k]->n[1]; i++) {
+                const msx__simg *si = &R->tasks[k]->img[1][i];
+                msx__sitem *it = &set.it[set.off[1] + i];
+                msx_image img;
+                char *op, fn[512];
+                memset(&img, 0, sizeof img);
+                if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &ovd[(k * n_ov + i) * 2 + l])) != MSX_OK) break;
+                if ((r = msx_image_load(si->image, &img)) != MSX_OK) break;
+                if (l) snprintf(fn, sizeof fn, "%s_%s_%s.png", R->tasks[k]->name, si->stem, R->stems[bin[k]]);
+                else snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
+                if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+                r = msx__search_overlay_gt(op, &img, &R->w[0].pred, &it->gt, it->box);
+                MSX_FREE(op);
+                msx_image_free(&img);
+            }
         }
         msx__sset_free(&set);
     }
@@ -12498,7 +12824,39 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     msx__sb_puts(&b, "- Dice per image = 2|P∩G|/(|P|+|G|), box prompt = tight ground-truth box, mask token 0; task score = mean over images\n");
     msx__search_report_md_table(&tab, 0, &b);
     msx__search_report_md_table(&tab, 1, &b);
-    if (n_ov > 0) msx__sb_printf(&b, "\nOverlays of the first %d test images per task (result model): `overlays/`\n", n_ov);
+    /* plots */
+    {
+        static const char *const svg[3] = {"progress.svg", "plan.svg", "pareto.svg"};
+        for (i = 0; i < (R->o->multi ? 3 : 2) && r == MSX_OK; i++) {
+            char *sp = msx__search_join(R->out, svg[i]);
+            if (!sp) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            r = i == 0 ? msx__srun_plot_progress(R, &tab, sum->n_trials_done, sp)
+                       : i == 1 ? msx__srun_plot_plan(R, best, sp) : msx__srun_plot_pareto(R, sum->n_trials_done, sum->best_trial, sp);
+            MSX_FREE(sp);
+        }
+        if (r != MSX_OK) goto done;
+        msx__sb_puts(&b, "\n## Plots\n\n"
+                         "Search progress — calib Dice of every trial and the best so far, against trials and against encoder "
+                         "passes; dashed: the uniform merges, dotted: the best input model ([progress.svg](progress.svg)):\n\n"
+                         "![search progress](progress.svg)\n\n");
+        if (R->o->multi)
+            msx__sb_puts(&b, "Calib Dice per task of every trial, the Pareto front and the chosen result ([pareto.svg](pareto.svg)):\n\n"
+                             "![Pareto front](pareto.svg)\n\n");
+        msx__sb_puts(&b, "The chosen plan, method and parameters per layer group ([plan.svg](plan.svg)):\n\n![plan](plan.svg)\n");
+    }
+    if (n_ov > 0) {
+        msx__sb_printf(&b, "\n## Overlays\n\nThe first %d test images per task: prediction tinted blue, ground truth outlined in red, "
+                           "box prompt in green; the result beside the task's best input model (by test Dice).\n", n_ov);
+        for (k = 0; k < R->n_tasks; k++) {
+            msx__sb_printf(&b, "\n| `%s` | medsamix | %s (best input) |\n|---|---|---|\n", R->tasks[k]->name, R->stems[bin[k]]);
+            for (i = 0; i < n_ov && i < R->tasks[k]->n[1]; i++) {
+                const char *st = R->tasks[k]->img[1][i].stem;
+                msx__sb_printf(&b, "| %s | ![](overlays/%s_%s.png)<br>Dice %.1f | ![](overlays/%s_%s_%s.png)<br>Dice %.1f |\n", st,
+                               R->tasks[k]->name, st, 100 * ovd[(k * n_ov + i) * 2], R->tasks[k]->name, st, R->stems[bin[k]],
+                               100 * ovd[(k * n_ov + i) * 2 + 1]);
+            }
+        }
+    }
     if (!(path = msx__search_join(R->out, "report.md"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     if ((r = msx__search_write_sb(path, &b)) != MSX_OK) goto done;
     for (k = 0; k < R->n_tasks && k < MSX_SEARCH_MAX_TASKS; k++) {
@@ -12506,6 +12864,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
         sum->best_test[k] = *msx__search_cell(&tab, R->n_models + 4, 1, k);
     }
 done:
+    MSX_FREE(ovd);
     msx__sset_free(&set);
     msx_plan_free(p);
     MSX_FREE(tab.labels);
