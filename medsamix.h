@@ -86,7 +86,13 @@
       at a time. Each call parallelises internally with OpenMP; to run several
       evaluations at once give each its own workspace and set
       msx_sam_options.n_threads so that the threads add up to the cores.
-      msx_last_error() is per thread.
+      msx_last_error() is per thread. The library changes OpenMP settings
+      only around its own regions and restores them: the calling thread's
+      thread count (SAM calls), and the process-wide max-active-levels for
+      the duration of msx_search_run (so run one search at a time per
+      process). msx_search_run's on_trial and log callbacks run on its
+      worker threads, one at a time (under a lock).
+      The library never prints; messages go to callbacks the caller sets.
 
    OWNERSHIP
       Every *_create / *_load has exactly one matching *_free, which accepts
