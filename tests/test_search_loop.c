@@ -9,6 +9,7 @@
 #include "test.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define DEMO "examples/demo"
@@ -25,6 +26,34 @@ static msx__json *load_json(const char *dir, const char *name) {
     j = msx__json_parse((const char *)txt, len, p);
     msx_free(txt);
     return j;
+}
+
+/* A small copy of a demo task (its first n calib images and first test
+   image), to keep the test short. */
+static const char *small_task(const char *name, int n) {
+    static char dirs[4][300];
+    static int k;
+    char *dir = dirs[k++ & 3], src[400], dst[400];
+    const char *sub[4] = {"calib/images", "calib/masks", "test/images", "test/masks"};
+    int s, i;
+    snprintf(dir, 300, "%s/%s", tmp_root, name);
+    mkdir(dir, 0755);
+    snprintf(dst, sizeof dst, "%s/calib", dir); mkdir(dst, 0755);
+    snprintf(dst, sizeof dst, "%s/test", dir); mkdir(dst, 0755);
+    for (s = 0; s < 4; s++) {
+        snprintf(dst, sizeof dst, "%s/%s", dir, sub[s]);
+        mkdir(dst, 0755);
+        for (i = 0; i < (s < 2 ? n : 1); i++) {
+            void *data = NULL;
+            size_t len = 0;
+            snprintf(src, sizeof src, DEMO "/tasks/%s/%s/%03d.png", name, sub[s], s < 2 ? i : 0);
+            snprintf(dst, sizeof dst, "%s/%s/%03d.png", dir, sub[s], s < 2 ? i : 0);
+            if (msx_read_file(src, 0, &data, &len) != MSX_OK || msx_write_file_atomic(dst, data, len) != MSX_OK)
+                MSX_CHECK(0, "cannot copy %s: %s", src, msx_last_error());
+            msx_free(data);
+        }
+    }
+    return dir;
 }
 
 /* Runs the example with argv, stdout into `cap`; returns its exit status. */
@@ -131,9 +160,11 @@ static void compare(const char *name, const char **task_dirs, int n_tasks, int t
 }
 
 int main(void) {
-    const char *single[1] = {DEMO "/tasks/mri_abdomen"};
-    const char *multi[2] = {DEMO "/tasks/mri_ring", DEMO "/tasks/us_cyst"};
+    const char *single[1], *multi[2];
     if (!mkdtemp(tmp_root)) { fprintf(stderr, "mkdtemp failed\n"); return 1; }
+    single[0] = small_task("mri_abdomen", 6);
+    multi[0] = small_task("mri_ring", 4);
+    multi[1] = small_task("us_cyst", 4);
     /* past the starting points and the design into model-based proposals */
     compare("single", single, 1, msx_search_n_initial(2) + 12, 3);
     compare("multi", multi, 2, msx_search_n_initial(2) + 6, 4);

@@ -25,10 +25,12 @@ static void cmd_search_on_signal(int sig) {
 typedef struct cmd_log_state {
     int live;      /* progress as a live line */
     int line_open; /* a live line is on screen */
+    int quiet;     /* --quiet: warnings only */
 } cmd_log_state;
 
 static void cmd_log(int level, const char *msg, void *user) {
     cmd_log_state *st = (cmd_log_state *)user;
+    if (st->quiet && level != MSX_LOG_WARN) return;
     if (level == MSX_LOG_PROGRESS && st->live) {
         printf("\r\033[K%s", msg);
         st->line_open = 1;
@@ -71,7 +73,7 @@ static const char *const search_usage =
     "  --max-images N       at most N images per split\n"
     "  --overlays N         overlay PNGs per task (default 3, 0 = none)\n"
     "  --no-report          skip the final calib/test report\n"
-    "  --plain / --quiet    progress as plain lines / no progress\n";
+    "  --plain / --quiet    progress as plain lines / only warnings (failed trials)\n";
 
 static const char *const eval_usage =
     "usage: medsamix eval --model M --tasks DIR [DIR ..] [--split calib|test] [options]\n"
@@ -172,7 +174,7 @@ static void cmd_print_file(const char *dir, const char *name) {
 int msx_cmd_search(int argc, char **argv) {
     msx_search_options o;
     msx_search_summary s;
-    cmd_log_state ls = {0, 0};
+    cmd_log_state ls = {0, 0, 0};
     int plain = 0;
     const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
     int i, n;
@@ -204,7 +206,7 @@ int msx_cmd_search(int argc, char **argv) {
             i++;
         }
         else if (!strcmp(a, "--plain")) plain = 1;
-        else if (!strcmp(a, "--quiet")) o.progress = -1;
+        else if (!strcmp(a, "--quiet")) { o.progress = -1; ls.quiet = 1; }
         else if (!strcmp(a, "--out") && v) { o.out_dir = v; i++; }
         else if (!strcmp(a, "--config") && v) { o.arch_config = v; i++; }
         else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
