@@ -223,7 +223,7 @@ int msx_cmd_search(int argc, char **argv) {
     }
     if (!o.out_dir) o.out_dir = "runs/search";
     o.cancel = &cmd_search_stop;
-    ls.live = !plain && isatty(fileno(stdout));
+    ls.live = !plain && isatty(STDOUT_FILENO);
     o.log = cmd_log;
     o.user = &ls;
     signal(SIGINT, cmd_search_on_signal);
