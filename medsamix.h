@@ -77,7 +77,7 @@
       optimiser   search spaces, random forest, EI / log-EI, local GP
                   refinement, ParEGO, Pareto archive, ask/tell, state files
       search      task folders, calib cache, evaluation, the MedSAMix
-                  search loop, trial log + resume, reports
+                  search loop, trial log + resume, reports with SVG plots
 
    THREAD SAFETY
       Loaded checkpoints, msx_sam models, mergers' inputs and search spaces
@@ -1255,8 +1255,9 @@ typedef struct msx_search_summary {
 } msx_search_summary;
 
 /* Runs a whole search and writes, in out_dir: trials.jsonl, best_plan.json,
-   best.safetensors, report.md, report.json, overlays/ (and pareto front in
-   best_plan.json for multi-task). */
+   best.safetensors, report.md (linking the plots and overlays), report.json,
+   progress.svg, plan.svg, overlays/ (multi-task also pareto.json, pareto.svg
+   and the front in best_plan.json). Prints nothing (see `log`). */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
 /* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
