@@ -240,6 +240,13 @@ MSXDEF void msx_ckpt_filter(msx_checkpoint *c, const unsigned char *keep);
 MSXDEF msx_result msx_ckpt_to_f32(msx_checkpoint *c);
 /* Float64 sum and sum of |x| of a tensor's elements (any numeric dtype). */
 MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum);
+/* Number of NaN / infinite elements of a floating tensor (0 for integers). */
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t);
+/* MSX_E_FORMAT when any tensor holds NaN or infinity: the message names the
+   first such tensors (with counts) and the total. Loading does not refuse
+   such files (inspect shows them); msx_sam_load does. `what` names the
+   model in the message (NULL: its path). */
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what);
 
 /* --- safetensors ------------------------------------------------------- */
 /* Reads a .safetensors file. Tensors keep their stored dtype. */
@@ -262,8 +269,21 @@ MSXDEF uint64_t msx_rng_below(msx_rng *r, uint64_t n); /* [0, n) unbiased */
 MSXDEF double msx_time_now(void); /* monotonic seconds */
 
 /* Writes `len` bytes to `path` atomically (temp file in the same folder,
-   fsync, rename). */
+   fsync, rename). Replacing an existing file keeps its permission bits and
+   is refused (MSX_E_IO) when the user may not write it: no write permission
+   (access W_OK) or no write bit at all in its mode (a 0444 file is refused
+   even for root, who bypasses access()). A symbolic link is written through:
+   its target is replaced and the link kept. A directory is refused. */
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len);
+/* 1 when a and b name the same file: device + inode after resolving links;
+   a path that does not exist yet is identified by its folder (resolved the
+   same way) + its last component. 0 otherwise (also when neither can be
+   resolved). */
+MSXDEF int msx_same_file(const char *a, const char *b);
+/* Refuses, before any work, outputs that would overwrite an input or each
+   other (msx_same_file on every pair; NULL entries are skipped): MSX_E_ARG
+   naming both paths. Tools call it with every file they read and write. */
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out);
 /* Reads a whole file (at most max_bytes; 0 = MSX_MAX_FILE_BYTES). Free with
    msx_free(). */
 MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data, size_t *len);
@@ -326,6 +346,17 @@ MSXDEF msx_result msx_ckpt_load_mem(const void *buf, size_t len, const char *wha
 /* torch spelling of a dtype: "float32", "bfloat16", ... */
 MSXDEF const char *msx_dtype_torch_name(msx_dtype t);
 
+/* Writes the tensors of `c` as a PyTorch checkpoint, the layout of
+   torch.save(state_dict) since torch 1.6: a zip archive (entries stored,
+   data 64-byte aligned) with archive/data.pkl (pickle protocol 2: an
+   OrderedDict of torch._utils._rebuild_tensor_v2 over one persistent-id
+   storage per tensor, contiguous strides), archive/data/<k>,
+   archive/byteorder ("little") and archive/version ("3"). Readable by
+   torch.load(path, weights_only=True) and by msx_ckpt_load; keys and order
+   as in `c`. Every dtype except none; files above 4 GiB (zip64) are refused.
+   Atomic (msx_write_file_atomic). */
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c);
+
 /* SAM ViT-B hyperparameters (the defaults every field falls back to). */
 MSXDEF void msx_sam_arch_default(msx_sam_arch *arch);
 /* Every hyperparameter the shapes determine (image size, patch, embed dim,
@@ -356,7 +387,8 @@ MSXDEF int msx_sam_key_count(const msx_sam_arch *arch);
 MSXDEF msx_result msx_sam_key_at(const msx_sam_arch *arch, int i, char *name, size_t name_cap,
                                  int *ndim, int64_t shape[MSX_MAX_DIMS]);
 /* load + infer + JSON override (config may be NULL) + validate + canonical
-   order. On failure *ck is NULL. `arch` may be NULL. */
+   order + refusal of NaN/infinite weights (msx_ckpt_check_finite). On
+   failure *ck is NULL. `arch` may be NULL. */
 MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_checkpoint **ck,
                                msx_sam_arch *arch);
 
@@ -862,11 +894,18 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
 MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkpoint *out,
                                  msx_merge_report *report);
 
-/* Writes `merged` as .safetensors (the exact SAM key names, F32, the plan
-   JSON also in __metadata__["medsamix_plan"]) and the plan JSON beside it:
-   `path` with a trailing ".safetensors" replaced by ".plan.json" (otherwise
-   ".plan.json" is appended). plan may be NULL (no plan file). Atomic. */
+/* Writes `merged` in the format its name says: ".safetensors" (the exact
+   SAM key names, F32, the plan JSON also in __metadata__["medsamix_plan"])
+   or ".pth" / ".pt" (a torch.save zip checkpoint, msx_pth_save, that
+   torch.load(weights_only=True) reads and Sam.load_state_dict(strict=True)
+   accepts); any other name is MSX_E_ARG. The plan JSON goes beside it:
+   `path` with that extension replaced by ".plan.json". plan may be NULL (no
+   plan file). A model with NaN/infinite weights is refused. Atomic. */
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan);
+/* After msx_merger_run: MSX_E_ARG when `out` holds NaN/infinite weights,
+   naming the first such group, its method and hyperparameters, a tensor
+   and the count (e.g. task_arithmetic with scale 1e39 overflows float32). */
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out);
 
 #ifdef __cplusplus
 }
@@ -1329,11 +1368,16 @@ MSXDEF const char *msx_last_error(void) { return msx__errbuf; }
 MSXDEF void msx_clear_error(void) { msx__errbuf[0] = 0; }
 
 /* Sets the thread's message and returns r, so callers can `return msx__err(...)`. */
+/* Formats into a local buffer first: callers often wrap the previous message
+   (msx__err(r, "%s: %s", path, msx_last_error())), and formatting straight
+   into the slot the arguments point to cut and repeated such messages. */
 static MSX__PRINTF(2, 3) msx_result msx__err(msx_result r, const char *fmt, ...) {
+    char tmp[sizeof msx__errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msx__errbuf, sizeof msx__errbuf, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(msx__errbuf, tmp, sizeof tmp);
     msx__errcode = r;
     return r;
 }
@@ -1688,6 +1732,13 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     *len = 0;
     f = fopen(path, "rb");
     if (!f) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
+    {
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+            fclose(f);
+            return msx__err(MSX_E_IO, "%s: is a directory, not a file", path);
+        }
+    }
     if (fseek(f, 0, SEEK_END) != 0 || (sz = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return msx__err(MSX_E_IO, "%s: cannot determine the file size (not a regular file?)", path);
@@ -1710,39 +1761,195 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     return MSX_OK;
 }
 
+/* The file a chain of symbolic links ends at (relative targets taken from
+   the link's folder), malloc'd; NULL on a loop or error. */
+static char *msx__link_target(const char *path) {
+    char *cur = (char *)malloc(strlen(path) + 1);
+    int hops;
+    if (!cur) return NULL;
+    strcpy(cur, path);
+    for (hops = 0; hops < 40; hops++) {
+        struct stat st;
+        char buf[4096], *nx;
+        const char *slash;
+        ssize_t k;
+        size_t dl;
+        if (lstat(cur, &st) != 0 || !S_ISLNK(st.st_mode)) return cur;
+        k = readlink(cur, buf, sizeof buf - 1);
+        if (k <= 0) break;
+        buf[k] = 0;
+        slash = strrchr(cur, '/');
+        dl = buf[0] == '/' || !slash ? 0 : (size_t)(slash - cur) + 1;
+        nx = (char *)malloc(dl + (size_t)k + 1);
+        if (!nx) break;
+        memcpy(nx, cur, dl);
+        memcpy(nx + dl, buf, (size_t)k + 1);
+        free(cur);
+        cur = nx;
+    }
+    free(cur);
+    return NULL;
+}
+
+/* Where an atomic write of `path` lands and with which mode: the target of
+   a symbolic link (the link is kept), refusing directories, special files
+   and files the user may not write. *target is malloc'd (free()). */
+static msx_result msx__write_target(const char *path, char **target, int *keep_mode, mode_t *mode) {
+    struct stat st;
+    *target = NULL;
+    *keep_mode = 0;
+    *mode = 0;
+    if (lstat(path, &st) != 0) return MSX_OK; /* a new file */
+    if (S_ISLNK(st.st_mode)) {
+        *target = msx__link_target(path);
+        if (!*target || stat(*target, &st) != 0) {
+            free(*target);
+            *target = NULL;
+            return msx__err(MSX_E_IO, "%s: a symbolic link whose target does not exist; not written (remove the link or "
+                            "give the target's path)", path);
+        }
+    }
+    if (S_ISDIR(st.st_mode)) { free(*target); *target = NULL; return msx__err(MSX_E_IO, "%s: is a directory, not a file", path); }
+    if (!S_ISREG(st.st_mode)) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: exists and is not a regular file; not replaced", path);
+    }
+    if ((st.st_mode & 0222) == 0 || access(*target ? *target : path, W_OK) != 0) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: read-only file (mode %04o); not replaced. Make it writable (chmod u+w) or choose "
+                        "another output", path, (unsigned)(st.st_mode & 07777));
+    }
+    *keep_mode = 1;
+    *mode = st.st_mode & 07777;
+    return MSX_OK;
+}
+
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len) {
-    size_t n = strlen(path);
-    char *tmp = (char *)MSX_MALLOC(n + 32);
-    int fd;
+    char *target = NULL, *tmp;
+    const char *dst;
+    int fd, keep_mode;
+    mode_t mode;
     const unsigned char *p = (const unsigned char *)data;
-    size_t left = len;
-    if (!tmp) return msx__err(MSX_E_NOMEM, "out of memory");
-    snprintf(tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    size_t left = len, n;
+    msx_result r;
+    if (!path || !*path) return msx__err(MSX_E_ARG, "write: empty file name");
+    if ((r = msx__write_target(path, &target, &keep_mode, &mode)) != MSX_OK) return r;
+    dst = target ? target : path;
+    n = strlen(dst);
+    tmp = (char *)MSX_MALLOC(n + 32);
+    if (!tmp) { free(target); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    snprintf(tmp, n + 32, "%s.tmp.%ld", dst, (long)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, keep_mode ? 0600 : 0666);
     if (fd < 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
+        r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
         MSX_FREE(tmp);
+        free(target);
+        return r;
+    }
+    if (keep_mode && fchmod(fd, mode) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot give the new file the old mode %04o (%s)", path, (unsigned)mode, strerror(errno));
+        close(fd);
+        unlink(tmp);
+        MSX_FREE(tmp);
+        free(target);
         return r;
     }
     while (left) {
         ssize_t w = write(fd, p, left);
         if (w < 0) {
             if (errno == EINTR) continue;
+            r = msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
             close(fd);
             unlink(tmp);
             MSX_FREE(tmp);
-            return msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
+            free(target);
+            return r;
         }
         p += w;
         left -= (size_t)w;
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, dst) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
         unlink(tmp);
         MSX_FREE(tmp);
+        free(target);
         return r;
     }
     MSX_FREE(tmp);
+    free(target);
+    return MSX_OK;
+}
+
+/* File identity: device + inode of an existing file (links followed), else
+   those of its folder + its last path component. */
+typedef struct msx__fid {
+    int kind; /* 0 unknown, 1 existing file, 2 not yet existing */
+    dev_t dev;
+    ino_t ino;
+    const char *name;
+    size_t name_len;
+} msx__fid;
+
+static void msx__file_id(const char *path, msx__fid *id) {
+    struct stat st;
+    const char *slash;
+    memset(id, 0, sizeof *id);
+    if (!path || !*path) return;
+    if (stat(path, &st) == 0) {
+        id->kind = 1;
+        id->dev = st.st_dev;
+        id->ino = st.st_ino;
+        return;
+    }
+    slash = strrchr(path, '/');
+    if (!slash) {
+        if (stat(".", &st) != 0) return;
+        id->name = path;
+    } else {
+        size_t dl = (size_t)(slash - path);
+        char *dir = (char *)MSX_MALLOC(dl + 2);
+        int ok;
+        if (!dir) return;
+        if (dl == 0) { dir[0] = '/'; dir[1] = 0; }
+        else { memcpy(dir, path, dl); dir[dl] = 0; }
+        ok = stat(dir, &st) == 0;
+        MSX_FREE(dir);
+        if (!ok) return;
+        id->name = slash + 1;
+    }
+    id->kind = 2;
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    id->name_len = strlen(id->name);
+}
+
+static int msx__fid_same(const msx__fid *a, const msx__fid *b) {
+    if (!a->kind || a->kind != b->kind || a->dev != b->dev || a->ino != b->ino) return 0;
+    return a->kind == 1 || (a->name_len == b->name_len && !memcmp(a->name, b->name, a->name_len));
+}
+
+MSXDEF int msx_same_file(const char *a, const char *b) {
+    msx__fid x, y;
+    msx__file_id(a, &x);
+    msx__file_id(b, &y);
+    return msx__fid_same(&x, &y);
+}
+
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out) {
+    int i, j;
+    for (i = 0; i < n_out; i++) {
+        if (!outputs[i]) continue;
+        for (j = 0; j < n_in; j++)
+            if (inputs[j] && msx_same_file(outputs[i], inputs[j]))
+                return msx__err(MSX_E_ARG, "output %s is the same file as the input %s; refusing to overwrite an input "
+                                "(choose another output name)", outputs[i], inputs[j]);
+        for (j = 0; j < i; j++)
+            if (outputs[j] && msx_same_file(outputs[i], outputs[j]))
+                return msx__err(MSX_E_ARG, "outputs %s and %s are the same file; one would overwrite the other",
+                                outputs[j], outputs[i]);
+    }
     return MSX_OK;
 }
 
@@ -1808,6 +2015,45 @@ MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum) {
     }
     *sum = s;
     *abs_sum = a;
+}
+
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t) {
+    int64_t i, n = 0;
+    if (!t || !t->data) return 0;
+    if (t->dtype == MSX_F32) {
+        const unsigned char *p = (const unsigned char *)t->data;
+        for (i = 0; i < t->numel; i++) {
+            uint32_t b;
+            memcpy(&b, p + 4 * i, 4);
+            n += (b & 0x7F800000u) == 0x7F800000u;
+        }
+        return n;
+    }
+    if (t->dtype != MSX_F64 && t->dtype != MSX_F16 && t->dtype != MSX_BF16) return 0;
+    for (i = 0; i < t->numel; i++) n += !isfinite(msx__elem_as_double(t->data, t->dtype, i));
+    return n;
+}
+
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what) {
+    msx__sb b = {0, 0, 0, 0};
+    int i, nt = 0;
+    int64_t total = 0;
+    msx_result r = MSX_OK;
+    if (!c) return msx__err(MSX_E_ARG, "msx_ckpt_check_finite: NULL checkpoint");
+    if (!what) what = c->path ? c->path : "checkpoint";
+    for (i = 0; i < c->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&c->tensors[i]);
+        if (!k) continue;
+        if (nt < 5) msx__sb_printf(&b, "%s'%s' (%lld of %lld)", nt ? ", " : "", c->tensors[i].name, (long long)k,
+                                   (long long)c->tensors[i].numel);
+        nt++;
+        total += k;
+    }
+    if (nt)
+        r = msx__err(MSX_E_FORMAT, "%s: %lld NaN/infinite weight(s) in %d tensor(s): %s%s; a broken model is refused "
+                     "(inspect lists every tensor)", what, (long long)total, nt, b.s ? b.s : "", nt > 5 ? ", ..." : "");
+    msx__sb_free(&b);
+    return r;
 }
 
 /* ---- the tensor table -------------------------------------------------------- */
@@ -2086,7 +2332,10 @@ static msx_result msx__map_file(const char *path, const void **map, size_t *len)
     if (!path) return msx__err(MSX_E_ARG, "file path is NULL");
     fd = open(path, O_RDONLY);
     if (fd < 0) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return msx__err(MSX_E_IO, "%s: not a regular file", path); }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return msx__err(MSX_E_IO, "%s: %s", path, S_ISDIR(st.st_mode) ? "is a directory, not a file" : "not a regular file");
+    }
     if ((uint64_t)st.st_size > (uint64_t)MSX_MAX_FILE_BYTES) { close(fd); return msx__err(MSX_E_LIMIT, "%s: larger than MSX_MAX_FILE_BYTES", path); }
     if (st.st_size == 0) { close(fd); return msx__err(MSX_E_FORMAT, "%s: empty file", path); }
     m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -3225,6 +3474,180 @@ MSXDEF msx_result msx_ckpt_load(const char *path, msx_checkpoint **out) {
     return r;
 }
 
+/* ---- .pth writer (torch.save layout) ------------------------------------------ */
+
+static const char *msx__pth_storage_name(msx_dtype t) {
+    switch (t) {
+    case MSX_F32: return "FloatStorage";
+    case MSX_F16: return "HalfStorage";
+    case MSX_BF16: return "BFloat16Storage";
+    case MSX_F64: return "DoubleStorage";
+    case MSX_I64: return "LongStorage";
+    case MSX_I32: return "IntStorage";
+    case MSX_I16: return "ShortStorage";
+    case MSX_I8: return "CharStorage";
+    case MSX_U8: return "ByteStorage";
+    case MSX_BOOL: return "BoolStorage";
+    default: return NULL;
+    }
+}
+
+static void msx__pk_str(msx__sb *b, const char *s) { /* BINUNICODE */
+    size_t n = strlen(s);
+    unsigned char h[5];
+    h[0] = 'X';
+    h[1] = (unsigned char)n; h[2] = (unsigned char)(n >> 8); h[3] = (unsigned char)(n >> 16); h[4] = (unsigned char)(n >> 24);
+    msx__sb_putn(b, (const char *)h, 5);
+    msx__sb_putn(b, s, n);
+}
+static void msx__pk_int(msx__sb *b, int64_t v) {
+    unsigned char h[10];
+    int k;
+    if (v >= INT32_MIN && v <= INT32_MAX) { /* BININT */
+        uint32_t u = (uint32_t)(int32_t)v;
+        h[0] = 'J';
+        for (k = 0; k < 4; k++) h[1 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 5);
+    } else { /* LONG1, 8 bytes two's complement */
+        uint64_t u = (uint64_t)v;
+        h[0] = 0x8a;
+        h[1] = 8;
+        for (k = 0; k < 8; k++) h[2 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 10);
+    }
+}
+static void msx__pk_global(msx__sb *b, const char *mod, const char *name) {
+    msx__sb_puts(b, "c");
+    msx__sb_puts(b, mod);
+    msx__sb_puts(b, "\n");
+    msx__sb_puts(b, name);
+    msx__sb_puts(b, "\n");
+}
+
+static void msx__zip_put16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void msx__zip_put32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c) {
+    msx__sb pk = {0, 0, 0, 0}, zf = {0, 0, 0, 0}, cd = {0, 0, 0, 0};
+    int i, k, n_ent;
+    msx_result r = MSX_OK;
+    if (!path || !c) return msx__err(MSX_E_ARG, "msx_pth_save: NULL argument");
+    /* data.pkl: OrderedDict((name, _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())), ...) */
+    msx__sb_putn(&pk, "\x80\x02", 2);
+    msx__pk_global(&pk, "collections", "OrderedDict");
+    msx__sb_puts(&pk, ")R(");
+    for (i = 0; i < c->n; i++) {
+        const msx_tensor *t = &c->tensors[i];
+        const char *sn = msx__pth_storage_name(t->dtype);
+        char key[24];
+        int64_t stride = 1, st[MSX_MAX_DIMS];
+        if (!sn) { msx__sb_free(&pk); return msx__err(MSX_E_UNSUPPORTED, "%s: tensor '%s' has a dtype torch cannot store", path, t->name); }
+        for (k = t->ndim - 1; k >= 0; k--) { st[k] = stride; stride *= t->shape[k]; }
+        snprintf(key, sizeof key, "%d", i);
+        msx__pk_str(&pk, t->name);
+        msx__pk_global(&pk, "torch._utils", "_rebuild_tensor_v2");
+        msx__sb_puts(&pk, "((");
+        msx__pk_str(&pk, "storage");
+        msx__pk_global(&pk, "torch", sn);
+        msx__pk_str(&pk, key);
+        msx__pk_str(&pk, "cpu");
+        msx__pk_int(&pk, t->numel);
+        msx__sb_puts(&pk, "tQ");
+        msx__pk_int(&pk, 0);
+        msx__sb_puts(&pk, "(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, t->shape[k]);
+        msx__sb_puts(&pk, "t(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, st[k]);
+        msx__sb_putn(&pk, "t\x89", 2);
+        msx__pk_global(&pk, "collections", "OrderedDict");
+        msx__sb_puts(&pk, ")RtR");
+    }
+    msx__sb_puts(&pk, "u.");
+    if (pk.oom) { msx__sb_free(&pk); return msx__err(MSX_E_NOMEM, "%s: out of memory", path); }
+    /* the archive: data.pkl, byteorder, data/0.., version; then the central directory */
+    n_ent = c->n + 3;
+    for (i = 0; i < n_ent && r == MSX_OK; i++) {
+        char name[64];
+        const unsigned char *data;
+        size_t len, pad, at;
+        unsigned char h[46];
+        uint32_t crc;
+        if (i == 0) { snprintf(name, sizeof name, "archive/data.pkl"); data = (const unsigned char *)pk.s; len = pk.n; }
+        else if (i == 1) { snprintf(name, sizeof name, "archive/byteorder"); data = (const unsigned char *)"little"; len = 6; }
+        else if (i < n_ent - 1) {
+            const msx_tensor *t = &c->tensors[i - 2];
+            snprintf(name, sizeof name, "archive/data/%d", i - 2);
+            data = (const unsigned char *)t->data;
+            len = (size_t)t->numel * msx_dtype_size(t->dtype);
+        } else { snprintf(name, sizeof name, "archive/version"); data = (const unsigned char *)"3\n"; len = 2; }
+        /* pad with an extra field so the data starts 64-byte aligned, as torch does */
+        at = zf.n + 30 + strlen(name);
+        pad = (64 - (at + 4) % 64) % 64;
+        if ((uint64_t)zf.n + 30 + strlen(name) + 4 + pad + len > 0xFFFFFFFFull) {
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB; the .pth writer has no zip64 (write .safetensors instead)", path);
+            break;
+        }
+        crc = msx__ck_crc32(data, len);
+        memset(h, 0, sizeof h);
+        msx__zip_put32(h, 0x04034b50u);
+        msx__zip_put16(h + 4, 20);
+        msx__zip_put32(h + 14, crc);
+        msx__zip_put32(h + 18, (uint32_t)len);
+        msx__zip_put32(h + 22, (uint32_t)len);
+        msx__zip_put16(h + 26, (uint32_t)strlen(name));
+        msx__zip_put16(h + 28, (uint32_t)(4 + pad));
+        {
+            unsigned char cdh[46];
+            memset(cdh, 0, sizeof cdh);
+            msx__zip_put32(cdh, 0x02014b50u);
+            msx__zip_put16(cdh + 4, 20);
+            msx__zip_put16(cdh + 6, 20);
+            msx__zip_put32(cdh + 16, crc);
+            msx__zip_put32(cdh + 20, (uint32_t)len);
+            msx__zip_put32(cdh + 24, (uint32_t)len);
+            msx__zip_put16(cdh + 28, (uint32_t)strlen(name));
+            msx__zip_put32(cdh + 42, (uint32_t)zf.n);
+            msx__sb_putn(&cd, (const char *)cdh, 46);
+            msx__sb_puts(&cd, name);
+        }
+        msx__sb_putn(&zf, (const char *)h, 30);
+        msx__sb_puts(&zf, name);
+        {
+            unsigned char x[4 + 64];
+            memset(x, 'Z', sizeof x);
+            msx__zip_put16(x, 0x4246); /* "FB", torch's padding record */
+            msx__zip_put16(x + 2, (uint32_t)pad);
+            msx__sb_putn(&zf, (const char *)x, 4 + pad);
+        }
+        if (len) msx__sb_putn(&zf, (const char *)data, len);
+        if (zf.oom || cd.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+    }
+    if (r == MSX_OK) {
+        unsigned char e[22];
+        uint32_t cd_off = (uint32_t)zf.n;
+        if ((uint64_t)zf.n + cd.n + 22 > 0xFFFFFFFFull || n_ent > 0xFFFF)
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB or 65535 entries; the .pth writer has no zip64 (write .safetensors instead)", path);
+        else {
+            msx__sb_putn(&zf, cd.s, cd.n);
+            memset(e, 0, sizeof e);
+            msx__zip_put32(e, 0x06054b50u);
+            msx__zip_put16(e + 8, (uint32_t)n_ent);
+            msx__zip_put16(e + 10, (uint32_t)n_ent);
+            msx__zip_put32(e + 12, (uint32_t)cd.n);
+            msx__zip_put32(e + 16, cd_off);
+            msx__sb_putn(&zf, (const char *)e, 22);
+            if (zf.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+            else r = msx_write_file_atomic(path, zf.s, zf.n);
+        }
+    }
+    msx__sb_free(&pk);
+    msx__sb_free(&cd);
+    msx__sb_free(&zf);
+    return r;
+}
+
 /* ---- SAM architecture ----------------------------------------------------------- */
 
 MSXDEF void msx_sam_arch_default(msx_sam_arch *a) {
@@ -3433,6 +3856,22 @@ static const msx_tensor *msx__ck_need(const msx_checkpoint *ck, const char *name
     return t;
 }
 
+/* 1 + the largest N of any key "<prefix>N." (at most 64), 0 if none. */
+static int msx__ck_count_indexed(const msx_checkpoint *ck, const char *prefix) {
+    size_t pl = strlen(prefix);
+    int i, best = 0;
+    for (i = 0; i < ck->n; i++) {
+        const char *nm = ck->tensors[i].name, *p;
+        int v = 0;
+        if (strncmp(nm, prefix, pl)) continue;
+        p = nm + pl;
+        if (*p < '0' || *p > '9') continue;
+        while (*p >= '0' && *p <= '9' && v < 1000) v = v * 10 + (*p++ - '0');
+        if (*p == '.' && v < 64 && v + 1 > best) best = v + 1;
+    }
+    return best;
+}
+
 MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) {
     const char *what;
     const msx_tensor *t, *pe;
@@ -3454,10 +3893,9 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
         if (pe->ndim != 4 || pe->shape[1] != pe->shape[2] || pe->shape[1] <= 0) return msx__err(MSX_E_SHAPE, "%s: image_encoder.pos_embed must be 1 x H x H x C", what);
         g = (int)pe->shape[1];
     }
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "image_encoder.blocks.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
+    /* counts from the largest index present (not the first gap), so a
+       missing tensor is reported by name rather than as a shorter model */
+    i = msx__ck_count_indexed(ck, "image_encoder.blocks.");
     if (i == 0) return msx__err(MSX_E_KEY_MISMATCH, "%s: not a SAM checkpoint: no image_encoder.blocks.0.*", what);
     a->depth = i;
     t = msx__ck_need(ck, "image_encoder.blocks.0.mlp.lin1.weight", 2, &r);
@@ -3506,11 +3944,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "prompt_encoder.mask_downscaling.3.weight", 4, &r);
     if (!t) return r;
     a->mask_in_chans = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.transformer.layers.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->dec_depth = i;
+    a->dec_depth = msx__ck_count_indexed(ck, "mask_decoder.transformer.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_token.weight", 2, &r);
     if (!t) return r;
     a->dec_dim = (int)t->shape[1];
@@ -3523,11 +3957,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "mask_decoder.mask_tokens.weight", 2, &r);
     if (!t) return r;
     a->num_mask_tokens = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.iou_prediction_head.layers.%d.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->iou_head_depth = i;
+    a->iou_head_depth = msx__ck_count_indexed(ck, "mask_decoder.iou_prediction_head.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_prediction_head.layers.0.weight", 2, &r);
     if (!t) return r;
     a->iou_head_hidden = (int)t->shape[0];
@@ -3801,6 +4231,7 @@ MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_ch
     if (r == MSX_OK) r = msx_sam_arch_infer(c, &a);
     if (r == MSX_OK && config_json) r = msx_sam_arch_load_json(config_json, &a);
     if (r == MSX_OK) r = msx_sam_canonical_order(c, &a); /* validates first */
+    if (r == MSX_OK) r = msx_ckpt_check_finite(c, path); /* a NaN model segments to nothing, silently */
     if (r != MSX_OK) { msx_ckpt_free(c); return r; }
     if (arch) *arch = a;
     *ck = c;
@@ -6882,11 +7313,13 @@ static void msx__linear_range(float *out, const float *const *src, const float *
 }
 
 /* Normalised float32 weights; 0 when Σw == 0 (the reference raises). */
+/* 1 on success; 0 when the weights sum to 0, -1 when the sum overflows. */
 static int msx__merge_linear_weights(const double *w, int n, float *wf) {
     double s = 0;
     int i;
     for (i = 0; i < n; i++) s += w[i];
-    if (s == 0 || !isfinite(s)) return 0;
+    if (!isfinite(s)) return -1;
+    if (s == 0) return 0;
     for (i = 0; i < n; i++) wf[i] = (float)(w[i] / s);
     return 1;
 }
@@ -6977,7 +7410,9 @@ MSXDEF msx_result msx_merge_tensor_linear(float *out, const float *const *src, c
     for (i = 0; i < n_src; i++)
         if (!isfinite(weights[i]) || weights[i] < 0)
             return msx__err(MSX_E_ARG, "linear: weight %d (%g) must be a finite number >= 0", i, weights[i]);
-    if (!msx__merge_linear_weights(weights, n_src, wf))
+    if ((i = msx__merge_linear_weights(weights, n_src, wf)) < 0)
+        return msx__err(MSX_E_ARG, "linear: the weights sum to infinity (too large to normalise)");
+    if (!i)
         return msx__err(MSX_E_ARG, "linear: the weights sum to 0 (the reference raises ZeroDivisionError and its "
                         "pipeline keeps the base tensor)");
     (void)nth;
@@ -8193,7 +8628,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0;
+    int need_scratch = 0, n_coop = 0, k;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -8220,7 +8655,9 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         msx__merge_gstate *s = &m->gs[g];
         const char *why = NULL;
         s->action = 1 + (int)gp->method;
-        if (gp->method == MSX_MERGE_LINEAR && !msx__merge_linear_weights(gp->weights, n_models, s->wf))
+        if (gp->method == MSX_MERGE_LINEAR && (k = msx__merge_linear_weights(gp->weights, n_models, s->wf)) < 0)
+            return msx__err(MSX_E_ARG, "merge: group %s: the linear weights sum to infinity (too large to normalise)", plan->ids[g]);
+        if (gp->method == MSX_MERGE_LINEAR && !k)
             why = "linear weights sum to 0 (the reference raises ZeroDivisionError and keeps the base)";
         else if (gp->method == MSX_MERGE_TASK_ARITHMETIC && m->n_ft < 2)
             why = "task_arithmetic with one fine-tuned model (the reference raises IndexError and keeps the base)";
@@ -8329,29 +8766,83 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
 
 /* ---- export ------------------------------------------------------------------------ */
 
+/* 1 = safetensors, 2 = torch zip, 0 = unknown; *stem_len = length before the extension. */
+static int msx__export_format(const char *path, size_t *stem_len) {
+    static const char *const ext[3] = {".safetensors", ".pth", ".pt"};
+    size_t n = strlen(path), k;
+    int i;
+    for (i = 0; i < 3; i++) {
+        k = strlen(ext[i]);
+        if (n > k && !strcmp(path + n - k, ext[i])) { *stem_len = n - k; return i ? 2 : 1; }
+    }
+    *stem_len = n;
+    return 0;
+}
+
+static void msx__group_describe(const msx_group_plan *g, int n_models, char *buf, size_t cap) {
+    int k;
+    size_t n;
+    snprintf(buf, cap, "%s", msx_merge_method_name(g->method));
+    n = strlen(buf);
+    switch (g->method) {
+    case MSX_MERGE_LINEAR:
+    case MSX_MERGE_SLERP:
+        snprintf(buf + n, cap - n, g->method == MSX_MERGE_LINEAR ? ", weights" : ", t");
+        for (k = 0; k < n_models && (n = strlen(buf)) < cap; k++) snprintf(buf + n, cap - n, "%s%g", k ? "," : " ", g->method == MSX_MERGE_LINEAR ? g->weights[k] : g->t[k]);
+        break;
+    case MSX_MERGE_TIES: snprintf(buf + n, cap - n, ", drop_rate %g, scale %g", g->drop_rate, g->scale); break;
+    default: snprintf(buf + n, cap - n, ", scale %g", g->scale); break;
+    }
+}
+
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out) {
+    int i, bad = -1, gbad = -1;
+    int64_t total = 0, first = 0;
+    char desc[256];
+    if (!m || !plan || !out) return msx__err(MSX_E_ARG, "msx_merger_check_finite: NULL argument");
+    for (i = 0; i < out->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&out->tensors[i]);
+        if (!k) continue;
+        total += k;
+        if (bad < 0) { bad = i; first = k; gbad = msx_merger_tensor_group(m, i); }
+    }
+    if (bad < 0) return MSX_OK;
+    if (gbad >= 0 && gbad < plan->n_groups) {
+        msx__group_describe(&plan->groups[gbad], msx_merger_n_models(m), desc, sizeof desc);
+        return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in group %s (%s): %lld in tensor "
+                        "'%s'; the hyperparameters overflow float32 (use a smaller scale or weights)",
+                        (long long)total, plan->ids[gbad], desc, (long long)first, out->tensors[bad].name);
+    }
+    return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in tensor '%s' (not merged: a "
+                    "source model holds them)", (long long)total, out->tensors[bad].name);
+}
+
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan) {
     char *js = NULL, *pp;
     const char *meta[4];
-    size_t n = strlen(path), suf = strlen(".safetensors");
-    int n_meta = 1, i;
+    size_t stem;
+    int n_meta = 1, i, fmt;
     msx_result r;
-    if (!merged) return msx__err(MSX_E_ARG, "export: no model");
+    if (!merged || !path) return msx__err(MSX_E_ARG, "export: no model or no file name");
+    fmt = msx__export_format(path, &stem);
+    if (!fmt)
+        return msx__err(MSX_E_ARG, "%s: unknown output format; name the file .safetensors or .pth (PyTorch zip checkpoint)", path);
     for (i = 0; i < merged->n; i++)
         if (merged->tensors[i].dtype != MSX_F32)
             return msx__err(MSX_E_UNSUPPORTED, "export %s: tensor '%s' is %s, expected float32", path,
                             merged->tensors[i].name, msx_dtype_name(merged->tensors[i].dtype));
+    if ((r = msx_ckpt_check_finite(merged, path)) != MSX_OK) return r;
     if (plan && (r = msx_plan_to_json(plan, &js)) != MSX_OK) return r;
     meta[0] = "format";
     meta[1] = "pt"; /* what torch's safetensors writer records */
     if (js) { meta[2] = "medsamix_plan"; meta[3] = js; n_meta = 2; }
-    r = msx_safetensors_save(path, merged, meta, n_meta);
+    r = fmt == 1 ? msx_safetensors_save(path, merged, meta, n_meta) : msx_pth_save(path, merged);
     if (r == MSX_OK && js) {
-        pp = (char *)MSX_MALLOC(n + 16);
+        pp = (char *)MSX_MALLOC(stem + 16);
         if (!pp) r = msx__err(MSX_E_NOMEM, "out of memory");
         else {
-            size_t base = (n >= suf && !strcmp(path + n - suf, ".safetensors")) ? n - suf : n;
-            memcpy(pp, path, base);
-            strcpy(pp + base, ".plan.json");
+            memcpy(pp, path, stem);
+            strcpy(pp + stem, ".plan.json");
             r = msx_write_file_atomic(pp, js, strlen(js));
             MSX_FREE(pp);
         }
