@@ -522,9 +522,45 @@ typedef struct msx_mask {
     unsigned char *data; /* h*w bytes, 0 or 1 */
 } msx_mask;
 
+/* How a 16-bit image (PNG) becomes the model's 8-bit input. 8-bit files are
+   used as they are, whatever the rule. Every rule maps a range [lo, hi] of
+   16-bit values linearly onto 0..255, v8 = floor((v - lo) * 255 / (hi - lo)
+   + 0.5) clipped to 0..255, the same for all channels:
+     MINMAX      lo, hi = the image's smallest and largest value (default:
+                 keeps every distinct level a 12-bit scan has, up to 256);
+                 a constant image becomes 0
+     PERCENTILE  lo, hi = the 0.5th and 99.5th percentiles of the values
+                 (outliers clipped; falls back to MINMAX when they are equal)
+     WINDOW      lo = center - width/2, hi = center + width/2 (a CT window)
+     HIGH_BYTE   v >> 8, stb_image's and cv2.imread's conversion (a 12-bit
+                 scan keeps only 16 levels) */
+typedef enum msx_intensity_mode {
+    MSX_INTENSITY_MINMAX = 0,
+    MSX_INTENSITY_PERCENTILE,
+    MSX_INTENSITY_WINDOW,
+    MSX_INTENSITY_HIGH_BYTE
+} msx_intensity_mode;
+typedef struct msx_intensity {
+    msx_intensity_mode mode;
+    double center, width; /* WINDOW only; width > 0 */
+} msx_intensity;
+/* Parses "minmax", "percentile", "window:C,W" or "high-byte"; MSX_E_ARG
+   naming the text otherwise. */
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out);
+/* The spelling msx_intensity_parse reads ("window:40,400"). */
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap);
+
+/* What a load found: bits per sample of the file (8 or 16) and, for 16-bit
+   files, the values mapped to 0 and 255. */
+typedef struct msx_image_info {
+    int bits;
+    double lo, hi;
+} msx_image_info;
+
 /* Loads PNG/JPEG/BMP/TGA/... with stb_image. Grayscale is replicated to
-   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do),
-   16-bit files keep their top 8 bits (stb_image's conversion, as cv2.imread).
+   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do).
+   16-bit files are decoded at full depth and mapped to 8 bits by the
+   default rule (MSX_INTENSITY_MINMAX; msx_image_load_ex takes another).
    Images wider/higher than MSX_MAX_IMAGE_SIDE or with more than
    MSX_MAX_IMAGE_PIXELS pixels are refused before decoding. `out` must be
    zero-initialised or hold an image (which is freed first); on failure it is
@@ -532,6 +568,11 @@ typedef struct msx_mask {
 MSXDEF msx_result msx_image_load(const char *path, msx_image *out);
 /* Same from a memory buffer; `what` names it in error messages. */
 MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out);
+/* Same with an intensity rule for 16-bit files (NULL = default) and what
+   was found (info may be NULL). */
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info);
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info);
 /* Allocates a w×h image, zero-filled or a copy of `rgb` (HWC) if non-NULL;
    frees what `out` held before (it must be zero-initialised or an image). */
 MSXDEF msx_result msx_image_init(msx_image *out, int w, int h, const unsigned char *rgb);
@@ -1172,6 +1213,7 @@ typedef struct msx_task_options {
     double box_jitter;       /* each coordinate moved by U(-j, j) * box side; 0 = none */
     uint64_t box_seed;       /* jitter seed (always seeded: same boxes every run) */
     int max_images;          /* per split, 0 = all */
+    msx_intensity intensity; /* 16-bit images -> 8 bits (zero = MSX_INTENSITY_MINMAX) */
 } msx_task_options;
 
 typedef struct msx_task msx_task;
@@ -1184,6 +1226,9 @@ MSXDEF void msx_task_free(msx_task *t);
 MSXDEF const char *msx_task_name(const msx_task *t); /* folder base name */
 MSXDEF int msx_task_count(const msx_task *t, int split);
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path */
+/* Images of both splits stored with 16 bits per sample (mapped to 8 bits by
+   opt->intensity). */
+MSXDEF int msx_task_n_16bit(const msx_task *t);
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
 
@@ -5914,42 +5959,150 @@ static msx_result msx__img_probe(const void *buf, size_t len, const char *what, 
 }
 #endif
 
-MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out) {
+    memset(out, 0, sizeof *out);
+    if (!s) return msx__err(MSX_E_ARG, "intensity rule is NULL");
+    if (!strcmp(s, "minmax")) out->mode = MSX_INTENSITY_MINMAX;
+    else if (!strcmp(s, "percentile")) out->mode = MSX_INTENSITY_PERCENTILE;
+    else if (!strcmp(s, "high-byte")) out->mode = MSX_INTENSITY_HIGH_BYTE;
+    else if (!strncmp(s, "window:", 7)) {
+        char *e;
+        double c = strtod(s + 7, &e), w;
+        if (e == s + 7 || *e != ',' || !isfinite(c))
+            return msx__err(MSX_E_ARG, "intensity '%s': window wants window:C,W (centre and width, numbers)", s);
+        w = strtod(e + 1, &e);
+        if (*e || !isfinite(w) || w <= 0)
+            return msx__err(MSX_E_ARG, "intensity '%s': the window width must be a number > 0", s);
+        out->mode = MSX_INTENSITY_WINDOW;
+        out->center = c;
+        out->width = w;
+    } else
+        return msx__err(MSX_E_ARG, "intensity '%s': use minmax, percentile, window:C,W or high-byte", s);
+    return MSX_OK;
+}
+
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap) {
+    msx_intensity_mode m = it ? it->mode : MSX_INTENSITY_MINMAX;
+    if (m == MSX_INTENSITY_WINDOW) snprintf(buf, cap, "window:%g,%g", it->center, it->width);
+    else snprintf(buf, cap, "%s", m == MSX_INTENSITY_PERCENTILE ? "percentile" : m == MSX_INTENSITY_HIGH_BYTE ? "high-byte" : "minmax");
+}
+
+#ifndef MSX_NO_STB_IMAGE
+/* 16-bit samples -> 8 bits by the rule (see msx_intensity_mode). */
+static msx_result msx__img_map16(const unsigned short *px, size_t n, const msx_intensity *it, unsigned char *dst,
+                                 msx_image_info *info) {
+    msx_intensity_mode mode = it ? it->mode : MSX_INTENSITY_MINMAX;
+    double lo = 0, hi = 65535;
+    size_t i;
+    if (mode == MSX_INTENSITY_HIGH_BYTE) {
+        for (i = 0; i < n; i++) dst[i] = (unsigned char)(px[i] >> 8);
+        info->lo = 0;
+        info->hi = 65535;
+        return MSX_OK;
+    }
+    if (mode == MSX_INTENSITY_WINDOW) {
+        lo = it->center - 0.5 * it->width;
+        hi = it->center + 0.5 * it->width;
+    } else {
+        uint32_t *hist = (uint32_t *)msx__calloc(65536, sizeof(uint32_t));
+        size_t c = 0, qlo, qhi;
+        int v, vmin = 65535, vmax = 0;
+        if (!hist) return msx__err(MSX_E_NOMEM, "out of memory");
+        for (i = 0; i < n; i++) hist[px[i]]++;
+        for (v = 0; v < 65536; v++)
+            if (hist[v]) { if (v < vmin) vmin = v; vmax = v; }
+        lo = vmin;
+        hi = vmax;
+        if (mode == MSX_INTENSITY_PERCENTILE) {
+            /* smallest value whose cumulative count reaches 0.5 % / 99.5 % of the samples */
+            qlo = (size_t)ceil(0.005 * (double)n);
+            qhi = (size_t)ceil(0.995 * (double)n);
+            if (qlo < 1) qlo = 1;
+            if (qhi < 1) qhi = 1;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qlo) break; }
+            lo = v;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qhi) break; }
+            hi = v;
+            if (hi <= lo) { lo = vmin; hi = vmax; }
+        }
+        MSX_FREE(hist);
+    }
+    info->lo = lo;
+    info->hi = hi;
+    for (i = 0; i < n; i++) {
+        double y = hi > lo ? floor(((double)px[i] - lo) * 255.0 / (hi - lo) + 0.5) : 0;
+        dst[i] = (unsigned char)(y < 0 ? 0 : y > 255 ? 255 : y);
+    }
+    return MSX_OK;
+}
+#endif
+
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info) {
+    msx_image_info dummy;
+    if (!info) info = &dummy;
+    memset(info, 0, sizeof *info);
 #ifdef MSX_NO_STB_IMAGE
-    (void)buf; (void)len;
+    (void)buf; (void)len; (void)it;
     msx_image_free(out);
     return msx__err(MSX_E_UNSUPPORTED, "%s: built with MSX_NO_STB_IMAGE, cannot decode images", what ? what : "image");
 #else
+    {
     int w, h, n;
-    stbi_uc *px;
     msx_result r;
     if (!what) what = "image";
     if (!out) return msx__err(MSX_E_ARG, "%s: out is NULL", what);
     msx_image_free(out);
+    if (it && it->mode == MSX_INTENSITY_WINDOW && !(it->width > 0 && isfinite(it->width) && isfinite(it->center)))
+        return msx__err(MSX_E_ARG, "%s: intensity window needs a finite centre and a width > 0", what);
     if ((r = msx__img_probe(buf, len, what, &w, &h, &n)) != MSX_OK) return r;
-    /* stb converts to 3 channels: grey replicated, alpha dropped, 16 bit -> top 8 bits. */
-    px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
-    if (!px) {
-        const char *why = stbi_failure_reason();
-        return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+    info->bits = 8;
+    if (stbi_is_16_bit_from_memory((const stbi_uc *)buf, (int)len)) {
+        /* full depth, grey replicated and alpha dropped by stb, then the rule */
+        stbi_us *px16 = stbi_load_16_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px16) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        info->bits = 16;
+        if ((r = msx_image_init(out, w, h, NULL)) == MSX_OK)
+            r = msx__img_map16(px16, (size_t)w * (size_t)h * 3, it, out->data, info);
+        stbi_image_free(px16);
+        if (r != MSX_OK) msx_image_free(out);
+        return r;
     }
-    r = msx_image_init(out, w, h, px);
-    stbi_image_free(px);
-    return r;
+    {
+        /* stb converts to 3 channels: grey replicated, alpha dropped. */
+        stbi_uc *px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        r = msx_image_init(out, w, h, px);
+        stbi_image_free(px);
+        return r;
+    }
+    }
 #endif
 }
 
-MSXDEF msx_result msx_image_load(const char *path, msx_image *out) {
+MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+    return msx_image_load_mem_ex(buf, len, what, NULL, out, NULL);
+}
+
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info) {
     void *buf;
     size_t len;
     msx_result r;
     if (!path) return msx__err(MSX_E_ARG, "msx_image_load: path is NULL");
     msx_image_free(out);
     if ((r = msx_read_file(path, MSX_MAX_IMAGE_FILE_BYTES, &buf, &len)) != MSX_OK) return r;
-    r = msx_image_load_mem(buf, len, path, out);
+    r = msx_image_load_mem_ex(buf, len, path, it, out, info);
     msx_free(buf);
     return r;
 }
+
+MSXDEF msx_result msx_image_load(const char *path, msx_image *out) { return msx_image_load_ex(path, NULL, out, NULL); }
 
 MSXDEF msx_result msx_mask_load_mem(const void *buf, size_t len, const char *what,
                                     const msx_mask_load_options *opt, msx_mask *out) {
@@ -11083,6 +11236,7 @@ typedef struct msx__simg {
 struct msx_task {
     char *name, *dir;
     msx_task_options opt;
+    int n16;                 /* 16-bit images found by the validation */
     int n[2];
     msx__simg *img[2];
 };
@@ -11290,11 +11444,11 @@ static msx_result msx__search_validate(msx_task *t, int split) {
     memset(&m, 0, sizeof m);
     for (i = 0; r == MSX_OK && i < t->n[split]; i++) {
         msx__simg *s = &t->img[split][i];
+        msx_image_info info;
         msx_image_free(&img);
-        if ((r = msx_image_load(s->image, &img)) != MSX_OK) {
-            r = msx__err(r, "unreadable image %s: %s", s->image, msx_last_error());
-            break;
-        }
+        /* the message names the file already */
+        if ((r = msx_image_load_ex(s->image, &t->opt.intensity, &img, &info)) != MSX_OK) break;
+        t->n16 += info.bits == 16;
         s->w = img.w;
         s->h = img.h;
         if ((r = msx__search_load_mask(t, s, &m)) != MSX_OK) break;
@@ -11395,6 +11549,7 @@ MSXDEF int msx_task_count(const msx_task *t, int split) { return (split == 0 || 
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i) {
     return (split == 0 || split == 1) && i >= 0 && i < t->n[split] ? t->img[split][i].image : NULL;
 }
+MSXDEF int msx_task_n_16bit(const msx_task *t) { return t ? t->n16 : 0; }
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
 }
@@ -11434,6 +11589,11 @@ static uint64_t msx__search_task_digest(const msx_task *t, int split) {
     int i;
     h = msx__search_hash(h, &t->opt.mask_rule, sizeof t->opt.mask_rule);
     h = msx__search_hash(h, &t->opt.mask_value, sizeof t->opt.mask_value);
+    if (t->n16) { /* the rule matters only for 16-bit images (8-bit fingerprints unchanged) */
+        char it[64];
+        msx_intensity_str(&t->opt.intensity, it, sizeof it);
+        h = msx__search_hash_str(h, it);
+    }
     for (i = 0; i < t->n[split]; i++) {
         const msx__simg *s = &t->img[split][i];
         struct stat st;
@@ -11749,7 +11909,7 @@ static msx_result msx__sset_build(msx__sset *s, msx_task *const *tasks, int n_ta
             msx__sitem *it = &s->it[k];
             const msx__simg *si = &t->img[sp][i];
             memcpy(it->box, si->box, sizeof it->box);
-            if ((r = msx_image_load(si->image, &it->img)) != MSX_OK) break;
+            if ((r = msx_image_load_ex(si->image, &t->opt.intensity, &it->img, NULL)) != MSX_OK) break;
             if ((r = msx__search_load_mask(t, si, &it->gt)) != MSX_OK) break;
             if (cache) {
                 if ((r = msx_sam_preprocess(&it->img, arch->img_size, arch->pixel_mean, arch->pixel_std, mode, &it->in)) != MSX_OK) break;
@@ -12767,7 +12927,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
             char *op, fn[512];
             memset(&img, 0, sizeof img);
             if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
-            if ((r = msx_image_load(si->image, &img)) != MSX_OK) break;
+            if ((r = msx_image_load_ex(si->image, &R->tasks[k]->opt.intensity, &img, NULL)) != MSX_OK) break;
             snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
             if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
             r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
