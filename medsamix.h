@@ -1291,7 +1291,18 @@ typedef struct msx_search_summary {
 
 /* Runs a whole search and writes, in out_dir: trials.jsonl, best_plan.json,
    best.safetensors, report.md, report.json, overlays/ (and pareto front in
-   best_plan.json for multi-task). */
+   best_plan.json for multi-task). Before any work it refuses a run folder
+   whose outputs would overwrite an input model or config, and locks the
+   folder (out_dir/.lock holds the PID; a POSIX record lock, released by the
+   system when the process dies, so a lock left by a killed search is
+   detected as stale and taken over): a second search on the same folder
+   fails with MSX_E_STATE naming the other PID. (Record locks belong to the
+   process: two searches on one folder from one process are not told apart.)
+   A trials.jsonl without a complete header line (a search killed before it
+   wrote one) is treated as absent. --resume checks every logged value
+   (Dice in [0, 1], costs = 1 - Dice, configurations inside the space) and
+   the task options (box margin, jitter, seeds, mask rule, split, max
+   images, intensity), naming the line or the option. */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
 /* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
@@ -1302,6 +1313,20 @@ MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summa
    2, no pruning: 19 groups x 10 = 190 hyperparameters. */
 MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
                                           int prune, msx_space **out);
+
+/* Content fingerprint of a checkpoint (names, shapes and bytes of every
+   tensor; FNV-1a based, tells "same model" from "another model", not
+   cryptographic) as 16 hex digits: what the trial log and best_plan.json
+   record for every model of a search. */
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]);
+/* A plan written by a search records its models (base first) under
+   "medsamix": {"models": [{"stem": .., "digest": ..}, ..]}. MSX_E_STATE when
+   `models` (n_models, base first, as loaded by msx_sam_load) are not those
+   in that order (the message names the first mismatch); MSX_OK with
+   *recorded = 0 when the plan records none (hand-written plans).
+   `paths` (may be NULL) name the models in the message. */
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded);
 
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
@@ -11584,6 +11609,44 @@ static uint64_t msx__search_ckpt_digest(const msx_checkpoint *c) {
     return h;
 }
 
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]) {
+    snprintf(hex, 17, "%016llx", (unsigned long long)msx__search_ckpt_digest(c));
+}
+
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *mv;
+    msx_result r = MSX_OK;
+    int i;
+    if (recorded) *recorded = 0;
+    if ((r = msx_read_file(plan_path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, plan_path);
+    msx_free(buf);
+    if (!j) return msx__errcode;
+    mv = msx__json_get(msx__json_get(j, "medsamix"), "models");
+    if (mv && mv->type == MSX__JARR) {
+        if (recorded) *recorded = 1;
+        if (mv->n != n_models)
+            r = msx__err(MSX_E_STATE, "%s: the plan was searched with %d models (base + fine-tuned), this merge has %d; "
+                         "give the same models in the same order, or --force", plan_path, mv->n, n_models);
+        for (i = 0; r == MSX_OK && i < n_models; i++) {
+            const char *st = msx__json_str(&mv->kids[i], "stem"), *dg = msx__json_str(&mv->kids[i], "digest");
+            char hex[17];
+            msx_ckpt_fingerprint(models[i], hex);
+            if (!dg || strcmp(dg, hex))
+                r = msx__err(MSX_E_STATE, "%s: model %d (%s) is %s (fingerprint %s), but the plan was searched with %s "
+                             "(fingerprint %s) there; give the same models in the same order (base first), or --force",
+                             plan_path, i, i ? "fine-tuned" : "base", paths && paths[i] ? paths[i] : "?", hex,
+                             st ? st : "?", dg ? dg : "?");
+        }
+    }
+    msx__json_free(j);
+    return r;
+}
+
 static uint64_t msx__search_task_digest(const msx_task *t, int split) {
     uint64_t h = 1469598103934665603ULL;
     int i;
@@ -12254,6 +12317,7 @@ typedef struct msx__srun {
     int n_tr, cap_tr;
     char *out, *log_path;
     int log_fd;
+    int lock_fd;                       /* out/.lock, held for the whole run */
     uint64_t fingerprint;
     msx__search_progress prog;
     int n_fin;                         /* finished trials (logged), for progress */
@@ -12306,6 +12370,10 @@ static void msx__srun_free(msx__srun *R) {
     MSX_FREE(R->out);
     MSX_FREE(R->log_path);
     if (R->log_fd >= 0) close(R->log_fd);
+    if (R->lock_fd >= 0) {
+        if (ftruncate(R->lock_fd, 0) != 0) { /* an empty lock file = no search was cut short */ }
+        close(R->lock_fd); /* releases the lock */
+    }
 }
 
 /* Header line of the log: the whole search setup. The fingerprint covers
@@ -12352,12 +12420,55 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
         msx__sb_json_str(b, hex);
         msx__sb_puts(b, "}");
     }
+    {
+        const msx_task_options *to = &R->o->task;
+        char it[64];
+        msx_intensity_str(&to->intensity, it, sizeof it);
+        msx__sb_printf(b, "], \"task_options\": {\"box_margin\": %d, \"box_jitter\": ", to->box_margin);
+        msx__sb_json_num(b, to->box_jitter);
+        msx__sb_printf(b, ", \"box_seed\": \"%llu\", \"mask_rule\": %d, \"mask_value\": %d, \"split\": %d, \"calib_fraction\": ",
+                       (unsigned long long)to->box_seed, (int)to->mask_rule, to->mask_value, (int)to->split);
+        msx__sb_json_num(b, to->calib_fraction);
+        msx__sb_printf(b, ", \"split_seed\": \"%llu\", \"max_images\": %d, \"intensity\": \"%s\"}",
+                       (unsigned long long)to->split_seed, to->max_images, it);
+    }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sd);
-    msx__sb_printf(b, "], \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
+    msx__sb_printf(b, ", \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
                       "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"version\": \"%s\"}\n",
                    R->o->multi ? "true" : "false", R->granularity, R->prune ? "true" : "false",
                    (unsigned long long)R->o->seed, R->batch, R->dim, hex,
                    R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam", MSX_VERSION_STRING);
+}
+
+/* The task options of the logged run against this one's, by option name
+   (a changed box margin would otherwise show as "task images changed").
+   Logs written before these were recorded have none: nothing to compare. */
+static msx_result msx__srun_check_task_options(msx__srun *R, const msx__json *t) {
+    const msx_task_options *o = &R->o->task;
+    const char *p = R->log_path, *s;
+    char it[64];
+    double v;
+    if (!t || t->type != MSX__JOBJ) return MSX_OK;
+#define MSX__TOPT(key, opt, now)                                                                                     \
+    if (msx__json_num(t, key, &v, NAN) && !isnan(v) && v != (double)(now))                                                     \
+        return msx__err(MSX_E_STATE, "%s: the log used " opt " %.17g, this run %.17g; resume with the same options, or " \
+                        "use another --out", p, v, (double)(now));
+    MSX__TOPT("box_margin", "--box-margin", o->box_margin)
+    MSX__TOPT("box_jitter", "--box-jitter", o->box_jitter)
+    MSX__TOPT("max_images", "--max-images", o->max_images)
+    MSX__TOPT("mask_value", "--mask-threshold/--mask-label", o->mask_value)
+    MSX__TOPT("mask_rule", "mask rule (--mask-threshold/--mask-label)", (int)o->mask_rule)
+    MSX__TOPT("split", "--split mode", (int)o->split)
+    MSX__TOPT("calib_fraction", "--calib-fraction", o->calib_fraction)
+#undef MSX__TOPT
+    if ((s = msx__json_str(t, "box_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->box_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --box-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->box_seed);
+    if ((s = msx__json_str(t, "split_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->split_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --split-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->split_seed);
+    msx_intensity_str(&o->intensity, it, sizeof it);
+    if ((s = msx__json_str(t, "intensity")) && strcmp(s, it))
+        return msx__err(MSX_E_STATE, "%s: the log used --intensity %s, this run %s; resume with the same options, or use another --out", p, s, it);
+    return MSX_OK;
 }
 
 /* Explains how a log header differs from this run (the first difference). */
@@ -12367,6 +12478,7 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     char hex[24];
     double v;
     int i;
+    msx_result r;
     const char *p = R->log_path;
     if (!fmt || strcmp(fmt, "medsamix-trials-v1"))
         return msx__err(MSX_E_FORMAT, "%s: first line is not a medsamix-trials-v1 header", p);
@@ -12379,6 +12491,12 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (!st || strcmp(st, R->stems[i]) || !dg || strcmp(dg, hex))
             return msx__err(MSX_E_STATE, "%s: model %d differs from the logged run (logged %s digest %s, now %s digest %s); use another --out",
                             p, i, st ? st : "?", dg ? dg : "?", R->stems[i], hex);
+    }
+    if ((r = msx__srun_check_task_options(R, msx__json_get(h, "task_options"))) != MSX_OK) return r;
+    {
+        const char *pre = msx__json_str(h, "preprocess"), *now = R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam";
+        if (pre && strcmp(pre, now))
+            return msx__err(MSX_E_STATE, "%s: the log used --preprocess %s, this run %s; resume with the same options, or use another --out", p, pre, now);
     }
     if (!tv || tv->type != MSX__JARR || tv->n != R->n_eval)
         return msx__err(MSX_E_STATE, "%s: the log was written for %d searched task(s), this run has %d; use another --out", p,
@@ -12488,9 +12606,30 @@ static msx_result msx__srun_trial_parse(msx__srun *R, const msx__json *j, int li
             if (cost->kids[i].type != MSX__JNUM) return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d is not a number", R->log_path, line, i);
             T->cost[i] = cost->kids[i].num;
         }
-        for (i = 0; i < R->n_eval; i++)
+        for (i = 0; i < R->n_eval; i++) {
             if (!msx__json_num(dv, R->tasks[i]->name, &T->dice[i], NAN) || !isfinite(T->dice[i]))
                 return msx__err(MSX_E_FORMAT, "%s: line %d: no Dice for task %s", R->log_path, line, R->tasks[i]->name);
+            if (T->dice[i] < 0 || T->dice[i] > 1)
+                return msx__err(MSX_E_FORMAT, "%s: line %d: Dice %.17g for task %s is outside [0, 1]; the log was edited or "
+                                "is corrupt", R->log_path, line, T->dice[i], R->tasks[i]->name);
+        }
+        for (i = 0; i < R->n_obj; i++)
+            if (!isfinite(T->cost[i]) || fabs(T->cost[i] - (1.0 - T->dice[i])) > 1e-9)
+                return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d (%.17g) is not 1 - Dice of task %s; the log was edited "
+                                "or is corrupt", R->log_path, line, i, T->cost[i], R->tasks[i]->name);
+    }
+    if (!isfinite(T->seconds) || T->seconds < 0)
+        return msx__err(MSX_E_FORMAT, "%s: line %d: \"seconds\" is not a finite number >= 0", R->log_path, line);
+    {
+        /* inside the space: ranges, integrality, conditions */
+        double *canon = (double *)MSX_MALLOC(sizeof(double) * (size_t)(R->dim ? R->dim : 1));
+        msx_result r;
+        if (!canon) return msx__err(MSX_E_NOMEM, "out of memory");
+        r = msx_space_canonicalize(R->space, T->cfg, canon);
+        MSX_FREE(canon);
+        if (r != MSX_OK) /* msx__err formats before it replaces the message it quotes */
+            return msx__err(MSX_E_FORMAT, "%s: line %d: the configuration is outside the search space (%.400s); the log "
+                            "was edited or is corrupt", R->log_path, line, msx_last_error());
     }
     return MSX_OK;
 }
@@ -12744,6 +12883,57 @@ done:
     return r;
 }
 
+/* Locks the run folder for this process (see msx_search_run). */
+static msx_result msx__search_lock(msx__srun *R) {
+    char *lp = msx__search_join(R->out, ".lock"), buf[32];
+    struct flock fl;
+    long old = 0;
+    ssize_t k;
+    int fd;
+    if (!lp) return msx__err(MSX_E_NOMEM, "out of memory");
+    fd = open(lp, O_RDWR | O_CREAT, 0666);
+    if (fd < 0) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot create the lock file (%s)", lp, strerror(errno));
+        MSX_FREE(lp);
+        return r;
+    }
+    k = pread(fd, buf, sizeof buf - 1, 0);
+    if (k > 0) { buf[k] = 0; old = strtol(buf, NULL, 10); }
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (fcntl(fd, F_SETLK, &fl) != 0) {
+        msx_result r = msx__err(MSX_E_STATE, "%s is in use by another search (pid %ld, lock file %s); wait for it to "
+                                "finish or choose another --out", R->out, old, lp);
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    if (old > 0 && R->prog.mode >= 0)
+        printf("note: %s: stale lock of pid %ld (that search stopped without finishing) taken over\n", lp, old);
+    snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, strlen(buf), 0) != (ssize_t)strlen(buf)) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot write the lock file (%s)", lp, strerror(errno));
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    R->lock_fd = fd;
+    MSX_FREE(lp);
+    return MSX_OK;
+}
+
+/* 1 when the log's first line is complete (ends in a newline). */
+static int msx__search_log_has_header(const char *path) {
+    char buf[4096];
+    int fd = open(path, O_RDONLY), found = 0;
+    ssize_t k;
+    if (fd < 0) return 1; /* let the reader report it */
+    while (!found && (k = read(fd, buf, sizeof buf)) > 0) found = memchr(buf, '\n', (size_t)k) != NULL;
+    close(fd);
+    return found;
+}
+
 /* mkdir -p */
 static msx_result msx__search_mkdirs(const char *path) {
     char buf[4096];
@@ -12813,7 +13003,15 @@ static msx_result msx__srun_write_plans(msx__srun *R, int chosen, int n_done, ms
     msx__sb_printf(&extra, "\"medsamix\": {\"objective\": \"%s\", \"trial\": %d, \"trials\": %d, \"origin\": ",
                    R->o->multi ? "multi-task" : "single-task", chosen, n_done);
     msx__sb_json_str(&extra, C->origin);
-    msx__sb_puts(&extra, ", \"calib_dice\": ");
+    msx__sb_puts(&extra, ", \"models\": [");
+    for (i = 0; i < R->n_models; i++) {
+        char hex[24];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->model_digest[i]);
+        msx__sb_printf(&extra, "%s{\"stem\": ", i ? ", " : "");
+        msx__sb_json_str(&extra, R->stems[i]);
+        msx__sb_printf(&extra, ", \"digest\": \"%s\"}", hex);
+    }
+    msx__sb_puts(&extra, "], \"calib_dice\": ");
     msx__srun_dice_obj(R, C, &extra);
     msx__sb_printf(&extra, ", \"selection\": \"%s\"}", R->o->multi ? "highest mean calib Dice (on the Pareto front)" : "highest calib Dice");
     if (R->o->multi) {
@@ -13005,6 +13203,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     memset(&R, 0, sizeof R);
     memset(&L, 0, sizeof L);
     R.log_fd = -1;
+    R.lock_fd = -1;
     if (!sum) sum = &dummy;
     memset(sum, 0, sizeof *sum);
     for (i = 0; i < MSX_SEARCH_MAX_TASKS; i++) sum->best_calib[i] = sum->best_test[i] = NAN;
@@ -13038,6 +13237,23 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         goto done;
     }
     msx__search_progress_init(&R.prog, o->progress, 0);
+    /* 0. the run folder's outputs must not be inputs */
+    {
+        static const char *const outs[7] = {"trials.jsonl", "best_plan.json", "best.safetensors", "best.plan.json",
+                                            "pareto.json", "report.md", "report.json"};
+        const char *in[MSX_MAX_MODELS + 1];
+        char *op[7];
+        int n_in = 0;
+        in[n_in++] = o->base;
+        for (i = 0; i < o->n_models; i++) in[n_in++] = o->models[i];
+        if (o->arch_config) in[n_in++] = o->arch_config;
+        for (i = 0; i < 7; i++) op[i] = msx__search_join(R.out, outs[i]);
+        for (i = 0; i < 7; i++)
+            if (!op[i]) r = msx__err(MSX_E_NOMEM, "out of memory");
+        if (r == MSX_OK) r = msx_check_outputs(in, n_in, (const char *const *)op, 7);
+        for (i = 0; i < 7; i++) MSX_FREE(op[i]);
+        if (r != MSX_OK) goto done;
+    }
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
@@ -13100,12 +13316,17 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
     if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
+    if ((r = msx__search_lock(&R)) != MSX_OK) goto done;
     {
         msx__sb hb = {NULL, 0, 0, 0};
         msx__srun_header(&R, &hb); /* computes the fingerprint */
         msx__sb_free(&hb);
     }
-    if (stat(R.log_path, &st) == 0) {
+    if (stat(R.log_path, &st) == 0 && !msx__search_log_has_header(R.log_path)) {
+        /* killed before its header was complete: nothing to resume */
+        if (R.prog.mode >= 0)
+            printf("note: %s has no complete header line (a search stopped before it started?); starting afresh\n", R.log_path);
+    } else if (stat(R.log_path, &st) == 0) {
         if (!o->resume) {
             r = msx__err(MSX_E_STATE, "%s already exists: continue it with --resume, or choose another --out", R.log_path);
             goto done;
