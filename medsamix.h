@@ -282,7 +282,9 @@ MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size
 MSXDEF int msx_same_file(const char *a, const char *b);
 /* Refuses, before any work, outputs that would overwrite an input or each
    other (msx_same_file on every pair; NULL entries are skipped): MSX_E_ARG
-   naming both paths. Tools call it with every file they read and write. */
+   naming both paths; and existing outputs msx_write_file_atomic would
+   refuse (read-only files, directories: MSX_E_IO). Tools call it with every
+   file they read and write. */
 MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out);
 /* Reads a whole file (at most max_bytes; 0 = MSX_MAX_FILE_BYTES). Free with
    msx_free(). */
@@ -2019,6 +2021,15 @@ MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const c
             if (outputs[j] && msx_same_file(outputs[i], outputs[j]))
                 return msx__err(MSX_E_ARG, "outputs %s and %s are the same file; one would overwrite the other",
                                 outputs[j], outputs[i]);
+    }
+    for (i = 0; i < n_out; i++) {
+        char *target;
+        int keep;
+        mode_t mode;
+        msx_result r;
+        if (!outputs[i]) continue;
+        if ((r = msx__write_target(outputs[i], &target, &keep, &mode)) != MSX_OK) return r;
+        free(target);
     }
     return MSX_OK;
 }
