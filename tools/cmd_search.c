@@ -212,7 +212,7 @@ int msx_cmd_search(int argc, char **argv) {
         return 1;
     }
     /* 1-based, as the progress lines count trials */
-    printf("\nbest: trial %d of %d, calib Dice", s.best_trial + 1, s.n_trials_done);
+    printf("\nbest: trial %d of %d (#%d in trials.jsonl), calib Dice", s.best_trial + 1, s.n_trials_done, s.best_trial);
     for (i = 0; i < (o.multi ? o.n_tasks : 1); i++) printf(" %.4f", s.best_calib[i]);
     printf(" (%.0f s)\noutputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", s.seconds, o.out_dir,
            o.no_report ? "" : " report.md report.json overlays/");
