@@ -108,7 +108,12 @@
                  prefixes module. sam. module.sam. _orig_mod. stripped;
                  float32/float16/bfloat16 storages, views and shared storage.
                  The legacy pre-zip format is refused with a re-save hint.
+                 Written (msx_pth_save, msx_merge_export "X.pth") in the
+                 torch.save layout that torch.load(weights_only=True) reads.
       .safetensors  read (memory-mapped) and written (atomically).
+      Every write goes through msx_write_file_atomic (temp file + rename;
+      modes kept, read-only files refused, links written through); tools
+      check outputs against inputs first (msx_check_outputs).
       plan JSON  {"format": "medsamix-plan-v1", "granularity": G, "groups":
                  {"<group id>": {"method": ..., params}}}.
 
