@@ -8822,7 +8822,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0, k;
+    int need_scratch = 0, n_coop = 0, k = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
