@@ -13270,6 +13270,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         for (i = 0; i < 7; i++) MSX_FREE(op[i]);
         if (r != MSX_OK) goto done;
     }
+    /* the lock before any long work: a second search on this folder stops here */
+    if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
+    if ((r = msx__search_lock(&R)) != MSX_OK) goto done;
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
@@ -13331,8 +13334,6 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
-    if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
-    if ((r = msx__search_lock(&R)) != MSX_OK) goto done;
     {
         msx__sb hb = {NULL, 0, 0, 0};
         msx__srun_header(&R, &hb); /* computes the fingerprint */

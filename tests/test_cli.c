@@ -571,6 +571,9 @@ static void case_messages(void) {
     EXPECT(run("merge", "--base", DEMO "/models", "--models", CT, "--method", "ta", "--scale", "0.5", "--out", P("d.safetensors"),
                NULL), 1, "is a directory");
     EXPECT(run("inspect", DEMO "/models", NULL), 1, "is a directory");
+    /* an output folder that is not there is found before the work, not after it */
+    EXPECT(run("merge", "--base", BASE, "--models", CT, MRI, "--method", "ta", "--scale", "0.5", "--out", P("nodir/m.pth"), NULL),
+           2, "nodir", "does not exist");
     /* a checkpoint missing one tensor names it */
     make_broken(miss, 0, "image_encoder.blocks.1.norm1.weight");
     EXPECT(run("segment", "--model", miss, "--image", DEMO "/tasks/ct_organ/test/images/000.png", "--box", "60,60,160,160", "--out",

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 int msx_cli_list(const char *cmd, int argc, char **argv, int *i, const char **list, int *n, int max) {
     const char *opt = argv[*i];
@@ -64,9 +65,28 @@ int msx_cli_int(const char *cmd, const char *opt, const char *v, long lo, long h
 }
 
 int msx_cli_check_outputs(const char *cmd, const char *const *in, int n_in, const char *const *out, int n_out) {
-    if (msx_check_outputs(in, n_in, out, n_out) == MSX_OK) return 1;
-    fprintf(stderr, "%s: %s\n", cmd, msx_last_error());
-    return 0;
+    int i;
+    if (msx_check_outputs(in, n_in, out, n_out) != MSX_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, msx_last_error());
+        return 0;
+    }
+    for (i = 0; i < n_out; i++) { /* the folder must be there before the work, not found missing after it */
+        const char *o = out[i], *slash;
+        char dir[4096];
+        struct stat st;
+        if (!o) continue;
+        slash = strrchr(o, '/');
+        if (!slash) continue;
+        if ((size_t)(slash - o) >= sizeof dir) continue;
+        memcpy(dir, o, (size_t)(slash - o));
+        dir[slash - o] = 0;
+        if (!dir[0]) continue;
+        if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            fprintf(stderr, "%s: %s: the folder %s does not exist\n", cmd, o, dir);
+            return 0;
+        }
+    }
+    return 1;
 }
 
 int msx_cli_has_ext(const char *path, const char *ext) {
