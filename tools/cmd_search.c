@@ -3,6 +3,7 @@
 #include "../medsamix.h"
 #include "cli.h"
 
+#include <math.h>
 #include <signal.h>
 #include <errno.h>
 #include <stdio.h>
@@ -65,8 +66,12 @@ static int cmd_num(const char *opt, const char *s, double lo, double hi, double 
     double v;
     if (!s) { fprintf(stderr, "%s needs a value\n", opt); return 0; }
     v = strtod(s, &end);
-    if (end == s || *end || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "%s: '%s' is not a number in [%g, %g]\n", opt, s, lo, hi);
+    if (end == s || *end || !isfinite(v)) {
+        fprintf(stderr, "%s: '%s' is not a number\n", opt, s);
+        return 0;
+    }
+    if (!(v >= lo && v <= hi)) {
+        fprintf(stderr, "%s: %s is out of range [%g, %g]\n", opt, s, lo, hi);
         return 0;
     }
     *out = v;
@@ -195,6 +200,7 @@ int msx_cmd_search(int argc, char **argv) {
         char rule[64];
         msx_intensity_str(&o.task.intensity, rule, sizeof rule);
         printf("16-bit images, if any, are mapped to 8 bits by --intensity %s\n", rule);
+        fflush(stdout);
     }
     o.cancel = &cmd_search_stop;
     signal(SIGINT, cmd_search_on_signal);
