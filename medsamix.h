@@ -2107,11 +2107,19 @@ MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t) {
     int64_t i, n = 0;
     if (!t || !t->data) return 0;
     if (t->dtype == MSX_F32) {
+        /* exponent bits all ones = inf or NaN; blocks with a 32-bit count
+           vectorise */
         const unsigned char *p = (const unsigned char *)t->data;
-        for (i = 0; i < t->numel; i++) {
-            uint32_t b;
-            memcpy(&b, p + 4 * i, 4);
-            n += (b & 0x7F800000u) == 0x7F800000u;
+        int64_t nb = (t->numel + 4095) / 4096, q;
+        for (q = 0; q < nb; q++) {
+            int64_t j0 = q * 4096, j1 = j0 + 4096 < t->numel ? j0 + 4096 : t->numel, j;
+            uint32_t c = 0;
+            for (j = j0; j < j1; j++) {
+                uint32_t b;
+                memcpy(&b, p + 4 * j, 4);
+                c += (b & 0x7F800000u) == 0x7F800000u;
+            }
+            n += c;
         }
         return n;
     }
