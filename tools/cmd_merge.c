@@ -146,6 +146,8 @@ int msx_cmd_merge(int argc, char **argv) {
         r = msx_plan_check_models(plan_path, all, paths, n_models + 1, &recorded);
         if (r != MSX_OK && !force) goto fail;
         if (r != MSX_OK) fprintf(stderr, "warning (--force): %s\n", msx_last_error());
+        else if (!recorded)
+            fprintf(stderr, "note: %s records no models (not written by a search): the order of --models is not checked\n", plan_path);
     }
     if ((r = msx_merger_create(base, (const msx_checkpoint *const *)ft, n_models, gran, &m)) != MSX_OK) goto fail;
     memset(&mo, 0, sizeof mo);
