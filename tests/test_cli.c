@@ -397,9 +397,10 @@ static void case_lock(void) {
     const char *run_dir = P("run_lock");
     char lock[600], pidtxt[32];
     pid_t holder;
-    int fd, st;
+    int fd, st, ready[2];
     mkdir(run_dir, 0755);
     snprintf(lock, sizeof lock, "%s/.lock", run_dir);
+    if (pipe(ready) != 0) ready[0] = ready[1] = -1;
     holder = fork();
     if (holder == 0) { /* a search that holds the folder */
         struct flock fl;
@@ -409,13 +410,15 @@ static void case_lock(void) {
         fl.l_type = F_WRLCK;
         if (fd < 0 || fcntl(fd, F_SETLK, &fl) != 0) _exit(1);
         snprintf(b, sizeof b, "%ld\n", (long)getpid());
-        if (write(fd, b, strlen(b)) < 0) _exit(1);
+        if (write(fd, b, strlen(b)) < 0 || write(ready[1], "x", 1) != 1) _exit(1);
         pause();
         _exit(0);
     }
-    {
-        struct timespec ts = {0, 300000000};
-        nanosleep(&ts, NULL);
+    { /* wait until it holds the lock */
+        char c;
+        close(ready[1]);
+        MSX_CHECK(read(ready[0], &c, 1) == 1, "the lock holder started");
+        close(ready[0]);
     }
     snprintf(pidtxt, sizeof pidtxt, "pid %ld", (long)holder);
     watch(BASE, CT, (const char *)NULL);
