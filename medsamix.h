@@ -6324,13 +6324,16 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 
 /* Bit-exactness with the reference needs w*x + y rounded twice: no FMA
-   contraction in this section (gcc's GNU modes and clang would contract). */
+   contraction in this section (gcc's GNU modes and clang would contract).
+   no-trapping-math (values unchanged; the library never reads the FP
+   exception flags) lets gcc turn the TIES selects into vector blends on
+   any x86-64 level, not only with AVX-512 masks. */
 #if defined(__clang__)
 #pragma float_control(push)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC optimize("fp-contract=off", "tree-vectorize", "vect-cost-model=dynamic")
+#pragma GCC optimize("fp-contract=off", "no-trapping-math", "tree-vectorize", "vect-cost-model=dynamic")
 #endif
 
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
@@ -7020,10 +7023,20 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
     return MSX_OK;
 }
 
-/* -- TIES ------------------------------------------------------------------------ */
-/* Two schemes, the same bits: two fine-tuned models (the paper's setting)
-   take one pass per tensor with rank tables (msx__ties_coop2 below); other
-   model counts take two (sample bracket, count + gather, select, combine). */
+/* -- TIES: the definition ----------------------------------------------------------
+   TIES-merging as podismine/MedSAMix@9328d4c implements it (docs/semantics.md
+   §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
+   (float32, i = 1..N in model order) and k = (int64)(n * drop_rate):
+     1. trim    model i keeps τ_ij where |τ_ij| >= θ_i and zeroes the rest;
+                θ_i is the k-th smallest |τ_i| (1-based), or 0 when k = 0.
+     2. elect   s_j = τ_1j + τ_2j + ... (float32, in order); σ_j = sign(s_j);
+                where s_j = 0, σ_j is the tensor's majority sign,
+                sign(Σ_j sign(s_j)).
+     3. mean    τ_j = (Σ of the τ_ij with the sign σ_j) / max(their count, 1).
+     4. out_j = base_j + fl32(λ) τ_j, rounded twice (no FMA).
+   msx__ties_plain is this definition, and it is what runs on tensors up to
+   MSX__TIES_DIRECT elements; larger ones take the fast path below, which
+   the tests prove byte-identical to it (tests/test_merge.c, tests/ref_ties.h). */
 
 static uint32_t msx__abs_bits(float d) {
     uint32_t u;
@@ -7069,128 +7082,94 @@ static uint32_t msx__qselect_u32(uint32_t *a, int64_t len, int64_t r) {
     return a[r];
 }
 
-
-#if defined(__AVX2__)
-/* Set bits of an 8-bit mask. */
-static int msx__popcnt8(int m) {
-    m = (m & 0x55) + ((m >> 1) & 0x55);
-    m = (m & 0x33) + ((m >> 2) & 0x33);
-    return (m & 0x0F) + (m >> 4);
+/* Steps 2-4 for element j given the thresholds (0 when k = 0). The sum s_j
+   goes to *sum; major is the tensor's majority sign (used where s_j = 0). */
+static float msx__ties_elem(const float *base, const float *const *ft, int n_ft, int64_t j, const float *thr,
+                            float lam, int major, float *sum) {
+    float t[MSX_MAX_MODELS], s = 0.0f, acc = 0.0f, tau, p;
+    int i, cnt = 0, sg;
+    for (i = 0; i < n_ft; i++) {
+        float v = ft[i][j] - base[j];
+        t[i] = fabsf(v) >= thr[i] ? v : 0.0f;
+        s = i ? s + t[i] : t[0];
+    }
+    sg = s > 0 ? 1 : s < 0 ? -1 : major;
+    for (i = 0; i < n_ft; i++)
+        if ((sg > 0 && t[i] > 0) || (sg < 0 && t[i] < 0)) { acc = acc + t[i]; cnt++; }
+    tau = acc / (float)(cnt > 1 ? cnt : 1);
+    p = lam * tau;
+    *sum = s;
+    return base[j] + p;
 }
 
-/* Index of the lowest set bit of x != 0. */
-static int msx__ctz32(unsigned x) {
-#if defined(__GNUC__)
-    return __builtin_ctz(x);
-#else
-    int i = 0;
-    while (!(x & 1u)) { x >>= 1; i++; }
-    return i;
-#endif
+/* The definition on one tensor; keys: n words of scratch (k > 0). */
+static void msx__ties_plain(float *out, const float *base, const float *const *ft, int n_ft, int64_t k, float lam,
+                            int64_t n, uint32_t *keys) {
+    float thr[MSX_MAX_MODELS], s;
+    int64_t j, votes = 0;
+    int i, major;
+    for (i = 0; i < n_ft; i++) { /* 1. θ_i */
+        uint32_t u = 0;
+        if (k > 0) {
+            for (j = 0; j < n; j++) keys[j] = msx__abs_bits(ft[i][j] - base[j]);
+            u = msx__qselect_u32(keys, n, k - 1);
+        }
+        memcpy(&thr[i], &u, 4);
+    }
+    for (j = 0; j < n; j++) { /* 2. the majority sign */
+        (void)msx__ties_elem(base, ft, n_ft, j, thr, lam, 0, &s);
+        votes += (s > 0) - (s < 0);
+    }
+    major = (votes > 0) - (votes < 0);
+    for (j = 0; j < n; j++) out[j] = msx__ties_elem(base, ft, n_ft, j, thr, lam, major, &s); /* 2-4 */
 }
 
-/* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
-   |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
-   averaged, result b + lam * tau. The same float operations as the scalar
-   form (msx__ties2_one), so vector and scalar lanes agree bit for bit. */
-typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
 
-static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    msx__ties2_v8 o;
-    __m256 t1, nz, k0, k1, acc, tau;
-    o.t0 = _mm256_and_ps(v0, _mm256_cmp_ps(_mm256_and_ps(v0, absm), h0, _CMP_GE_OQ));
-    t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
-    o.sm = _mm256_add_ps(o.t0, t1);
-    o.sp = _mm256_cmp_ps(o.sm, zero, _CMP_GT_OQ);
-    o.sn = _mm256_cmp_ps(o.sm, zero, _CMP_LT_OQ);
-    /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not NaN):
-       blendv picks zero where t_i ^ sm has its sign bit set */
-    nz = _mm256_or_ps(o.sp, o.sn);
-    k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(o.t0, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(o.t0, o.sm));
-    k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(t1, o.sm));
-    /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1) with cnt in
-       {0, 1, 2} is acc * 1 or acc * 0.5, both exact as the division (same
-       real value, one rounding) */
-    acc = _mm256_add_ps(_mm256_and_ps(o.t0, k0), _mm256_and_ps(t1, k1));
-    tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
-    o.res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
-    return o;
-}
-
-/* Lanes where t0 != 0 but sm == 0 (an exact cancellation), as a bit mask. */
-static inline int msx__ties2_cancel(const msx__ties2_v8 *o) {
-    const __m256 zero = _mm256_setzero_ps();
-    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(o->sm, zero, _CMP_EQ_OQ), _mm256_cmp_ps(o->t0, zero, _CMP_NEQ_UQ)));
-}
-
-/* vpermd control that moves the lanes set in mk (8 bits) to the front. */
-static inline __m256i msx__lpack_perm(int mk) {
-#if defined(__BMI2__)
-    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
-#else
-    uint64_t sel = 0;
-    int l, c = 0;
-    for (l = 0; l < 8; l++)
-        if ((mk >> l) & 1) sel |= (uint64_t)l << (8 * c++);
-#endif
-    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
-}
-#endif
+/* -- TIES: the fast path -----------------------------------------------------------
+   The same bits as msx__ties_plain, for tensors above MSX__TIES_DIRECT
+   elements, in two passes over the sources. (a) The thresholds without a
+   full copy: a sample brackets the k-th value, one streaming pass counts
+   the keys below the bracket and gathers the ~1.5% inside, and a histogram
+   + quickselect picks the exact value among those (an exact fallback on a
+   full copy if the bracket missed). (b) Steps 2-4 in blocks written
+   branch-free so the compiler vectorises them; the rare zero-sum elements
+   are listed and finished once the majority sign is known. Without (a) and
+   (b) a ViT-B merge takes seconds instead of a fraction of one encoder
+   pass (README, bench-merge). */
 
 /* Over [j0, j1) of |x - b| (as bit keys u <= 0x7FFFFFFF), with
    l <= h <= 0x7FFFFFFF: counts u < l into *lt; if l == h counts u == l
    into *eq, else appends every l <= u <= h to c[*nc..] (*nc never passes
-   j, so c of n entries suffices). The AVX2 path compares in vectors and
-   packs only the rare vectors holding a candidate. */
+   j, so c of n entries suffices). Per block, a loop the compiler
+   vectorises makes the keys, counts and in-bracket flags; a scalar one
+   gathers the few (~1.5%) flagged keys, 8 flags at a time. */
 static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, int64_t j1, uint32_t l, uint32_t h,
                                    int64_t *lt, int64_t *eq, uint32_t *c, int64_t *nc) {
-    int64_t j = j0, L = 0, E = 0, C = *nc;
-#if defined(__AVX2__)
-    {
-        const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), lv = _mm256_set1_epi32((int)l), hv = _mm256_set1_epi32((int)h);
-        __m256i aL = _mm256_setzero_si256(), aE = aL;
-        int32_t tmp[8];
-        int q;
-        if (l == h) {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm);
-                aL = _mm256_sub_epi32(aL, _mm256_cmpgt_epi32(lv, u)); /* masks are -1 */
-                aE = _mm256_sub_epi32(aE, _mm256_cmpeq_epi32(u, lv));
-            }
-        } else {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm), mlt = _mm256_cmpgt_epi32(lv, u);
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(mlt, _mm256_cmpgt_epi32(u, hv)))) & 0xFF;
-                aL = _mm256_sub_epi32(aL, mlt);
-                if (mk) { /* rare with a narrow bracket: a well-predicted branch */
-                    /* left-pack; the 8-lane store stays below c + j + 8 <= c + j1 */
-                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, msx__lpack_perm(mk)));
-                    C += msx__popcnt8(mk);
-                }
-            }
+    uint32_t key[MSX__MERGE_BLOCK], span = h - l;
+    unsigned char in[MSX__MERGE_BLOCK];
+    int64_t b0, L = 0, E = 0, C = *nc;
+    for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(j1 - b0 < MSX__MERGE_BLOCK ? j1 - b0 : MSX__MERGE_BLOCK), j, q;
+        for (j = 0; j < len; j++) {
+            uint32_t u = msx__abs_bits(x[b0 + j] - b[b0 + j]);
+            key[j] = u;
+            L += u < l;
+            E += u == l;
+            in[j] = u - l <= span;
         }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aL);
-        for (q = 0; q < 8; q++) L += (uint32_t)tmp[q];
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aE);
-        for (q = 0; q < 8; q++) E += (uint32_t)tmp[q];
-    }
-#endif
-    for (; j < j1; j++) {
-        uint32_t u = msx__abs_bits(x[j] - b[j]);
-        L += u < l;
-        E += u == l;
-        c[C] = u; /* branch-free gather */
-        C += l != h && u >= l && u <= h;
+        for (; j % 8; j++) in[j] = 0;
+        for (j = 0; l != h && j < len; j += 8) { /* 8 flags at a time: most groups hold no candidate */
+            uint64_t w;
+            memcpy(&w, in + j, 8);
+            if (w)
+                for (q = j; q < j + 8; q++)
+                    if (in[q]) c[C++] = key[q];
+        }
     }
     *lt += L;
     if (l == h) *eq += E;
     *nc = C;
 }
-
 
 /* Element of 0-based rank r among c[0..m), all in [lo, hi): a 4096-bin
    histogram over the key range finds the bin, quickselect finishes within
@@ -7315,629 +7294,65 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
     }
 }
 
-#define MSX__TIES_BLOCK 512
-
-/* The TIES combination (ref §1.3 steps 2-4) on [0, n) given the row
-   thresholds, in blocks written branch-free so they vectorise. Elements
-   whose trimmed sum is 0 get τ = 0 here; the tensor-wide sign sum is
-   returned, and the positions of zero-sum elements that hold a non-zero
-   trimmed value go to amb[] (capacity >= n, or NULL: count only), for
-   msx__ties_fix to apply the majority sign. */
-
-static void msx__ties_combine(float *out, const float *base, const float *const *ft, int n_ft, const float *thr,
-                              int trim, float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    float tv[MSX_MAX_MODELS][MSX__TIES_BLOCK], sum[MSX__TIES_BLOCK], acc[MSX__TIES_BLOCK], cnt[MSX__TIES_BLOCK];
-    int nz[MSX__TIES_BLOCK];
-    int64_t b0, j, ss = 0, na = 0;
-    for (b0 = 0; b0 < n; b0 += MSX__TIES_BLOCK) {
-        int64_t len = n - b0 < MSX__TIES_BLOCK ? n - b0 : MSX__TIES_BLOCK;
-        const float *b = base + b0;
-        int i;
-        for (i = 0; i < n_ft; i++) {
-            const float *x = ft[i] + b0;
-            float th = trim ? thr[i] : 0.0f, *d = tv[i];
-            for (j = 0; j < len; j++) {
-                float v = x[j] - b[j];
-                d[j] = fabsf(v) >= th ? v : 0.0f; /* th = 0 keeps everything (NaN aside) */
-            }
-        }
+/* Steps 2-4 for two fine-tuned models on [0, n) given the thresholds, as a
+   loop the compiler vectorises: msx__ties_elem's float operations with its
+   branches made 0/1 factors. Elements whose sum is 0
+   but hold a non-zero trimmed value get τ = 0 here and their positions go
+   to amb[*n_amb..] (capacity n), to take the majority sign once it is
+   known. Returns the sign sum Σ_j sign(s_j). */
+static int64_t msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float h0, float h1,
+                                  float lam, int64_t n, uint32_t *amb, int64_t *n_amb) {
+    float z[MSX__MERGE_BLOCK];
+    int64_t b0, ss = 0;
+    for (b0 = 0; b0 < n; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(n - b0 < MSX__MERGE_BLOCK ? n - b0 : MSX__MERGE_BLOCK), j, bs = 0, zs = 0;
+        const float *b = base + b0, *y0 = x0 + b0, *y1 = x1 + b0;
         for (j = 0; j < len; j++) {
-            sum[j] = tv[0][j];
-            nz[j] = tv[0][j] != 0;
-            acc[j] = 0.0f;
-            cnt[j] = 0.0f;
-        }
-        for (i = 1; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                sum[j] = sum[j] + tv[i][j];
-                nz[j] |= tv[i][j] != 0;
-            }
-        for (j = 0; j < len; j++) ss += (sum[j] > 0) - (sum[j] < 0);
-        {
-            int64_t a = 0;
-            for (j = 0; j < len; j++) a += (sum[j] == 0) & nz[j];
-            if (a) /* rare: exact cancellation */
-                for (j = 0; j < len; j++)
-                    if (sum[j] == 0 && nz[j]) {
-                        if (amb) amb[na] = (uint32_t)(b0 + j);
-                        na++;
-                    }
-        }
-        for (i = 0; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                float v = tv[i][j], s = sum[j];
-                /* the reference's (τ * mask).sum: a dropped entry adds ±0 */
-                float kf = (float)(((s > 0) & (v > 0)) | ((s < 0) & (v < 0))), kv = v * kf;
-                acc[j] = acc[j] + kv;
-                cnt[j] = cnt[j] + kf;
-            }
-        for (j = 0; j < len; j++) {
-            float c = cnt[j] > 1.0f ? cnt[j] : 1.0f, tau = acc[j] / c, p = lam * tau;
+            float v0 = y0[j] - b[j], v1 = y1[j] - b[j];
+            float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f, sm = t0 + t1;
+            float sp = sm > 0 ? 1.0f : 0.0f, sn = sm < 0 ? 1.0f : 0.0f; /* σ_j = sp - sn */
+            float k0 = (t0 > 0 ? sp : 0.0f) + (t0 < 0 ? sn : 0.0f), k1 = (t1 > 0 ? sp : 0.0f) + (t1 < 0 ? sn : 0.0f);
+            float acc = 0.0f + t0 * k0, cnt = k0 + k1, tau, p;
+            acc = acc + t1 * k1; /* a t_i of the other sign adds ±0: no change */
+            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
+            p = lam * tau;
             out[b0 + j] = b[j] + p;
+            bs += (int)(sp - sn);
+            z[j] = sm == 0 ? t0 : 0.0f;
         }
+        ss += bs;
+        for (j = 0; j < len; j++) zs += z[j] != 0;
+        for (j = 0; zs && j < len; j++) /* rare: an exact cancellation t0 = -t1 != 0 */
+            if (z[j] != 0) amb[(*n_amb)++] = (uint32_t)(b0 + j);
     }
-    *sign_sum = ss;
-    *n_amb = na;
+    return ss;
 }
 
-/* Zero-sum elections with a non-zero trimmed value take the tensor-wide
-   majority sign `sg` (ref §1.3 step 2): recomputes the listed elements
-   (amb != NULL) or scans for them. */
-static void msx__ties_fix(float *out, const float *base, const float *const *ft, int n_ft, const float *thr, int trim,
-                          float lam, int64_t n, int sg, const uint32_t *amb, int64_t n_amb) {
-    int64_t q, total = amb ? n_amb : n;
-    int i;
-    for (q = 0; q < total; q++) {
-        int64_t j = amb ? (int64_t)amb[q] : q;
-        float tv[MSX_MAX_MODELS], s, acc = 0.0f, tau, p;
-        int any = 0, cnt = 0;
-        for (i = 0; i < n_ft; i++) {
-            float v = ft[i][j] - base[j];
-            tv[i] = (!trim || fabsf(v) >= thr[i]) ? v : 0.0f;
-            any |= tv[i] != 0;
-        }
-        s = tv[0];
-        for (i = 1; i < n_ft; i++) s = s + tv[i];
-        if (s != 0 || !any) continue;
-        for (i = 0; i < n_ft; i++)
-            if ((sg > 0 && tv[i] > 0) || (sg < 0 && tv[i] < 0)) { acc = acc + tv[i]; cnt++; }
-        tau = acc / (float)(cnt > 1 ? cnt : 1);
-        p = lam * tau;
-        out[j] = base[j] + p;
-    }
-}
-
-/* ---- one-pass TIES for two fine-tuned models, with rank tables -----------------
-   The two-pass scheme streams base and models twice (count, then combine):
-   28 bytes per element against the 16 a merge must move. Here the combine
-   pass also finds the threshold. A rank table of |delta_i| (below) gives an
-   exact bracket [lo_i, hi_i) of the k-th key together with the exact number
-   of keys below lo_i. In the pass an element with |delta_i| < lo_i is
-   trimmed and one with |delta_i| >= hi_i kept whatever the exact threshold
-   is, so its output (computed with the threshold lo_i) is final; an element
-   inside either bracket is "pending": it gets a provisional output and its
-   (index, base, x0, x1) go to a record list. The records hold every key in
-   the bracket, so the exact k-th value follows from them; a fix-up then
-   redoes the pending elements whose keep/trim decision changed. Every
-   element ends with the float operations of the two-pass combine under the
-   exact thresholds (msx__ties_combine2 is this pass with nothing pending):
-   bit-identical to the two-pass result.
-
-   The table of a tensor and model is a histogram of the |delta| keys in
-   65,537 bins (key 0 alone, then 256 bins per octave), kept as the bin
-   boundaries where the running count passes each 1/4096 of the tensor. A
-   bracket then holds at most n/4096 keys plus one bin, ~0.1% of a tensor
-   against ~3% for a sample-based bracket; building it takes one extra read
-   of base and models. The merger keeps the tables (its sources are
-   immutable): its first TIES run of a tensor makes the usual two passes,
-   the second builds the tables and makes one, every later run makes one. */
-
-#define MSX__TIES_TQ 4096          /* table points per tensor and model */
-#define MSX__TIES_NBIN 65537       /* histogram bins: key 0, then key >> 15 */
-
-typedef struct msx__ties_table {
-    uint32_t m;                        /* points used */
-    uint32_t key[MSX__TIES_TQ + 4];    /* bin boundary keys, increasing */
-    uint32_t lt[MSX__TIES_TQ + 4];     /* exact count of keys below key[e] */
-} msx__ties_table;
-
-#define MSX__TIES_HIST_WORDS ((MSX__TIES_NBIN + 15) & ~15)
-
-/* Record capacity per thread for a range of n elements. */
-static int64_t msx__ties_rec_cap(int64_t n) { return n / 8 + 64; }
-
-/* Scratch layout of the two-model path (words): zero-sum list [0, n),
-   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms. */
-static size_t msx__ties_off_rec(int64_t n) { return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE; }
-static size_t msx__ties_off_hist(int64_t n) { return msx__ties_off_rec(n) + 4 * (size_t)(n / 8 + 72); }
-
-static uint32_t msx__ties_bin(uint32_t u) { return u ? (u >> 15) + 1 : 0; }
-/* First key of bin b (b = MSX__TIES_NBIN: one past the largest key). */
-static uint32_t msx__ties_bin_key(uint32_t b) { return b < 2 ? b : (b - 1) << 15; }
-
-/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here).
-   About 1.7 ns per element on one core (the increments bound it): paid
-   once per merger and tensor. */
-static void msx__ties_hist2(const float *base, const float *x0, const float *x1, int64_t j0, int64_t j1,
-                            uint32_t *h0, uint32_t *h1) {
-    int64_t j = j0;
-    memset(h0, 0, MSX__TIES_NBIN * sizeof *h0);
-    memset(h1, 0, MSX__TIES_NBIN * sizeof *h1);
-#if defined(__AVX2__)
-    {
-        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-        uint32_t t0[8], t1[8];
-        int q;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 b = _mm256_loadu_ps(base + j);
-            __m256i u0 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), absm));
-            __m256i u1 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), b), absm));
-            /* bin: 0 for key 0, else (key >> 15) + 1 */
-            u0 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u0, zero), _mm256_add_epi32(_mm256_srli_epi32(u0, 15), one));
-            u1 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u1, zero), _mm256_add_epi32(_mm256_srli_epi32(u1, 15), one));
-            _mm256_storeu_si256((__m256i *)(void *)t0, u0);
-            _mm256_storeu_si256((__m256i *)(void *)t1, u1);
-            for (q = 0; q < 8; q++) {
-                h0[t0[q]]++;
-                h1[t1[q]]++;
-            }
-        }
-    }
-#endif
-    for (; j < j1; j++) {
-        h0[msx__ties_bin(msx__abs_bits(x0[j] - base[j]))]++;
-        h1[msx__ties_bin(msx__abs_bits(x1[j] - base[j]))]++;
-    }
-}
-
-/* Table from the sum of nh histograms (hist[u] + h_stride * u, u < nh) of
-   an n-element tensor: a point at every bin boundary where the running
-   count reaches the next multiple of n / MSX__TIES_TQ, plus the boundaries
-   around key 0 and the end. */
-static void msx__ties_table_build(const uint32_t *hist, size_t h_stride, int nh, int64_t n, msx__ties_table *t) {
-    int64_t cum = 0, next = 0;
-    uint32_t b, m = 0;
-    int u;
-    t->key[m] = 0;
-    t->lt[m++] = 0;
-    for (b = 0; b < MSX__TIES_NBIN; b++) {
-        for (u = 0; u < nh; u++) cum += hist[(size_t)u * h_stride + b];
-        if (b + 1 == MSX__TIES_NBIN || b == 0 || cum >= next) {
-            t->key[m] = msx__ties_bin_key(b + 1);
-            t->lt[m++] = (uint32_t)cum;
-            next = ((int64_t)(m - 1) * n) / MSX__TIES_TQ + 1;
-            if (m >= MSX__TIES_TQ + 3) next = n + 1; /* only the end point is left */
-        }
-    }
-    t->m = m;
-}
-
-/* Bracket of the k-th smallest key (1 <= k <= n): lo <= key < hx, with L
-   keys below lo and C inside. */
-static void msx__ties_table_find(const msx__ties_table *t, int64_t k, uint32_t *lo, uint32_t *hx, int64_t *L,
-                                 int64_t *C) {
-    uint32_t a = 1, z = t->m - 1; /* smallest e >= 1 with lt[e] >= k: lt[m - 1] = n >= k */
-    while (a < z) {
-        uint32_t mid = (a + z) / 2;
-        if ((int64_t)t->lt[mid] >= k) z = mid;
-        else a = mid + 1;
-    }
-    *lo = t->key[a - 1];
-    *hx = t->key[a];
-    *L = t->lt[a - 1];
-    *C = (int64_t)t->lt[a] - (int64_t)t->lt[a - 1];
-}
-
-typedef struct msx__ties_pass_out {
-    int64_t n_rec, ss, n_amb;
-    int overflow; /* more pending elements than the record capacity: the tensor is redone */
-} msx__ties_pass_out;
-
-/* The two-model TIES element, scalar (tails, the fix-up, builds without
-   AVX2): keeps v_i where |v_i| >= h_i, returns b + lam * tau; *t0o and *smo
-   are t0 and the elected sum, as in msx__ties2_lanes. */
-static float msx__ties2_one(float b, float v0, float v1, float h0, float h1, float lam, float *t0o, float *smo) {
-    float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f;
-    float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
-    int sg = (sm > 0) - (sm < 0);
-    if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
-    if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
-    tau = acc / (cnt > 1.0f ? cnt : 1.0f);
-    p = lam * tau;
-    *t0o = t0;
-    *smo = sm;
-    return b + p;
-}
-
-/* One element of the pass in scalar form; plo/phi: inclusive pending range
-   per model (empty when plo > phi). A decided zero-sum position goes to
-   amb[*na] (amb NULL: counted only); returns 1 if the element is pending. */
-static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
-                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                               msx__ties_pass_out *po, uint32_t *amb, int64_t *na) {
-    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b, t0, sm;
-    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-    int pend = (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
-    out[j] = msx__ties2_one(b, v0, v1, g0, g1, lam, &t0, &sm);
-    po->ss += (sm > 0) - (sm < 0); /* provisional for a pending element: the fix-up trades it for the exact one */
-    if (!pend && sm == 0 && t0 != 0) {
-        if (amb) amb[*na] = (uint32_t)j;
-        (*na)++;
-    }
-    return pend;
-}
-
-/* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
-   the sign sum (provisional for the pending elements), and the decided
-   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0,
-   or NULL: count only). */
-static void msx__ties_spec_pass(float *out, const float *base, const float *x0, const float *x1, int64_t j0,
-                                int64_t j1, const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                                uint32_t *pj, float *pb, float *p0, float *p1, int64_t cap, uint32_t *amb,
-                                msx__ties_pass_out *po) {
-    int64_t b0, j, R = 0, na = 0;
-#if defined(__AVX2__)
-    int nt = ((uintptr_t)(out + j0) & 31) == 0 && j1 - j0 >= MSX__MERGE_PAR_MIN;
-#endif
-    memset(po, 0, sizeof *po);
-    for (b0 = j0; b0 < j1; b0 += MSX__TIES_BLOCK) {
-        int64_t e = j1 - b0 < MSX__TIES_BLOCK ? j1 : b0 + MSX__TIES_BLOCK;
-        int z = 0;
-        if (R + MSX__TIES_BLOCK + 8 > cap) { po->overflow = 1; break; }
-        j = b0;
-#if defined(__AVX2__)
-        {
-            const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            const __m256 h0 = _mm256_set1_ps(g0), h1 = _mm256_set1_ps(g1);
-            const __m256i l0 = _mm256_set1_epi32((int)plo[0]), l1 = _mm256_set1_epi32((int)plo[1]);
-            const __m256i e0 = _mm256_set1_epi32((int)phi[0]), e1 = _mm256_set1_epi32((int)phi[1]);
-            __m256i bs = _mm256_setzero_si256();
-            int32_t tmp[8];
-            int q;
-            for (; j + 8 <= e; j += 8) {
-                __m256 b = _mm256_loadu_ps(base + j);
-                __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
-                __m256i u0 = _mm256_castps_si256(_mm256_and_ps(v0, absm)), u1 = _mm256_castps_si256(_mm256_and_ps(v1, absm));
-                /* decided for model i: outside [plo_i, phi_i]; pending: not decided for both */
-                __m256i d0 = _mm256_or_si256(_mm256_cmpgt_epi32(l0, u0), _mm256_cmpgt_epi32(u0, e0));
-                __m256i d1 = _mm256_or_si256(_mm256_cmpgt_epi32(l1, u1), _mm256_cmpgt_epi32(u1, e1));
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(d0, d1))) & 0xFF;
-                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
-                if (nt) _mm256_stream_ps(out + j, o.res);
-                else _mm256_storeu_ps(out + j, o.res);
-                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
-                z |= msx__ties2_cancel(&o);
-                while (mk) { /* rare with a table bracket */
-                    int64_t jl = j + msx__ctz32((unsigned)mk);
-                    mk &= mk - 1;
-                    pj[R] = (uint32_t)jl;
-                    pb[R] = base[jl];
-                    p0[R] = x0[jl];
-                    p1[R++] = x1[jl];
-                }
-            }
-            _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-            for (q = 0; q < 8; q++) po->ss += tmp[q];
-        }
-#endif
-        for (; j < e; j++)
-            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po, amb, &na)) {
-                pj[R] = (uint32_t)j;
-                pb[R] = base[j];
-                p0[R] = x0[j];
-                p1[R++] = x1[j];
-            }
-        if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
-            for (j = b0; j < e - ((e - b0) & 7); j++) {
-                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-                uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]))) {
-                    if (amb) amb[na] = (uint32_t)j;
-                    na++;
-                }
-            }
-    }
-#if defined(__AVX2__)
-    if (nt) _mm_sfence(); /* the streamed stores are ordered before the fix-up's and other threads' reads */
-#endif
-    po->n_rec = R;
-    po->n_amb = na;
-}
-
-/* msx__ties_combine for two fine-tuned models given the exact thresholds:
-   the one-pass kernel with nothing pending (empty ranges), so the two
-   schemes share every float operation. amb: as for the pass. */
-static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
-                               float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    static const uint32_t none_lo[2] = {1, 1}, none_hi[2] = {0, 0};
-    msx__ties_pass_out po;
-    msx__ties_spec_pass(out, base, x0, x1, 0, n, none_lo, none_hi, th0, th1, lam, NULL, NULL, NULL, NULL, INT64_MAX / 2,
-                        amb, &po);
-    *sign_sum = po.ss;
-    *n_amb = po.n_amb;
-}
-
-/* Exact threshold key of model i: the (k - L)-th smallest of the record keys
-   in [lo, hx) of all n_parts threads. *miss when their number differs from
-   the table's C (records overflowed, or the sources changed after the table
-   was built): the exact value then comes from a full copy in c (n entries). */
-static uint32_t msx__ties_spec_select(int i, const float *base, const float *x, int64_t n, int64_t k, uint32_t lo,
-                                      uint32_t hx, int64_t L, int64_t Cx, const msx__ties_pass_out *po,
-                                      float *const *recs, int n_parts, int64_t rec_cap, uint32_t *c, int *miss) {
-    int64_t C = 0, q;
-    int u;
-    for (u = 0; u < n_parts; u++) {
-        const float *pb = recs[u] + rec_cap, *px = recs[u] + (size_t)(2 + i) * (size_t)rec_cap;
-        for (q = 0; q < po[u].n_rec; q++) {
-            uint32_t key = msx__abs_bits(px[q] - pb[q]);
-            c[C] = key;
-            C += key >= lo && key < hx;
-        }
-    }
-    *miss = 0;
-    if (C == Cx && k - L >= 1 && k - L <= C) return msx__select_in_range(c, C, k - L - 1, lo, hx);
-    *miss = 1;
-    return msx__select_full(x, base, n, k, c);
-}
-
-/* Fix-up of one thread's records under the exact thresholds: the sign sum
-   trades each pending element's provisional sign for its exact one, its
-   zero-sum position (if any) is appended to amb, and its output rewritten
-   when a keep/trim decision differs from the guess's. The rewrites land on
-   random cache lines long evicted: they are first compacted into the front
-   of the records (pj, pb; w <= q, so in place), then written with the lines
-   prefetched for writing well ahead, so the misses overlap. */
-static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float *p0, const float *p1, int64_t n_rec,
-                               float g0, float g1, float th0, float th1, float lam, int64_t *ss, uint32_t *amb,
-                               int64_t *n_amb) {
-    int64_t q = 0, S = 0, na = *n_amb, w = 0;
-#if defined(__AVX2__)
-    { /* vectors: every decision here is a coin flip, too costly as branches */
-        const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256 G0 = _mm256_set1_ps(g0), G1 = _mm256_set1_ps(g1), T0 = _mm256_set1_ps(th0), T1 = _mm256_set1_ps(th1);
-        __m256i bs = _mm256_setzero_si256();
-        int32_t tmp[8];
-        int l;
-        for (; q + 8 <= n_rec; q += 8) {
-            __m256 b = _mm256_loadu_ps(pb + q);
-            __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(p0 + q), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(p1 + q), b);
-            __m256 w0 = _mm256_and_ps(v0, absm), w1 = _mm256_and_ps(v1, absm);
-            __m256i jv = _mm256_loadu_si256((const __m256i *)(const void *)(pj + q)), perm;
-            msx__ties2_v8 ex = msx__ties2_lanes(b, v0, v1, T0, T1, lv), gs = msx__ties2_lanes(b, v0, v1, G0, G1, lv);
-            int zm = msx__ties2_cancel(&ex);
-            int dm = _mm256_movemask_ps(_mm256_or_ps(
-                _mm256_xor_ps(_mm256_cmp_ps(w0, T0, _CMP_GE_OQ), _mm256_cmp_ps(w0, G0, _CMP_GE_OQ)),
-                _mm256_xor_ps(_mm256_cmp_ps(w1, T1, _CMP_GE_OQ), _mm256_cmp_ps(w1, G1, _CMP_GE_OQ))));
-            bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(ex.sp)), _mm256_castps_si256(ex.sn));
-            bs = _mm256_sub_epi32(_mm256_add_epi32(bs, _mm256_castps_si256(gs.sp)), _mm256_castps_si256(gs.sn));
-            while (zm) { /* rare */
-                amb[na++] = pj[q + msx__ctz32((unsigned)zm)];
-                zm &= zm - 1;
-            }
-            perm = msx__lpack_perm(dm);
-            _mm256_storeu_si256((__m256i *)(void *)(pj + w), _mm256_permutevar8x32_epi32(jv, perm));
-            _mm256_storeu_ps(pb + w, _mm256_permutevar8x32_ps(ex.res, perm));
-            w += msx__popcnt8(dm);
-        }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-        for (l = 0; l < 8; l++) S += tmp[l];
-    }
-#endif
-    for (; q < n_rec; q++) { /* the last < 8 records (all of them without AVX2) */
-        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b, t0, sm, t0g, smg;
-        float res = msx__ties2_one(b, v0, v1, th0, th1, lam, &t0, &sm);
-        (void)msx__ties2_one(b, v0, v1, g0, g1, lam, &t0g, &smg);
-        S += ((sm > 0) - (sm < 0)) - ((smg > 0) - (smg < 0));
-        if (sm == 0 && t0 != 0) amb[na++] = pj[q];
-        if ((fabsf(v0) >= th0) != (fabsf(v0) >= g0) || (fabsf(v1) >= th1) != (fabsf(v1) >= g1)) {
-            pj[w] = pj[q];
-            pb[w++] = res;
-        }
-    }
-    for (q = 0; q < w; q++) {
-#if defined(__GNUC__)
-        if (q + 24 < w) __builtin_prefetch(out + pj[q + 24], 1, 0);
-#endif
-        out[pj[q]] = pb[q];
-    }
-    *ss += S;
-    *n_amb = na;
-}
-
-MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
-    /* two models: the one-pass layout (msx__ties_off_*); otherwise candidates
-       per model and the sample */
-    if (n_ft == 2) return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS + 16;
-    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
-}
-
-/* ---- TIES on one large tensor by the whole thread team ----------------------
-   Every thread of the team works on the same tensor, on its own element
-   range. Two fine-tuned models (the paper's setting): the rank tables (built
-   from per-thread histograms when the caller keeps none yet), one pass, the
-   owner of each model (model i: thread i % nt) selects its exact threshold
-   from all threads' records, then each thread fixes up its own pending
-   elements. Other model counts: the two-pass scheme (sample bracket, count +
-   gather, select, combine), whose combine re-reads the range it counted,
-   backwards, so the inputs come from the shared L3. Results are
-   bit-identical to a single thread's for any number of threads: the k-th
-   value is order-independent and every element gets the same float
-   operations. Called by all team threads (it holds barriers, skipped when
-   nt == 1, so msx__ties_tensor can run it alone); each writes only its own
-   scratch, and reads the others' between barriers. tab/tab_ok: the caller's
-   two tables of this tensor and their state: 0 on the first call, which runs
-   the two-pass scheme (a one-off merge is not slowed by building tables it
-   would never reuse), 1 build them during this call, 2 built. NULL: the
-   two-pass scheme. */
-
-#ifndef MSX__TIES_COOP_MIN
-#define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
-#endif
-#define MSX__TIES_COOP_SUB 65536   /* combine sub-range, walked last-to-first */
-
-typedef struct msx__ties_coop_state {
-    uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS], thr[MSX_MAX_MODELS];
-    int miss[MSX_MAX_MODELS];
-    int64_t lt[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], eq[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS];
-    int64_t nc[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], ss[MSX__MERGE_MAX_THREADS];
-    msx__ties_pass_out po[MSX__MERGE_MAX_THREADS];
-} msx__ties_coop_state;
-
-#define MSX__COOP_BARRIER() do { if (nt > 1) { MSX__MOMP("omp barrier") } } while (0)
-
-/* The two-model path with the caller's tables (trim only; *tab_ok 1: build
-   them first, 2: built); returns 1 when the
-   outputs, *ss and the zero-sum list (scr[0..*na)) are complete, 0 when the
-   tensor must be recombined with the exact thresholds left in thr. */
-static int msx__ties_coop2(float *out, const float *base, const float *const *ft, int64_t k, float lam, int64_t n,
-                           uint32_t *scr_all, size_t per, int tid, int nt, int64_t j0, int64_t j1, int64_t cap,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
-                           int64_t *ss, int64_t *na) {
-    uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
-    float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
-    int64_t L[2], C[2];
-    int i, u, ovf = 0, redo;
-    if (*tab_ok < 2) {
-        uint32_t *h = scr + msx__ties_off_hist(n);
-        msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
-        MSX__COOP_BARRIER();
-        for (i = tid; i < 2; i += nt)
-            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tab[i]);
-        MSX__COOP_BARRIER();
-    }
-    for (i = 0; i < 2; i++) {
-        msx__ties_table_find(&tab[i], k, &lo[i], &hx[i], &L[i], &C[i]);
-        plo[i] = lo[i];
-        phi[i] = hx[i] - 1;
-        if (hx[i] == lo[i] + 1) { plo[i] = 1; phi[i] = 0; } /* one key (key 0's bin): it is the threshold */
-        memcpy(&g[i], &lo[i], 4);
-    }
-    msx__ties_spec_pass(out, base, ft[0], ft[1], j0, j1, plo, phi, g[0], g[1], lam, (uint32_t *)(void *)rec, rec + cap,
-                        rec + 2 * cap, rec + 3 * cap, cap, scr, &sh->po[tid]);
-    MSX__COOP_BARRIER();
-    for (u = 0; u < nt; u++) ovf |= sh->po[u].overflow;
-    for (i = tid; i < 2; i += nt) { /* owner of model i */
-        sh->miss[i] = 0;
-        if (ovf) {
-            sh->thr[i] = msx__select_full(ft[i], base, n, k, scr + n);
-            sh->miss[i] = 1;
-        } else if (plo[i] > phi[i]) sh->thr[i] = lo[i];
-        else {
-            float *recs[MSX__MERGE_MAX_THREADS];
-            for (u = 0; u < nt; u++) recs[u] = (float *)(void *)(scr_all + per * (size_t)u + msx__ties_off_rec(n));
-            sh->thr[i] = msx__ties_spec_select(i, base, ft[i], n, k, lo[i], hx[i], L[i], C[i], sh->po, recs, nt, cap,
-                                               scr + n, &sh->miss[i]);
-        }
-    }
-    MSX__COOP_BARRIER();
-    memcpy(thr, sh->thr, 2 * sizeof(float));
-    redo = ovf || sh->miss[0] || sh->miss[1];
-    if (tid == 0) *tab_ok = (unsigned char)(ovf || !redo ? 2 : 1); /* a miss without overflow: rebuild next time */
-    if (redo) return 0;
-    *ss = sh->po[tid].ss;
-    *na = sh->po[tid].n_amb;
-    msx__ties_spec_fix(out, (uint32_t *)(void *)rec, rec + cap, rec + 2 * cap, rec + 3 * cap, sh->po[tid].n_rec, g[0],
-                       g[1], thr[0], thr[1], lam, ss, scr, na);
-    return 1;
-}
-
-static void msx__ties_coop(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                           float lam, int64_t n, uint32_t *scr_all, size_t per, int tid, int nt,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), chunk, j0, j1, s, na = 0, ss = 0, tot;
-    uint32_t *scr = scr_all + per * (size_t)tid;
-    float thr[MSX_MAX_MODELS];
-    int i, u, trim, combine = 1;
-    if (k > n) k = n;
-    trim = k > 0 && n > 0;
-    chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
-    j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
-    j1 = j0 + chunk < n ? j0 + chunk : n;
-    if (trim && n_ft == 2 && tab && *tab_ok)
-        combine = !msx__ties_coop2(out, base, ft, k, lam, n, scr_all, per, tid, nt, j0, j1, msx__ties_rec_cap(chunk), sh,
-                                   tab, tab_ok, thr, &ss, &na);
-    else if (trim) {
-        for (i = tid; i < n_ft; i += nt)
-            msx__ties_bracket(base, ft[i], n, k, scr + (size_t)n_ft * (size_t)n, &sh->lo[i], &sh->hi[i]);
-        MSX__COOP_BARRIER();
-        for (i = 0; i < n_ft; i++) sh->lt[tid][i] = sh->eq[tid][i] = sh->nc[tid][i] = 0;
-        for (s = j0; s < j1; s += MSX__MERGE_BLOCK) {
-            int64_t e = s + MSX__MERGE_BLOCK < j1 ? s + MSX__MERGE_BLOCK : j1;
-            for (i = 0; i < n_ft; i++)
-                msx__ties_count_gather(ft[i], base, s, e, sh->lo[i], sh->hi[i], &sh->lt[tid][i], &sh->eq[tid][i],
-                                       scr + (size_t)i * (size_t)n, &sh->nc[tid][i]);
-        }
-        MSX__COOP_BARRIER();
-        for (i = tid; i < n_ft; i += nt) { /* owner: gather all candidates of model i, select */
-            uint32_t *c = scr + (size_t)i * (size_t)n, lo = sh->lo[i], hi = sh->hi[i];
-            int64_t L = 0, E = 0, C = sh->nc[tid][i], r;
-            for (u = 0; u < nt; u++) {
-                L += sh->lt[u][i];
-                E += sh->eq[u][i];
-                if (u != tid && lo != hi && sh->nc[u][i] > 0) {
-                    memcpy(c + C, scr_all + per * (size_t)u + (size_t)i * (size_t)n, (size_t)sh->nc[u][i] * 4);
-                    C += sh->nc[u][i];
-                }
-            }
-            r = k - L; /* 1-based rank within the bracket */
-            if (lo == hi && r >= 1 && r <= E) sh->thr[i] = lo;
-            else if (lo != hi && r >= 1 && r <= C)
-                sh->thr[i] = msx__select_in_range(c, C, r - 1, lo, hi == 0x7FFFFFFFu ? 0x80000000u : hi + 1);
-            else sh->thr[i] = msx__select_full(ft[i], base, n, k, c);
-        }
-        MSX__COOP_BARRIER();
-        memcpy(thr, sh->thr, (size_t)n_ft * sizeof(float));
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    /* combine [j0, j1) last sub-range first (most recently counted = most
-       likely still cached); zero-sum positions go to scr[0..) as absolute indices */
-    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; combine && j1 > j0 && s >= j0;
-         s -= MSX__TIES_COOP_SUB) {
-        int64_t len = j1 - s < MSX__TIES_COOP_SUB ? j1 - s : MSX__TIES_COOP_SUB, s1 = 0, a = 0, q;
-        const float *fo[MSX_MAX_MODELS];
-        if (n_ft == 2)
-            msx__ties_combine2(out + s, base + s, ft[0] + s, ft[1] + s, thr[0], thr[1], lam, len, &s1, scr + na, &a);
-        else {
-            for (i = 0; i < n_ft; i++) fo[i] = ft[i] + s;
-            msx__ties_combine(out + s, base + s, fo, n_ft, thr, trim, lam, len, &s1, scr + na, &a);
-        }
-        for (q = na; q < na + a; q++) scr[q] += (uint32_t)s;
-        na += a;
-        ss += s1;
-    }
-    sh->ss[tid] = ss;
-    MSX__COOP_BARRIER();
-    for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
-    if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
-    if (trim && n_ft == 2 && tab && *tab_ok == 0 && tid == 0) *tab_ok = 1; /* all have read it: build next time */
-}
-
-/* TIES of one tensor on the calling thread; scratch as for
-   msx__ties_thresholds, or NULL when nothing is trimmed. */
+/* TIES of one tensor on the calling thread; scratch: msx_merge_ties_scratch_floats(n, n_ft) words, or NULL when
+   nothing is trimmed. */
 static void msx__ties_tensor(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                             float lam, int64_t n, uint32_t *scratch, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), ss = 0, amb = 0;
-    float thr[MSX_MAX_MODELS];
-    uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
-    int i, trim = k > 0 && n > 0;
+                             float lam, int64_t n, uint32_t *scratch) {
+    int64_t k = (int64_t)((double)n * drop_rate), ss, q, na = 0;
+    uint32_t tb[2] = {0, 0};
+    float thr[2], s;
+    int major;
     if (k > n) k = n;
-    if (trim && n_ft == 2 && tab && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* the caller keeps tables */
-        msx__ties_coop_state st;
-        msx__ties_coop(out, base, ft, 2, drop_rate, lam, n, scratch, 0, 0, 1, &st, tab, tab_ok);
+    if (n <= MSX__TIES_DIRECT || n_ft != 2 || n > (int64_t)UINT32_MAX) {
+        msx__ties_plain(out, base, ft, n_ft, k, lam, n, scratch);
         return;
     }
-    if (trim) {
-        uint32_t tb[MSX_MAX_MODELS];
-        msx__ties_thresholds(base, ft, n_ft, n, k, scratch, tb);
-        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &tb[i], 4);
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    if (n_ft == 2)
-        msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
-    else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
-    if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
+    if (k > 0) msx__ties_thresholds(base, ft, 2, n, k, scratch, tb); /* 1. */
+    memcpy(thr, tb, sizeof thr);
+    ss = msx__ties_combine2(out, base, ft[0], ft[1], thr[0], thr[1], lam, n, scratch, &na); /* 2-4. */
+    major = (ss > 0) - (ss < 0);
+    for (q = 0; q < na; q++) out[scratch[q]] = msx__ties_elem(base, ft, 2, scratch[q], thr, lam, major, &s);
+}
+
+/* Plain form: n keys; fast path: n candidates per model (the first list
+   reused for the zero-sum positions) and the sample. */
+MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
+    if (n <= MSX__TIES_DIRECT || n_ft != 2) return (size_t)n;
+    return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
@@ -7947,12 +7362,12 @@ MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const flo
     if (!isfinite(drop_rate) || drop_rate < 0 || drop_rate > 1)
         return msx__err(MSX_E_ARG, "ties: drop_rate %g must lie in [0, 1]", drop_rate);
     if (!isfinite(scale)) return msx__err(MSX_E_ARG, "ties: scale is not a finite number");
-    if (!scratch && (int64_t)((double)n * drop_rate) > 0) {
+    if (!scratch) {
         own = (float *)msx__aligned_alloc(msx_merge_ties_scratch_floats(n, n_ft) * sizeof(float));
         if (!own) return msx__err(MSX_E_NOMEM, "ties: cannot allocate scratch for %lld elements", (long long)n);
         scratch = own;
     }
-    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch, NULL, NULL);
+    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch);
     msx__aligned_free(own);
     return MSX_OK;
 }
@@ -7986,9 +7401,6 @@ struct msx_merger {
     uint32_t *scratch;      /* TIES, per thread */
     size_t scratch_per_thread;
     int scratch_threads;
-    msx__ties_table *ties_tab;  /* two fine-tuned models: 2 rank tables per large tensor */
-    int *ties_tab_idx;          /* per tensor: its pair of tables, or -1 */
-    unsigned char *ties_tab_ok; /* per pair: built */
     msx_merge_options opt;
 };
 
@@ -8129,9 +7541,6 @@ MSXDEF void msx_merger_free(msx_merger *m) {
     MSX_FREE(m->items);
     MSX_FREE(m->gs);
     msx__aligned_free(m->scratch);
-    MSX_FREE(m->ties_tab);
-    MSX_FREE(m->ties_tab_idx);
-    MSX_FREE(m->ties_tab_ok);
     MSX_FREE(m);
 }
 
@@ -8171,12 +7580,7 @@ static void msx__merge_item_run(const msx_merger *m, const msx_plan *plan, msx_c
     switch (s ? s->action : 0) {
     case 1 + MSX_MERGE_LINEAR: msx__linear_range(o, src, s->wf, m->n_ft + 1, it->j0, it->j1); break;
     case 1 + MSX_MERGE_TASK_ARITHMETIC: msx__ta_range(o, src[0], src + 1, m->n_ft, (float)gp->scale, it->j0, it->j1); break;
-    case 1 + MSX_MERGE_TIES: {
-        int ti = m->ties_tab_idx ? m->ties_tab_idx[i] : -1;
-        msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch,
-                         ti >= 0 ? m->ties_tab + 2 * (size_t)ti : NULL, ti >= 0 ? m->ties_tab_ok + ti : NULL);
-        break;
-    }
+    case 1 + MSX_MERGE_TIES: msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch); break;
     case 1 + MSX_MERGE_SLERP: {
         double acc[3] = {0, 0, 0};
         float f0, f1;
@@ -8193,7 +7597,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0;
+    int need_scratch = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -8230,18 +7634,14 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         s->action = 0;
         msx__merge_warn(report, "group %s: %s: %d tensors kept the base", plan->ids[g], why, m->group_tensors[g]);
     }
-    /* work list: first the large TIES tensors, which the whole team runs
-       one at a time (msx__ties_coop), then whole tensors for TIES / SLERP
-       (largest first), then chunks of the streaming ones; threads take the
-       last two kinds dynamically */
-    for (pass = 0; pass < 3; pass++)
+    /* work list: whole tensors for TIES / SLERP (largest first), then
+       chunks of the streaming ones; threads take items dynamically */
+    for (pass = 0; pass < 2; pass++)
         for (q = 0; q < base->n; q++) {
             int ti = m->order[q], a = m->tgroup[ti] >= 0 ? m->gs[m->tgroup[ti]].action : 0;
             int64_t n = base->tensors[ti].numel, j0;
-            int coop = a == 1 + MSX_MERGE_TIES && n >= MSX__TIES_COOP_MIN && n <= (int64_t)UINT32_MAX;
             int whole = a == 1 + MSX_MERGE_TIES || a == 1 + MSX_MERGE_SLERP;
-            if ((pass == 0) != coop || (!coop && whole != (pass == 1))) continue;
-            if (coop) n_coop++;
+            if (whole != (pass == 0)) continue;
             if (whole || n == 0) {
                 m->items[n_items].tensor = ti;
                 m->items[n_items].j0 = 0;
@@ -8264,55 +7664,19 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         m->scratch = s;
         m->scratch_threads = nth;
     }
-    if (need_scratch && m->n_ft == 2 && !m->ties_tab) {
-        /* first TIES run: rank tables for the tensors the one-pass scheme takes */
-        int nb = 0;
-        m->ties_tab_idx = (int *)MSX_MALLOC((size_t)base->n * sizeof(int));
-        if (!m->ties_tab_idx) return msx__err(MSX_E_NOMEM, "merge: out of memory");
-        for (i = 0; i < base->n; i++)
-            m->ties_tab_idx[i] = base->tensors[i].numel > MSX__TIES_DIRECT && base->tensors[i].numel <= (int64_t)UINT32_MAX
-                                     ? nb++ : -1;
-        m->ties_tab = (msx__ties_table *)MSX_MALLOC(2 * (size_t)(nb ? nb : 1) * sizeof(msx__ties_table));
-        m->ties_tab_ok = (unsigned char *)MSX_MALLOC((size_t)(nb ? nb : 1));
-        if (!m->ties_tab || !m->ties_tab_ok) {
-            MSX_FREE(m->ties_tab);
-            MSX_FREE(m->ties_tab_ok);
-            MSX_FREE(m->ties_tab_idx);
-            m->ties_tab = NULL;
-            m->ties_tab_ok = NULL;
-            m->ties_tab_idx = NULL;
-            return msx__err(MSX_E_NOMEM, "merge: cannot allocate the TIES rank tables");
-        }
-        memset(m->ties_tab_ok, 0, (size_t)(nb ? nb : 1));
-    }
     {
         const msx_merger *cm = m;
         uint32_t *scr = m->scratch;
         size_t per = m->scratch_per_thread;
         msx__merge_item *items = m->items;
-        msx__ties_coop_state coop_state;
-        msx__ties_coop_state *cs = &coop_state;
-        const int nc0 = n_coop;
         (void)per;
-        MSX__MOMP("omp parallel num_threads(nth) if(n_items > 1)")
-        {
-            int tid = 0, it, nt = 1;
+        MSX__MOMP("omp parallel for schedule(dynamic, 1) num_threads(nth) if(n_items > 1)")
+        for (q = 0; q < n_items; q++) {
+            int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
-            nt = omp_get_num_threads();
 #endif
-            for (it = 0; it < nc0; it++) {
-                const msx__merge_item *ci = &items[it];
-                int ti = ci->tensor;
-                const msx_group_plan *gp = &plan->groups[cm->tgroup[ti]];
-                int tx = cm->ties_tab_idx ? cm->ties_tab_idx[ti] : -1;
-                msx__ties_coop((float *)out->tensors[ti].data, cm->srcp[(size_t)ti * (size_t)(cm->n_ft + 1)],
-                               cm->srcp + (size_t)ti * (size_t)(cm->n_ft + 1) + 1, cm->n_ft, gp->drop_rate,
-                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs,
-                               tx >= 0 ? cm->ties_tab + 2 * (size_t)tx : NULL, tx >= 0 ? cm->ties_tab_ok + tx : NULL);
-            }
-            MSX__MOMP("omp for schedule(dynamic, 1)")
-            for (it = nc0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
+            msx__merge_item_run(cm, plan, out, &items[q], scr ? scr + per * (size_t)tid : NULL);
         }
     }
     if (report) {
