@@ -653,10 +653,11 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 /* ======================================================================== */
 /* API: layer-wise merging. Owns the four merge methods of the official     */
-/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP; ref §1), the mapping */
-/* of SAM state-dict keys to merge groups (ref §2.2), merge plans (JSON     */
-/* "medsamix-plan-v1"), the merger that runs a plan into a preallocated     */
-/* model every trial, and the export of a merged model.                     */
+/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP: docs/semantics.md   */
+/* §2), the mapping of SAM state-dict keys to merge groups                   */
+/* (docs/semantics.md §3), merge plans (JSON "medsamix-plan-v1"), the       */
+/* merger that runs a plan into a preallocated model every trial, and the   */
+/* export of a merged model.                                                */
 /* ======================================================================== */
 
 #ifndef MSX_MERGE_MAX_WARNINGS
@@ -671,10 +672,10 @@ extern "C" {
 /* --- methods ----------------------------------------------------------------
    Model index 0 is always the base, 1..N the fine-tuned models in order. */
 typedef enum msx_merge_method {
-    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (ref §1.1) */
-    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (ref §1.2) */
-    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (ref §1.3) */
-    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (ref §1.4) */
+    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (docs/semantics.md §2.1) */
+    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (docs/semantics.md §2.2) */
+    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (docs/semantics.md §2.3) */
+    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (docs/semantics.md §2.4) */
     MSX_MERGE_METHOD_COUNT
 } msx_merge_method;
 
@@ -711,7 +712,7 @@ typedef struct msx_plan {
     msx_group_plan *groups;        /* n_groups entries, same order as ids */
 } msx_plan;
 
-/* --- layer groups (ref §2.2) --------------------------------------------- */
+/* --- layer groups (docs/semantics.md §3) --------------------------------------------- */
 /* Group id of a SAM state-dict key for this granularity: encoder block b ->
    "layer_<b / granularity>" (the last, shorter chunk gets its own id; the
    reference's remainder bug is not reproduced), "special_pos_embed",
@@ -743,7 +744,7 @@ MSXDEF msx_result msx_plan_set_uniform(msx_plan *p, const msx_group_plan *g);
      "ties_d<r>_s<s>"      ties with drop rate r and scale s     (e.g. "ties_d0.5_s1.0")
      "slerp_<t>"           slerp with every per-model t = t (picks base vs model 1, t = 0.5) */
 MSXDEF msx_result msx_plan_set_preset(msx_plan *p, const char *name);
-/* The reference's hand-made initial configurations (ref §2.5), all uniform,
+/* The reference's hand-made initial configurations (docs/semantics.md §4.3), all uniform,
    in its order: linear one-hot on each model (n_models), slerp all-t
    0.3/0.5/0.7, task_arithmetic λ ∈ {0.3,0.5,0.6,0.7,0.8,1.0}, ties with the
    same λ and drop rate 0.2. Count = n_models + 15; i in [0, count). */
@@ -769,12 +770,12 @@ MSXDEF msx_result msx_plan_to_json(const msx_plan *p, char **json);
 /* Writes the JSON atomically (temp file + rename). */
 MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p);
 
-/* Pair selection of SLERP (ref §1.4): stable sort of the models by t,
+/* Pair selection of SLERP (docs/semantics.md §2.4): stable sort of the models by t,
    descending; v0 = first, v1 = second, t = e^{t_v1} / (e^{t_v0} + e^{t_v1})
    in double. */
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out);
 
-/* --- per-tensor methods on float arrays (ref §1.1-1.4) --------------------
+/* --- per-tensor methods on float arrays (docs/semantics.md §2.1-2.4) --------------------
    float32 arithmetic in the reference's order (scalars rounded to float32
    first, sources accumulated sequentially), so Linear/TA/TIES are bit-exact
    with the official code. `out` must not alias the inputs. Linear and TA
@@ -876,8 +877,8 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 /* expected improvement, ParEGO, ask/tell with exact resume)                */
 /* ======================================================================== */
 /* A general optimiser for expensive black boxes, modelled on SMAC3 2.2's
-   HPO facade (see /work/shared/docs/optimizer-reference.md) with its weak
-   spots fixed. Typical use:
+   HPO facade (docs/semantics.md §7: what it re-implements, with the
+   automl/SMAC3 v2.2.0 files) with its weak spots fixed. Typical use:
 
      msx_space *s = msx_space_new();
      int m = msx_space_add_cat(s, "g0.method", 4, names);
@@ -1210,7 +1211,7 @@ typedef struct msx_search_summary {
    best_plan.json for multi-task). */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
-/* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
+/* The MedSAMix search space (docs/semantics.md §4.1) for a model of `depth` encoder blocks:
    per layer group a categorical method {linear, task_arithmetic, ties,
    slerp} with its conditional parameters, named as in the reference with the
    models' stems (base first). prune = 1 leaves out the groups that cannot
@@ -1221,7 +1222,7 @@ MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char
 
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
-   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; ref §2.5) plus linear equal weights
+   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; docs/semantics.md §4.3) plus linear equal weights
    and TIES r = 0.5 λ = 1 (the report's uniform merges): n + 16. */
 MSXDEF int msx_search_n_initial(int n_models);
 
@@ -2203,8 +2204,8 @@ MSXDEF double msx_time_now(void) {
 /* IMPLEMENTATION: ckpt. Owns reading checkpoints: the torch.save zip        */
 /* container, a safe pickle-subset interpreter, format sniffing, wrapper and */
 /* prefix handling, and the SAM architecture (inference from shapes, JSON    */
-/* override, key/shape validation, canonical order). Formats and the safe    */
-/* pickle subset follow docs/ecosystem-and-style.md section B5.              */
+/* override, key/shape validation, canonical order). The pickle opcodes and  */
+/* globals accepted are listed under "safe pickle subset" below.             */
 /* ======================================================================== */
 
 #ifndef MSX_MAX_PICKLE_BYTES
@@ -6309,8 +6310,9 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 
 /* ======================================================================== */
 /* IMPLEMENTATION: merge. Owns the four merge methods (bit-compatible with   */
-/* the official MedSAMix code, ref §1), the key -> group mapping (ref §2.2),  */
-/* merge plans and their JSON, the per-trial merger and the export.          */
+/* the official MedSAMix code: docs/semantics.md §2), the key -> group      */
+/* mapping (docs/semantics.md §3), merge plans and their JSON, the         */
+/* per-trial merger and the export.                                          */
 /* ======================================================================== */
 
 #if defined(__AVX2__)
@@ -6371,7 +6373,7 @@ MSXDEF msx_result msx_merge_method_parse(const char *name, msx_merge_method *out
                     name ? name : "(null)");
 }
 
-/* ---- key -> group (ref §2.2) -------------------------------------------- */
+/* ---- key -> group (docs/semantics.md §3) -------------------------------------------- */
 
 /* The 13 groups after the layer groups, in canonical order. */
 static const char *const msx__merge_fixed_ids[13] = {
@@ -6837,7 +6839,7 @@ MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p) {
     return r;
 }
 
-/* ---- SLERP pair selection (ref §1.4) --------------------------------------- */
+/* ---- SLERP pair selection (docs/semantics.md §2.4) --------------------------------------- */
 
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out) {
     int i, a = 0, b = -1;
@@ -6867,7 +6869,7 @@ static void msx__linear_range(float *out, const float *const *src, const float *
     for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1;
         int i;
-        /* ref §1.1: w_0 x_0, then + w_i x_i in source order, float32 */
+        /* docs/semantics.md §2.1: w_0 x_0, then + w_i x_i in source order, float32 */
         {
             const float *x = src[0];
             float w = wf[0];
@@ -6902,7 +6904,7 @@ static void msx__ta_range(float *out, const float *base, const float *const *ft,
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1, len = e - b0;
         const float *b = base + b0, *x0 = ft[0] + b0, *x1 = ft[1] + b0;
         int i;
-        /* ref §1.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
+        /* docs/semantics.md §2.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
         for (j = 0; j < len; j++) {
             float d0 = x0[j] - b[j], d1 = x1[j] - b[j];
             s[j] = d0 + d1;
@@ -6947,7 +6949,7 @@ static void msx__slerp_reduce(const float *v0, const float *v1, int64_t j0, int6
 /* The two float32 coefficients of SLERP from the norms and the dot product. */
 static void msx__slerp_coef(const double acc[3], double t, float *f0, float *f1) {
     double n0 = sqrt(acc[0]), n1 = sqrt(acc[1]), c, s0, s1;
-    /* ref §1.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
+    /* docs/semantics.md §2.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
        tensor gives c = 0, theta = pi/2) */
     c = acc[2] / ((n0 > 1e-10 ? n0 : 1.0) * (n1 > 1e-10 ? n1 : 1.0));
     if (fabs(c) > 0.9995) { /* lerp on the un-normalised tensors */
@@ -7024,8 +7026,8 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
 }
 
 /* -- TIES: the definition ----------------------------------------------------------
-   TIES-merging as podismine/MedSAMix@9328d4c implements it (docs/semantics.md
-   §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
+   TIES-merging as podismine/MedSAMix@9328d4c methods/ties.py implements it
+   (docs/semantics.md §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
    (float32, i = 1..N in model order) and k = (int64)(n * drop_rate):
      1. trim    model i keeps τ_ij where |τ_ij| >= θ_i and zeroes the rest;
                 θ_i is the k-th smallest |τ_i| (1-based), or 0 when k = 0.
@@ -7732,8 +7734,8 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 /* ======================================================================== */
 /* IMPLEMENTATION: opt. Owns search spaces, the random-forest surrogate,     */
 /* EI / log-EI, ParEGO, the Pareto archive, hypervolume and the ask/tell     */
-/* optimiser with its JSON state. Section numbers (§) refer to              */
-/* /work/shared/docs/optimizer-reference.md.                                 */
+/* optimiser with its JSON state. What follows SMAC3 v2.2.0 and pyrfr, and  */
+/* where, is in docs/semantics.md §7.                                       */
 /* ======================================================================== */
 
 /* ---- small helpers ----------------------------------------------------------- */
@@ -7774,7 +7776,7 @@ static int msx__opt_cmp_desc(const void *a, const void *b) {
     return (x->i > y->i) - (x->i < y->i);
 }
 
-/* ---- search spaces (§2) ------------------------------------------------------ */
+/* ---- search spaces (docs/semantics.md §7.1) ---------------------------------------------- */
 
 typedef struct msx__oparam {
     char *name;
@@ -8039,7 +8041,7 @@ MSXDEF msx_result msx_space_canonicalize(const msx_space *s, const double *in, d
     }
     return MSX_OK;
 }
-/* Random-forest input (§2.2): unit value, inactive floats/ints -1, inactive
+/* Random-forest input (docs/semantics.md §7.1): unit value, inactive floats/ints -1, inactive
    categoricals k (an extra category). */
 static double msx__sp_enc1(const msx__oparam *p, double v) {
     if (v != v) return p->type == MSX_PARAM_CAT ? (double)p->k : -1.0;
@@ -8101,7 +8103,7 @@ static int msx__sp_equal(const msx_space *a, const msx_space *b, char *msg, size
     return 1;
 }
 
-/* ---- random forest (§4) ------------------------------------------------------ */
+/* ---- random forest (docs/semantics.md §7.2) ---------------------------------------------- */
 
 typedef struct msx__rfnode {
     int feat, left, right; /* feat < 0: leaf */
@@ -8177,7 +8179,7 @@ static msx_result msx__rf_reserve(msx_rf *rf, int n, int d, int trees) {
     return MSX_OK;
 }
 
-/* Grows tree t breadth-first (§4.2). Each node owns the range [a,b) of the
+/* Grows tree t breadth-first (docs/semantics.md §7.2). Each node owns the range [a,b) of the
    per-feature sorted index lists, which are stably partitioned on a split,
    so a split search costs O(points in node) per feature. */
 static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
@@ -8218,7 +8220,7 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
         if (depth < rf->o.max_depth && cnt >= min_split && W >= 2 && !pure) {
             int nf = rf->maxf, fi;
             for (f = 0; f < d; f++) rf->feats[f] = f;
-            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first (§4.2) */
+            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first (docs/semantics.md §7.2) */
                 int r = (int)msx_rng_below(&rng, (uint64_t)(f + 1)), tt = rf->feats[f];
                 rf->feats[f] = rf->feats[r];
                 rf->feats[r] = tt;
@@ -8228,7 +8230,7 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
                 const int *o = rf->ord + (size_t)ff * cn + a;
                 const double *xf = rf->xt + (size_t)ff * cn; /* feature-major copy: contiguous */
                 if (K > 0 && K <= 64) {
-                    /* Breiman: sort observed categories by mean, try prefixes (§4.3). */
+                    /* Breiman: sort observed categories by mean, try prefixes (docs/semantics.md §7.2). */
                     double cw[64], cs[64];
                     int cc[64], obs[64], nobs = 0, c, p;
                     for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
@@ -8289,7 +8291,7 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
         if (best_f < 0) {
             msx__rfnode *L = &rf->nodes[nd];
             L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
-            if (rf->o.log_y) { /* SMAC log_y: ln(mean over distinct leaf points of exp(y)) (§4.4) */
+            if (rf->o.log_y) { /* SMAC log_y: ln(mean over distinct leaf points of exp(y)) (docs/semantics.md §7.2) */
                 double se = 0;
                 for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
                 L->val = log(se / cnt + 1e-10);
@@ -8420,10 +8422,10 @@ MSXDEF void msx_rf_predict(const msx_rf *rf, const double *x, double *mean, doub
         for (t = 0; t < T; t++) { double q = msx__rf_tree_val(rf, t, x) - mu; v += q * q; }
     }
     if (mean) *mean = mu;
-    if (var) *var = v / T; /* across trees, ddof 0 (§4.4, §4.5) */
+    if (var) *var = v / T; /* across trees, ddof 0 (docs/semantics.md §7.2) */
 }
 
-/* ---- expected improvement (§5) ----------------------------------------------- */
+/* ---- expected improvement (docs/semantics.md §7.4) --------------------------------------- */
 
 #define MSX__SQRT1_2 0.70710678118654752440
 #define MSX__LOG_SQRT_2PI 0.91893853320467274178
@@ -8500,7 +8502,7 @@ MSXDEF double msx_acq_ei(double eta, double mu, double sigma, int log_model, dou
 MSXDEF void msx_simplex_weights(msx_rng *rng, int k, double *w) {
     double s = 0;
     int j;
-    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (§10, §14 #1235) */
+    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (docs/semantics.md §5.2; automl/SMAC3 issue #1235) */
         double u = msx_rng_uniform(rng);
         w[j] = -log(1.0 - u);
         s += w[j];
@@ -8947,7 +8949,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     }
     if (opts->n_init > 0) n_lhs = opts->n_init;
     else if (opts->n_init < 0) n_lhs = 0;
-    else { /* §7 sized by the always-active dimensions (§15), capped at 10 % of
+    else { /* docs/semantics.md §7.6; sized by the always-active dimensions (beyond SMAC), capped at 10 % of
               the budget (SMAC: 25 %; 10 % was better on Hartmann-6 and Branin) */
         int top = 0, cap = opts->n_trials > 0 ? opts->n_trials / 10 : 10;
         for (i = 0; i < d; i++) top += o->sp->p[i].parent < 0;
@@ -8963,7 +8965,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     return MSX_OK;
 }
 
-/* Scalar training targets for every history row (§3, §10). theta: ParEGO
+/* Scalar training targets for every history row (docs/semantics.md §5.2, §7.3). theta: ParEGO
    weights, or NULL for the mean (multi-objective) / the cost (single).
    Failed trials count as the worst successful cost, never +inf. Returns the
    number of successful rows. */
@@ -9002,7 +9004,7 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
         }
     }
     memcpy(o->yraw, o->y, (size_t)n * sizeof(double));
-    if (o->log_scale) { /* RunHistoryLogScaledEncoder (§3) */
+    if (o->log_scale) { /* RunHistoryLogScaledEncoder (docs/semantics.md §7.3) */
         double mn, mx, p5, mp, pos, span;
         int lo_i;
         for (i = 0; i < n; i++) o->ysort[i] = o->y[i];
@@ -9032,13 +9034,13 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
 static double msx__opt_acq(const msx_opt *o, const double *enc, double eta) {
     double m, v, le;
     msx_rf_predict(o->rf, enc, &m, &v);
-    if (!(v >= o->vfloor)) v = o->vfloor; /* §4.6 */
+    if (!(v >= o->vfloor)) v = o->vfloor; /* variance floor, docs/semantics.md §7.2 */
     msx_acq_ei(eta, m, sqrt(v), o->log_scale, &le);
     return le;
 }
 
 /* Fits the forest on the history and computes eta and the child memory.
-   Returns the eta (lowest predicted mean over evaluated configs, §5). */
+   Returns the eta (lowest predicted mean over evaluated configs, docs/semantics.md §7.4). */
 static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     msx_rf_options ro;
     msx_result r;
@@ -9060,7 +9062,7 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
         if (o->mu[i] < best) best = o->mu[i];
     }
     *eta = best;
-    /* Child memory (§15): a child that becomes active during local search
+    /* Child memory (beyond SMAC): a child that becomes active during local search
        starts from its value in the best evaluated config that used it. */
     for (q = 0; q < o->d; q++) {
         double by = DBL_MAX, v = msx__sp_default1(&o->sp->p[q]);
@@ -9093,7 +9095,7 @@ static void msx__opt_switch(const msx_opt *o, const double *cur, const double *c
     }
 }
 
-/* Randomised one-exchange neighbourhood of o->cur (§6.4): 8 Gaussian
+/* Randomised one-exchange neighbourhood of o->cur (docs/semantics.md §7.5): 8 Gaussian
    (sd 0.05 in the unit cube, truncated) values per active float, up to 8
    other values per active integer, every other choice per categorical. */
 static int msx__opt_neighbours(msx_opt *o, msx_rng *rng) {
@@ -9164,7 +9166,7 @@ static void msx__opt_nb_apply(msx_opt *o, int j) {
     memcpy(o->cur, o->tmpc, (size_t)o->d * sizeof(double));
     memcpy(o->curenc, o->tmpe, (size_t)o->d * sizeof(double));
 }
-/* First-improvement hill climb with plateau walks (§6.3) from o->cur; the
+/* First-improvement hill climb with plateau walks (docs/semantics.md §7.5) from o->cur; the
    plateau counter is cumulative, 10 rounds without improvement stop it. */
 static double msx__opt_local_search(msx_opt *o, msx_rng *rng, double eta) {
     double acq;
@@ -9219,8 +9221,8 @@ static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, doubl
     }
 }
 
-/* LocalAndSortedRandomSearch (§6.2), returning as candidates the local-search
-   optima and the best random samples (§15), sorted by acquisition. */
+/* LocalAndSortedRandomSearch (docs/semantics.md §7.5), returning as candidates the local-search
+   optima and the best random samples (beyond SMAC), sorted by acquisition. */
 static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int want) {
     const int d = o->d;
     int T = o->n_starts + want, s, i, j, n_start = 0, nh, best[5], nb = 0, np;
@@ -10228,7 +10230,7 @@ MSXDEF msx_result msx_task_open(const char *dir, const msx_task_options *opt, ms
                 }
                 nc = (int)floor(t->opt.calib_fraction * n + 0.5);
             } else {
-                nc = (int)(t->opt.calib_fraction * n); /* ref §5.1: int(0.2 N) */
+                nc = (int)(t->opt.calib_fraction * n); /* docs/semantics.md §6.1: int(0.2 N) */
             }
             if (nc < 1 || nc >= n) {
                 for (i = 0; i < n; i++) { MSX_FREE(all[i].image); MSX_FREE(all[i].mask); MSX_FREE(all[i].stem); }
@@ -10772,10 +10774,10 @@ MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_ar
     return r;
 }
 
-/* ---- search space (ref §2.3) ------------------------------------------------- */
+/* ---- search space (docs/semantics.md §4.1) ----------------------------------------------- */
 /* Per searched group: the method selector and the conditional parameters of
    each method, named as in the reference (models by file stem). The groups
-   that cannot change a box-only, single-mask Dice (ref §2.2 "dead
+   that cannot change a box-only, single-mask Dice (docs/semantics.md §4.4 "dead
    dimensions": prompt_encoder_group_1 not_a_point_embed, _2 mask_downscaling,
    mask_decoder_group_5 IoU head) are not searched unless no_prune; they stay
    at the base (linear one-hot on model 0). */
@@ -10854,7 +10856,7 @@ MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char
     return r;
 }
 
-/* Configuration (space values, NAN = inactive) -> merge plan (ref §2.4: a
+/* Configuration (space values, NAN = inactive) -> merge plan (docs/semantics.md §4.2: a
    missing weight reads as 0). */
 static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const double *cfg, msx_plan *p) {
     int g, m;
@@ -10882,7 +10884,7 @@ static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const d
 }
 
 /* Starting points, as configurations. First the reference's hand-made ones
-   (ref §2.5): each model alone (linear one-hot), uniform SLERP (its three
+   (docs/semantics.md §4.3): each model alone (linear one-hot), uniform SLERP (its three
    all-equal-t configs give one model, so only t = 0.5 is kept), TA and TIES
    (r = 0.2) with λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; then the two uniform
    merges of the report that are not among them (linear with equal weights,
@@ -11317,8 +11319,8 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, const unsigned ch
             continue;
         }
         if (r != MSX_OK) {
-            /* a trial that cannot be evaluated is a failed trial (ref §3:
-               crash cost), the search goes on */
+            /* a trial that cannot be evaluated is a failed trial (docs/semantics.md §5.1;
+               the reference's crash cost), the search goes on */
             if (R->prog.mode >= 0) fprintf(stderr, "\ntrial %d failed: %s\n", t, msx_last_error());
             T->failed = 1;
         }
@@ -11475,7 +11477,7 @@ static msx_result msx__search_mkdirs(const char *path) {
 
 /* Chosen result: single-task = highest calib Dice; multi-task = the highest
    mean calib Dice over the tasks (a point of the Pareto front; the
-   reference deploys its first listed incumbent instead, ref §3). Earliest
+   reference deploys its first listed incumbent instead, docs/semantics.md §5.3). Earliest
    on ties. */
 static int msx__srun_choose(const msx__srun *R, int n) {
     int t, best = -1;
@@ -11672,7 +11674,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
                    sum->best_trial, R->o->multi ? "the highest mean calib Dice on the Pareto front" : "the highest calib Dice");
     msx__sb_puts(&b, "- uniform merges (every group alike): linear = equal weights over base + fine-tuned; "
                      "task_arithmetic = base + 0.5 x sum of task vectors; ties = drop rate 0.5, scale 1.0; "
-                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (reference §2.5)\n");
+                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (docs/semantics.md §4.3)\n");
     msx__sb_puts(&b, "- Dice per image = 2|P∩G|/(|P|+|G|), box prompt = tight ground-truth box, mask token 0; task score = mean over images\n");
     msx__search_report_md_table(&tab, 0, &b);
     msx__search_report_md_table(&tab, 1, &b);
@@ -11805,7 +11807,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     oo.n_init_configs = R.n_init;
     oo.init_configs_last = 0;
     /* a small space-filling design after the reference's starting points
-       (the reference draws 10 random configurations, ref §4) */
+       (the reference draws 10 random configurations, docs/semantics.md §7.6) */
     oo.n_init = (R.n_trials - R.n_init) / 5;
     if (oo.n_init > 10) oo.n_init = 10;
     if (oo.n_init <= 0) oo.n_init = -1;

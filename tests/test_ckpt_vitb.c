@@ -399,8 +399,8 @@ static void test_vit_b(void) {
         for (k = 0; same && k < nd; k++) { same = sh[k] == shapes[i][k]; numel *= sh[k]; }
         total += numel;
     }
-    MSX_CHECK(same, "generated key %d differs from sam_vit_b_keys.txt (%s)", i - 1, names[i - 1]);
-    MSX_CHECK(total == 93735728, "ViT-B elements %lld, sam_vit_b_keys.txt says 93,735,728", (long long)total);
+    MSX_CHECK(same, "generated key %d differs from the official ViT-B list (%s)", i - 1, names[i - 1]);
+    MSX_CHECK(total == 93735728, "ViT-B elements %lld, the official state_dict has 93,735,728", (long long)total);
     /* Reverse the order; canonical order restores the official one. */
     for (i = 0; i < N / 2; i++) { msx_tensor t = c->tensors[i]; c->tensors[i] = c->tensors[N - 1 - i]; c->tensors[N - 1 - i] = t; }
     msx__ckpt_reindex(c);

@@ -200,7 +200,7 @@ static void test_ties_bruteforce(void) {
 
 /* ---- key -> group mapping --------------------------------------------------------- */
 
-/* Key names of a SAM (ref §2.2 / §6.2): encoder blocks with 14 tensors each,
+/* Key names of a SAM (docs/semantics.md §3): encoder blocks with 14 tensors each,
    the fixed parts with their ViT-B structure. */
 static int synth_sam_keys(int depth, char (*keys)[128], int cap) {
     static const char *const blk[14] = {"norm1.weight", "norm1.bias", "attn.rel_pos_h", "attn.rel_pos_w",
@@ -254,7 +254,7 @@ static int synth_sam_keys(int depth, char (*keys)[128], int cap) {
 
 static void test_groups(void) {
     static char keys[600][128];
-    /* ref §2.2 table + docs/sam_vit_b_keys.txt: tensors per fixed group */
+    /* docs/semantics.md §3 (the key lists of merge_utils.py): tensors per fixed group */
     static const int fixed_count[13] = {1, 2, 6, 4, 1, 10, 1, 72, 10, 2, 6, 24, 6};
     const int depths[6] = {12, 24, 32, 4, 2, 6};
     /* ceil(depth / g) layer groups + 13 fixed groups, worked out by hand for g = 1..4 */
@@ -449,7 +449,7 @@ static void test_plan_json(void) {
         MSX_CHECK(msx_plan_set_uniform(p, &g) == MSX_E_ARG, "bad method");
         MSX_CHECK(msx_plan_find(p, "layer_5") == 5 && msx_plan_find(p, "layer_6") == -1 &&
                   msx_plan_find(p, "mask_decoder_group_5") == p->n_groups - 1, "plan_find");
-        MSX_CHECK(msx_plan_n_initial(3) == 18, "ref §2.5: 18 initial configs for base + 2");
+        MSX_CHECK(msx_plan_n_initial(3) == 18, "docs/semantics.md §4.3: 18 initial configs for base + 2");
         MSX_CHECK_OK(msx_plan_set_initial(p, 2));
         MSX_CHECK(p->groups[0].method == MSX_MERGE_LINEAR && p->groups[0].weights[2] == 1 && p->groups[0].weights[0] == 0, "initial 2 = model 2 alone");
         MSX_CHECK_OK(msx_plan_set_initial(p, 17));
