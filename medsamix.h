@@ -79,6 +79,53 @@
       search      task folders, calib cache, evaluation, the MedSAMix
                   search loop, trial log + resume, reports
 
+   CONTENTS (each name is a banner: grep -n "---- name" medsamix.h)
+      API            configuration, results, tensors and checkpoints |
+                     checkpoint loading | SAM forward pass | images ... |
+                     layer-wise merging | black-box optimiser | MedSAMix search
+      core           errors, allocation, growable string buffer, JSON DOM,
+                     files, dtypes and half-precision conversion, the tensor
+                     table, safetensors, RNG and time
+      checkpoint     zip container, safe pickle subset, from pickle values to
+                     a checkpoint, SAM architecture, JSON config, validation
+                     and canonical order
+      SAM            small numeric kernels, oneDNN plumbing, weights, model,
+                     workspace, image encoder, prompt encoder + mask decoder,
+                     FLOP counts
+      images         small private helpers, images and masks, Dice and boxes,
+                     PIL 9.4 bilinear resize, MedSAM resize, preprocessing,
+                     prompt transforms, postprocessing, one-call segmentation
+      merging        method names, key -> group, plans, plan JSON, SLERP pair
+                     selection, per-tensor kernels, TIES: the definition,
+                     TIES: the fast path, the merger, export
+      optimiser      small helpers, search spaces, random forest, expected
+                     improvement, hypervolume, the optimiser, local
+                     Gaussian-process refinement, state file
+      search         tasks, hashing, small helpers, JSONL trial log, progress,
+                     reports, evaluation, search space, the search run
+      What each rule follows upstream, and where this library differs:
+      docs/semantics.md (cited as "docs/semantics.md §N").
+
+   DATA FLOW OF A SEARCH TRIAL
+      msx_search_run loads the base and fine-tuned checkpoints once, builds
+      the search space (2N + 6 hyper-parameters per layer group,
+      docs/semantics.md §4) and preprocesses every calibration image once
+      (msx_sam_input, cached). Each trial: the optimiser proposes a
+      configuration (msx_opt_ask: the reference's starting plans first, then
+      random-forest + EI proposals, one in five random); the configuration
+      becomes a merge plan (one method and its parameters per group);
+      msx_merger_run writes the merged weights into a preallocated
+      checkpoint (Linear / Task Arithmetic / TIES / SLERP per tensor) and
+      msx_sam_refresh re-reads them (and re-packs derived weights); every
+      calibration image goes
+      through the image encoder, the prompt encoder with its box, the mask
+      decoder (mask token 0) and the postprocessing to a binary mask, scored
+      by Dice against its label; cost = 1 - mean Dice per task (ParEGO or the
+      mean over tasks for the surrogate); msx_opt_tell records it and the
+      trial is appended to trials.jsonl (so a run can resume). At the end the
+      best trial (highest mean calibration Dice) is merged again and written
+      with its plan and the report.
+
    THREAD SAFETY
       Loaded checkpoints, msx_sam models, mergers' inputs and search spaces
       are read-only once built and may be shared by any number of threads.
@@ -141,8 +188,12 @@
 #define MSX_VERSION_STRING "0.1.0"
 
 #ifndef MSXDEF
-#ifdef MEDSAMIX_STATIC
+#ifdef MEDSAMIX_STATIC /* a private copy per translation unit: unused calls are not warnings */
+#if defined(__GNUC__) || defined(__clang__)
+#define MSXDEF static __attribute__((unused))
+#else
 #define MSXDEF static
+#endif
 #else
 #define MSXDEF extern
 #endif
@@ -7025,7 +7076,7 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
     return MSX_OK;
 }
 
-/* -- TIES: the definition ----------------------------------------------------------
+/* ---- TIES: the definition ----------------------------------------------------------
    TIES-merging as podismine/MedSAMix@9328d4c methods/ties.py implements it
    (docs/semantics.md §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
    (float32, i = 1..N in model order) and k = (int64)(n * drop_rate):
@@ -7127,7 +7178,7 @@ static void msx__ties_plain(float *out, const float *base, const float *const *f
 }
 
 
-/* -- TIES: the fast path -----------------------------------------------------------
+/* ---- TIES: the fast path -----------------------------------------------------------
    The same bits as msx__ties_plain, for tensors above MSX__TIES_DIRECT
    elements, in two passes over the sources. (a) The thresholds without a
    full copy: a sample brackets the k-th value, one streaming pass counts
