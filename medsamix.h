@@ -117,10 +117,9 @@
       msx_merger_run writes the merged weights into a preallocated
       checkpoint (Linear / Task Arithmetic / TIES / SLERP per tensor) and
       msx_sam_refresh re-reads them (and re-packs derived weights); every
-      calibration image goes
-      through the image encoder, the prompt encoder with its box, the mask
-      decoder (mask token 0) and the postprocessing to a binary mask, scored
-      by Dice against its label; cost = 1 - mean Dice per task (ParEGO or the
+      calibration image goes through the image encoder, the prompt encoder
+      with its box, the mask decoder (mask token 0) and the postprocessing
+      to a binary mask, scored by Dice against its label; cost = 1 - mean Dice per task (ParEGO or the
       mean over tasks for the surrogate); msx_opt_tell records it and the
       trial is appended to trials.jsonl (so a run can resume). At the end the
       best trial (highest mean calibration Dice) is merged again and written
@@ -715,6 +714,7 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #define MSX_MERGE_MAX_WARNINGS 32 /* warnings kept in a report (all are counted) */
 #endif
 #define MSX_GROUP_ID_LEN 48       /* bytes of a group id, NUL included */
+#define MSX_MERGE_N_FIXED_GROUPS 13 /* groups outside the encoder blocks (docs/semantics.md §3) */
 
 #ifdef __cplusplus
 extern "C" {
@@ -753,12 +753,12 @@ typedef struct msx_group_plan {
 /* A merge plan: one msx_group_plan per group, in the canonical group order
      layer_0 .. layer_<L-1>, special_pos_embed, special_patch_embed,
      special_neck, prompt_encoder_group_0..3, mask_decoder_group_0..5
-   (L = ceil(depth / granularity); n_groups = L + 13). */
+   (L = ceil(depth / granularity); n_groups = L + MSX_MERGE_N_FIXED_GROUPS). */
 typedef struct msx_plan {
     int granularity;             /* encoder blocks per layer group (>= 1; the paper uses 1..4) */
     int n_models;                /* base + fine-tuned, 2..MSX_MAX_MODELS */
     int n_layer_groups;          /* L */
-    int n_groups;                /* L + 13 */
+    int n_groups;                /* L + MSX_MERGE_N_FIXED_GROUPS (13) */
     char (*ids)[MSX_GROUP_ID_LEN]; /* group ids, n_groups entries */
     msx_group_plan *groups;        /* n_groups entries, same order as ids */
 } msx_plan;
@@ -844,14 +844,11 @@ MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float
    k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
    is row i's threshold and |d| >= thr is kept; sign election by summed
    mass, zero sums take the tensor-wide majority sign; disjoint mean;
-   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
-   streaming pass counts below the bracket and gathers the ~1.5% inside,
-   and a histogram + quickselect picks the exact value among those (exact
-   fallback on a full copy if the bracket missed); a second pass combines.
-   (Repeated merges of the same sources go faster through a merger: with
-   two fine-tuned models it keeps rank tables and makes one pass, see
-   msx_merger_run.) `scratch` is NULL (allocated per call when trimming) or
-   holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
+   base + fl32(scale) τ (docs/semantics.md §2.3). Tensors above 64K
+   elements with two fine-tuned models take a fast path with the same bits
+   (a sample-bracketed selection, then one vectorised combine pass).
+   `scratch` is NULL (allocated per call) or holds
+   msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft);
@@ -900,14 +897,9 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
    region: threads take work items dynamically (whole tensors for TIES and
    SLERP, largest first, then 256K-element chunks of linear / TA / copied
    tensors). Nothing is allocated except, on the first run with a TIES
-   group, per-thread TIES scratch (about n_ft x the largest tensor) and, for
-   two fine-tuned models, rank tables of every tensor above 64K elements
-   (64 KB each), both kept for later runs. With two fine-tuned models the
-   first TIES merge of a tensor reads the sources twice, like
-   msx_merge_tensor_ties; the second also builds the tensor's tables; every
-   later one reads them once. The merger reads the base and fine-tuned
-   models on every run; they must not change while it lives (the tables
-   describe them). Different mergers may run concurrently on different
+   group, per-thread TIES scratch (about 2 x the largest tensor), kept for
+   later runs. The merger reads the base and fine-tuned models on every
+   run; they must not change while it lives. Different mergers may run concurrently on different
    outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
    not re-entrant. `report` may be NULL. Errors (plan of another shape,
    strict-mode keep-the-base case) leave `out` untouched. */
@@ -1013,6 +1005,7 @@ MSXDEF void msx_space_to_unit(const msx_space *s, const double *config, double *
 MSXDEF void msx_space_from_unit(const msx_space *s, const double *unit, double *config);
 
 /* --- random forest (SMAC/pyrfr-style regression forest) ------------------- */
+#define MSX_RF_MAX_CATEGORIES 64 /* values of one categorical feature: one bit each in a split mask */
 typedef struct msx_rf_options {
     int n_trees;           /* 0 -> 10 */
     int min_samples_split; /* 0 -> 2 (distinct points) */
@@ -1027,8 +1020,8 @@ typedef struct msx_rf_options {
 } msx_rf_options;
 typedef struct msx_rf msx_rf;
 /* Fits (or refits, reusing *rf's buffers) on n rows of d features, X row-major.
-   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <= 64;
-   larger k is treated as continuous). Splits: best weighted-RSS split,
+   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <=
+   MSX_RF_MAX_CATEGORIES, else MSX_E_LIMIT). Splits: best weighted-RSS split,
    thresholds at midpoints between adjacent distinct values, categorical
    splits by Breiman's sorted-mean prefixes. */
 MSXDEF msx_result msx_rf_fit(msx_rf **rf, const double *X, const double *y, int n, int d,
@@ -6391,10 +6384,9 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
 #define MSX__MERGE_PAR_MIN 32768      /* smaller tensors run on one thread */
-#define MSX__TIES_DIRECT 65536        /* up to this size TIES selects on a full copy */
+#define MSX__TIES_DIRECT 65536        /* up to this size TIES runs its plain definition */
 #define MSX__TIES_SAMPLE 32768        /* largest sample for the bracketed selection */
 #define MSX__TIES_SAMPLE_CHUNK 64     /* ... drawn in contiguous chunks of this size */
-#define MSX__MERGE_MAX_THREADS 64
 
 static int msx__merge_nthreads(int n) {
 #ifdef _OPENMP
@@ -6403,7 +6395,6 @@ static int msx__merge_nthreads(int n) {
     n = 1;
 #endif
     if (n < 1) n = 1;
-    if (n > MSX__MERGE_MAX_THREADS) n = MSX__MERGE_MAX_THREADS;
     return n;
 }
 
@@ -6427,7 +6418,7 @@ MSXDEF msx_result msx_merge_method_parse(const char *name, msx_merge_method *out
 /* ---- key -> group (docs/semantics.md §3) -------------------------------------------- */
 
 /* The 13 groups after the layer groups, in canonical order. */
-static const char *const msx__merge_fixed_ids[13] = {
+static const char *const msx__merge_fixed_ids[MSX_MERGE_N_FIXED_GROUPS] = {
     "special_pos_embed",      "special_patch_embed",    "special_neck",           "prompt_encoder_group_0",
     "prompt_encoder_group_1", "prompt_encoder_group_2", "prompt_encoder_group_3", "mask_decoder_group_0",
     "mask_decoder_group_1",   "mask_decoder_group_2",   "mask_decoder_group_3",   "mask_decoder_group_4",
@@ -6492,7 +6483,7 @@ MSXDEF msx_result msx_merge_key_group(const char *key, int granularity, char id[
 
 MSXDEF int msx_merge_n_groups(int depth, int granularity) {
     if (depth < 1 || granularity < 1) return 0;
-    return (depth + granularity - 1) / granularity + 13;
+    return (depth + granularity - 1) / granularity + MSX_MERGE_N_FIXED_GROUPS;
 }
 
 /* ---- plans ------------------------------------------------------------------ */
@@ -6512,7 +6503,7 @@ static msx_result msx__plan_alloc(int n_layer_groups, int n_models, int granular
     p->granularity = granularity;
     p->n_models = n_models;
     p->n_layer_groups = n_layer_groups;
-    p->n_groups = n_layer_groups + 13;
+    p->n_groups = n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     p->ids = (char(*)[MSX_GROUP_ID_LEN])msx__calloc((size_t)p->n_groups, MSX_GROUP_ID_LEN);
     p->groups = (msx_group_plan *)msx__calloc((size_t)p->n_groups, sizeof *p->groups);
     if (!p->ids || !p->groups) { msx_plan_free(p); return msx__err(MSX_E_NOMEM, "out of memory"); }
@@ -6602,7 +6593,7 @@ MSXDEF msx_result msx_plan_validate(const msx_plan *p) {
     if (p->granularity < 1) return msx__err(MSX_E_ARG, "plan: granularity %d must be >= 1", p->granularity);
     if (p->n_models != 0 && (p->n_models < 2 || p->n_models > MSX_MAX_MODELS))
         return msx__err(MSX_E_ARG, "plan: n_models %d must be 2..%d", p->n_models, MSX_MAX_MODELS);
-    if (p->n_groups != p->n_layer_groups + 13) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
+    if (p->n_groups != p->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
     for (g = 0; g < p->n_groups; g++)
         if ((r = msx__group_validate(&p->groups[g], p->n_models, p->ids[g])) != MSX_OK) return r;
     return MSX_OK;
@@ -7310,8 +7301,7 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 }
 
 /* Row thresholds thr[i] = k-th smallest |ft_i - base| (1-based k >= 1) as
-   |float| bit keys, on the calling thread. Small tensors: quickselect on a
-   full copy. Large: a sample brackets the k-th value in [lo, hi]; one pass
+   |float| bit keys, on the calling thread: a sample brackets the k-th value in [lo, hi]; one pass
    counts the elements below lo, equal to lo and equal to hi and gathers
    those strictly between; quickselect then runs on the few gathered. If the
    bracket missed, a full copy is selected on (exact either way).
@@ -7319,10 +7309,6 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 static void msx__ties_thresholds(const float *base, const float *const *ft, int n_ft, int64_t n, int64_t k,
                                  uint32_t *scratch, uint32_t *thr) {
     int i;
-    if (n <= MSX__TIES_DIRECT) {
-        for (i = 0; i < n_ft; i++) thr[i] = msx__select_full(ft[i], base, n, k, scratch + (size_t)i * (size_t)n);
-        return;
-    }
     {
         uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS];
         int64_t lt[MSX_MAX_MODELS], eql[MSX_MAX_MODELS], nc[MSX_MAX_MODELS], b0;
@@ -7565,7 +7551,7 @@ MSXDEF msx_result msx_merger_create(const msx_checkpoint *base, const msx_checkp
     if (r != MSX_OK) { msx_merger_free(m); return r; }
     m->depth = max_block + 1;
     m->n_layer_groups = (m->depth + granularity - 1) / granularity;
-    m->n_groups = m->n_layer_groups + 13;
+    m->n_groups = m->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     m->n_items_cap = (int)n_items;
     m->group_tensors = (int *)msx__calloc((size_t)m->n_groups, sizeof(int));
     m->gs = (msx__merge_gstate *)msx__calloc((size_t)m->n_groups, sizeof *m->gs);
@@ -8230,18 +8216,35 @@ static msx_result msx__rf_reserve(msx_rf *rf, int n, int d, int trees) {
     return MSX_OK;
 }
 
-/* Grows tree t breadth-first (docs/semantics.md §7.2). Each node owns the range [a,b) of the
-   per-feature sorted index lists, which are stably partitioned on a split,
-   so a split search costs O(points in node) per feature. */
-static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+/* One tree is grown in named steps: msx__rf_bootstrap draws the rows,
+   msx__rf_node_stats summarises a node, msx__rf_split_numeric and
+   msx__rf_split_categorical search one feature for the best split,
+   msx__rf_leaf and msx__rf_grow finish the node (docs/semantics.md §7.2).
+   Each node owns the range [a,b) of the per-feature sorted index lists,
+   which are stably partitioned on a split, so a split search costs
+   O(points in node) per feature. One RNG stream per tree, drawn in this
+   order: bootstrap, then per node the feature order, random thresholds
+   (option) and the side of unobserved categories. */
+
+typedef struct msx__rf_stats {
+    double W, S, mean, y0; /* weight, weighted sum, mean and first response of the node */
+    int pure, alleq;       /* all responses within eps_purity / exactly equal */
+} msx__rf_stats;
+
+typedef struct msx__rf_split {
+    double gain, thr; /* numeric: go left iff x <= thr */
+    uint64_t mask;    /* categorical: go left iff bit x is set */
+    int feat;         /* -1: no split found */
+} msx__rf_split;
+
+/* Bootstrap weights (n draws with replacement, or all 1) and each feature's
+   sorted list restricted to the drawn rows; returns their number. */
+static int msx__rf_bootstrap(msx_rf *rf, msx_rng *rng) {
     const int n = rf->n, d = rf->d, cn = rf->cap_n;
-    const int min_split = rf->o.min_samples_split, min_leaf = rf->o.min_samples_leaf;
-    msx_rng rng;
-    int i, f, m = 0, qh = 0, qt = 0, root;
-    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    int i, f, m = 0;
     for (i = 0; i < n; i++) rf->w[i] = rf->o.no_bootstrap ? 1.0 : 0.0;
     if (!rf->o.no_bootstrap)
-        for (i = 0; i < n; i++) rf->w[msx_rng_below(&rng, (uint64_t)n)] += 1.0;
+        for (i = 0; i < n; i++) rf->w[msx_rng_below(rng, (uint64_t)n)] += 1.0;
     for (f = 0; f < d; f++) {
         const int *g = rf->gord + (size_t)f * cn;
         int *o = rf->ord + (size_t)f * cn, k = 0;
@@ -8249,152 +8252,191 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
             if (rf->w[g[i]] > 0) o[k++] = g[i];
         m = k;
     }
+    return m;
+}
+
+static void msx__rf_node_stats(const msx_rf *rf, const double *y, const int *o0, int cnt, msx__rf_stats *st) {
+    int j;
+    st->W = st->S = 0;
+    st->y0 = y[o0[0]];
+    st->pure = st->alleq = 1;
+    for (j = 0; j < cnt; j++) {
+        double yy = y[o0[j]], ww = rf->w[o0[j]];
+        st->W += ww;
+        st->S += ww * yy;
+        if (fabs(yy - st->y0) > rf->o.eps_purity) st->pure = 0;
+        if (yy != st->y0) st->alleq = 0;
+    }
+    st->mean = st->S / st->W;
+}
+
+/* Numeric feature ff over the node's sorted list o[0..cnt): every cut
+   between distinct values, RSS gain on centred sums; the threshold is the
+   midpoint, or pyrfr's uniform draw in the gap (smoother ensemble). */
+static void msx__rf_split_numeric(const msx_rf *rf, const double *y, int ff, const int *o, int cnt,
+                                  const msx__rf_stats *st, msx_rng *rng, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n; /* feature-major copy: contiguous */
+    const int min_leaf = rf->o.min_samples_leaf;
+    double WL = 0, SL = 0;
+    int nL = 0, j;
+    for (j = 0; j < cnt - 1; j++) {
+        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
+        WL += rf->w[o[j]];
+        SL += rf->w[o[j]] * (y[o[j]] - st->mean);
+        nL++;
+        if (!(xn > x)) continue;
+        if (nL < min_leaf) continue;
+        if (cnt - nL < min_leaf) break;
+        WR = st->W - WL; SR = -SL; /* centred sums add to zero */
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) {
+            best->gain = gain;
+            best->feat = ff;
+            best->mask = 0;
+            best->thr = x + (rf->o.random_thresholds ? msx_rng_uniform(rng) : 0.5) * (xn - x);
+            if (!(best->thr < xn)) best->thr = x;
+        }
+    }
+}
+
+/* Categorical feature ff with K <= MSX_RF_MAX_CATEGORIES values (Breiman):
+   the observed categories sorted by mean response, every prefix tried as
+   the left set. Values outside 0..K-1 count as the nearest category (K is
+   the imputed value of an inactive categorical). */
+static void msx__rf_split_categorical(const msx_rf *rf, const double *y, int ff, int K, const int *o, int cnt,
+                                      const msx__rf_stats *st, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n;
+    const int min_leaf = rf->o.min_samples_leaf;
+    double cw[MSX_RF_MAX_CATEGORIES], cs[MSX_RF_MAX_CATEGORIES], WL = 0, SL = 0;
+    int cc[MSX_RF_MAX_CATEGORIES], obs[MSX_RF_MAX_CATEGORIES], nobs = 0, c, p, j, nL = 0;
+    uint64_t mask = 0;
+    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
+    for (j = 0; j < cnt; j++) {
+        int cat = (int)xf[o[j]];
+        if (cat < 0) cat = 0;
+        if (cat >= K) cat = K - 1;
+        cw[cat] += rf->w[o[j]];
+        cs[cat] += rf->w[o[j]] * (y[o[j]] - st->mean);
+        cc[cat]++;
+    }
+    for (c = 0; c < K; c++)
+        if (cc[c]) {
+            int q = nobs++;
+            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
+            obs[q] = c;
+        }
+    if (nobs < 2) return;
+    for (p = 0; p < nobs - 1; p++) {
+        double WR, SR, gain;
+        WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
+        mask |= (uint64_t)1 << obs[p];
+        if (nL < min_leaf || cnt - nL < min_leaf) continue;
+        WR = st->W - WL; SR = -SL;
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) { best->gain = gain; best->feat = ff; best->mask = mask; }
+    }
+}
+
+/* Node nd becomes a leaf: the mean response, or with SMAC's log_y
+   ln(mean over the node's points of exp(y)). */
+static void msx__rf_leaf(msx_rf *rf, const double *y, int nd, const int *o0, int cnt, const msx__rf_stats *st) {
+    msx__rfnode *L = &rf->nodes[nd];
+    int j;
+    L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
+    if (rf->o.log_y) {
+        double se = 0;
+        for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
+        L->val = log(se / cnt + 1e-10);
+    } else
+        L->val = st->alleq ? st->y0 : st->mean;
+}
+
+/* Node nd (rows [a,b) at depth) splits by *best: unobserved categories join
+   the left set with probability 1/2, every feature's list is stably
+   partitioned, and the two children are queued. */
+static void msx__rf_grow(msx_rf *rf, int nd, int a, int b, int depth, const msx__rf_stats *st, msx__rf_split *best,
+                         msx_rng *rng, int *qt) {
+    const int cn = rf->cap_n, d = rf->d, cnt = b - a, K = rf->types[best->feat];
+    const int *o0 = rf->ord + a;
+    const double *xb = rf->xt + (size_t)best->feat * cn;
+    int nL = 0, l, r, g, j, left_id, right_id;
+    if (best->mask) {
+        uint64_t obsmask = 0;
+        const int *o = rf->ord + (size_t)best->feat * cn + a;
+        int c;
+        for (j = 0; j < cnt; j++) {
+            int cat = (int)xb[o[j]];
+            if (cat >= 0 && cat < MSX_RF_MAX_CATEGORIES) obsmask |= (uint64_t)1 << cat;
+        }
+        for (c = 0; c < K; c++)
+            if (!((obsmask >> c) & 1) && (msx_rng_u64(rng) >> 63)) best->mask |= (uint64_t)1 << c;
+    }
+    for (j = 0; j < cnt; j++) {
+        int id = o0[j], gl;
+        double x = xb[id];
+        if (best->mask) { int cat = (int)x; gl = cat >= 0 && cat < MSX_RF_MAX_CATEGORIES && ((best->mask >> cat) & 1); }
+        else gl = x <= best->thr;
+        rf->goleft[id] = (unsigned char)gl;
+        nL += gl;
+    }
+    for (g = 0; g < d; g++) { /* stable partition of every feature's list */
+        int *o = rf->ord + (size_t)g * cn + a;
+        l = r = 0;
+        for (j = 0; j < cnt; j++) {
+            if (rf->goleft[o[j]]) o[l++] = o[j];
+            else rf->tmp[r++] = o[j];
+        }
+        memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
+    }
+    left_id = rf->n_nodes++;
+    right_id = rf->n_nodes++;
+    rf->nodes[nd].feat = best->feat;
+    rf->nodes[nd].thr = best->thr;
+    rf->nodes[nd].mask = best->mask;
+    rf->nodes[nd].left = left_id;
+    rf->nodes[nd].right = right_id;
+    rf->nodes[nd].val = st->mean;
+    rf->qn[*qt] = left_id; rf->qa[*qt] = a; rf->qb[*qt] = a + nL; rf->qdepth[*qt] = depth + 1; (*qt)++;
+    rf->qn[*qt] = right_id; rf->qa[*qt] = a + nL; rf->qb[*qt] = b; rf->qdepth[*qt] = depth + 1; (*qt)++;
+}
+
+/* Grows tree t breadth-first. */
+static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+    const int d = rf->d, cn = rf->cap_n;
+    msx_rng rng;
+    int f, qh = 0, qt = 0, root, m;
+    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    m = msx__rf_bootstrap(rf, &rng);
     root = rf->n_nodes++;
     rf->roots[t] = root;
     rf->qn[qt] = root; rf->qa[qt] = 0; rf->qb[qt] = m; rf->qdepth[qt] = 0; qt++;
     while (qh < qt) {
-        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh];
-        const int cnt = b - a;
-        const int *o0 = rf->ord + a;
-        double W = 0, S = 0, mean, y0 = y[o0[0]], best_gain = -1, best_thr = 0;
-        uint64_t best_mask = 0;
-        int pure = 1, alleq = 1, best_f = -1, j;
+        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh], cnt = b - a;
+        msx__rf_stats st;
+        msx__rf_split best;
         qh++;
-        for (j = 0; j < cnt; j++) {
-            double yy = y[o0[j]], ww = rf->w[o0[j]];
-            W += ww;
-            S += ww * yy;
-            if (fabs(yy - y0) > rf->o.eps_purity) pure = 0;
-            if (yy != y0) alleq = 0;
-        }
-        mean = S / W;
-        if (depth < rf->o.max_depth && cnt >= min_split && W >= 2 && !pure) {
-            int nf = rf->maxf, fi;
+        msx__rf_node_stats(rf, y, rf->ord + a, cnt, &st);
+        best.gain = -1;
+        best.thr = 0;
+        best.mask = 0;
+        best.feat = -1;
+        if (depth < rf->o.max_depth && cnt >= rf->o.min_samples_split && st.W >= 2 && !st.pure) {
+            int fi;
             for (f = 0; f < d; f++) rf->feats[f] = f;
-            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first (docs/semantics.md §7.2) */
+            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first */
                 int r = (int)msx_rng_below(&rng, (uint64_t)(f + 1)), tt = rf->feats[f];
                 rf->feats[f] = rf->feats[r];
                 rf->feats[r] = tt;
             }
-            for (fi = 0; fi < nf; fi++) {
+            for (fi = 0; fi < rf->maxf; fi++) {
                 const int ff = rf->feats[fi], K = rf->types[ff];
                 const int *o = rf->ord + (size_t)ff * cn + a;
-                const double *xf = rf->xt + (size_t)ff * cn; /* feature-major copy: contiguous */
-                if (K > 0 && K <= 64) {
-                    /* Breiman: sort observed categories by mean, try prefixes (docs/semantics.md §7.2). */
-                    double cw[64], cs[64];
-                    int cc[64], obs[64], nobs = 0, c, p;
-                    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)xf[o[j]];
-                        if (cat < 0) cat = 0;
-                        if (cat >= K) cat = K - 1;
-                        cw[cat] += rf->w[o[j]];
-                        cs[cat] += rf->w[o[j]] * (y[o[j]] - mean);
-                        cc[cat]++;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (cc[c]) {
-                            int q = nobs++;
-                            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
-                            obs[q] = c;
-                        }
-                    if (nobs < 2) continue;
-                    {
-                        double WL = 0, SL = 0;
-                        int nL = 0;
-                        uint64_t mask = 0;
-                        for (p = 0; p < nobs - 1; p++) {
-                            double WR, SR, gain;
-                            WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
-                            mask |= (uint64_t)1 << obs[p];
-                            if (nL < min_leaf || cnt - nL < min_leaf) continue;
-                            WR = W - WL; SR = -SL; /* centred sums add to zero */
-                            gain = SL * SL / WL + SR * SR / WR;
-                            if (gain > best_gain) { best_gain = gain; best_f = ff; best_mask = mask; }
-                        }
-                    }
-                } else {
-                    double WL = 0, SL = 0;
-                    int nL = 0;
-                    for (j = 0; j < cnt - 1; j++) {
-                        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
-                        WL += rf->w[o[j]];
-                        SL += rf->w[o[j]] * (y[o[j]] - mean);
-                        nL++;
-                        if (!(xn > x)) continue;
-                        if (nL < min_leaf) continue;
-                        if (cnt - nL < min_leaf) break;
-                        WR = W - WL; SR = -SL;
-                        gain = SL * SL / WL + SR * SR / WR;
-                        if (gain > best_gain) {
-                            best_gain = gain;
-                            best_f = ff;
-                            best_mask = 0;
-                            /* midpoint, or pyrfr's uniform draw in the gap (smoother ensemble) */
-                            best_thr = x + (rf->o.random_thresholds ? msx_rng_uniform(&rng) : 0.5) * (xn - x);
-                            if (!(best_thr < xn)) best_thr = x;
-                        }
-                    }
-                }
+                if (K > 0) msx__rf_split_categorical(rf, y, ff, K, o, cnt, &st, &best);
+                else msx__rf_split_numeric(rf, y, ff, o, cnt, &st, &rng, &best);
             }
         }
-        if (best_f < 0) {
-            msx__rfnode *L = &rf->nodes[nd];
-            L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
-            if (rf->o.log_y) { /* SMAC log_y: ln(mean over distinct leaf points of exp(y)) (docs/semantics.md §7.2) */
-                double se = 0;
-                for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
-                L->val = log(se / cnt + 1e-10);
-            } else
-                L->val = alleq ? y0 : mean;
-            continue;
-        }
-        {
-            const int K = rf->types[best_f];
-            int nL = 0, l, r, g, left_id, right_id;
-            if (best_mask) { /* unobserved categories join the left set with probability 1/2 */
-                int c;
-                {
-                    uint64_t obsmask = 0;
-                    const int *o = rf->ord + (size_t)best_f * cn + a;
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)rf->xt[(size_t)best_f * cn + o[j]];
-                        if (cat >= 0 && cat < 64) obsmask |= (uint64_t)1 << cat;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (!((obsmask >> c) & 1) && (msx_rng_u64(&rng) >> 63)) best_mask |= (uint64_t)1 << c;
-                }
-            }
-            for (j = 0; j < cnt; j++) {
-                int id = o0[j];
-                double x = rf->xt[(size_t)best_f * cn + id];
-                int gl;
-                if (best_mask) { int cat = (int)x; gl = cat >= 0 && cat < 64 && ((best_mask >> cat) & 1); }
-                else gl = x <= best_thr;
-                rf->goleft[id] = (unsigned char)gl;
-                nL += gl;
-            }
-            for (g = 0; g < d; g++) { /* stable partition of every feature's list */
-                int *o = rf->ord + (size_t)g * cn + a;
-                l = r = 0;
-                for (j = 0; j < cnt; j++) {
-                    if (rf->goleft[o[j]]) o[l++] = o[j];
-                    else rf->tmp[r++] = o[j];
-                }
-                memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
-            }
-            left_id = rf->n_nodes++;
-            right_id = rf->n_nodes++;
-            rf->nodes[nd].feat = best_f;
-            rf->nodes[nd].thr = best_thr;
-            rf->nodes[nd].mask = best_mask;
-            rf->nodes[nd].left = left_id;
-            rf->nodes[nd].right = right_id;
-            rf->nodes[nd].val = mean;
-            rf->qn[qt] = left_id; rf->qa[qt] = a; rf->qb[qt] = a + nL; rf->qdepth[qt] = depth + 1; qt++;
-            rf->qn[qt] = right_id; rf->qa[qt] = a + nL; rf->qb[qt] = b; rf->qdepth[qt] = depth + 1; qt++;
-        }
+        if (best.feat < 0) msx__rf_leaf(rf, y, nd, rf->ord + a, cnt, &st);
+        else msx__rf_grow(rf, nd, a, b, depth, &st, &best, &rng, &qt);
     }
 }
 
@@ -8411,6 +8453,11 @@ MSXDEF msx_result msx_rf_fit(msx_rf **prf, const double *X, const double *y, int
         for (f = 0; f < d; f++)
             if (!isfinite(X[(size_t)i * d + f])) return msx__err(MSX_E_ARG, "msx_rf_fit: X[%d][%d] is not finite", i, f);
     }
+    for (f = 0; types && f < d; f++)
+        if (types[f] < 0 || types[f] > MSX_RF_MAX_CATEGORIES)
+            return msx__err(MSX_E_LIMIT, "msx_rf_fit: feature %d has type %d; categorical features take 1..%d "
+                            "values (MSX_RF_MAX_CATEGORIES: one bit per category in a split)", f, types[f],
+                            MSX_RF_MAX_CATEGORIES);
     if (opts) o = *opts;
     else memset(&o, 0, sizeof o);
     if (o.n_trees <= 0) o.n_trees = 10;
@@ -8454,7 +8501,7 @@ static double msx__rf_tree_val(const msx_rf *rf, int t, const double *x) {
     while (nd[k].feat >= 0) {
         double v = x[nd[k].feat];
         int gl;
-        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < 64 && ((nd[k].mask >> c) & 1); }
+        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < MSX_RF_MAX_CATEGORIES && ((nd[k].mask >> c) & 1); }
         else gl = v <= nd[k].thr;
         k = gl ? nd[k].left : nd[k].right;
     }
