@@ -6385,6 +6385,15 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
 #define MSX__MERGE_PAR_MIN 32768      /* smaller tensors run on one thread */
 #define MSX__TIES_DIRECT 65536        /* up to this size TIES runs its plain definition */
+/* The two loops of the TIES fast path also get an AVX2 clone, picked at
+   run time, when the build targets baseline x86-64 (GCC/clang on Linux):
+   a portable build keeps its speed on AVX2 machines. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__AVX2__) && \
+    !defined(MSX_NO_TARGET_CLONES) && (defined(__clang__) || __GNUC__ >= 6)
+#define MSX__HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MSX__HOT_CLONES
+#endif
 #define MSX__TIES_SAMPLE 32768        /* largest sample for the bracketed selection */
 #define MSX__TIES_SAMPLE_CHUNK 64     /* ... drawn in contiguous chunks of this size */
 
@@ -7187,6 +7196,7 @@ static void msx__ties_plain(float *out, const float *base, const float *const *f
    j, so c of n entries suffices). Per block, a loop the compiler
    vectorises makes the keys, counts and in-bracket flags; a scalar one
    gathers the few (~1.5%) flagged keys, 8 flags at a time. */
+MSX__HOT_CLONES
 static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, int64_t j1, uint32_t l, uint32_t h,
                                    int64_t *lt, int64_t *eq, uint32_t *c, int64_t *nc) {
     uint32_t key[MSX__MERGE_BLOCK], span = h - l;
@@ -7339,6 +7349,7 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
    but hold a non-zero trimmed value get τ = 0 here and their positions go
    to amb[*n_amb..] (capacity n), to take the majority sign once it is
    known. Returns the sign sum Σ_j sign(s_j). */
+MSX__HOT_CLONES
 static int64_t msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float h0, float h1,
                                   float lam, int64_t n, uint32_t *amb, int64_t *n_amb) {
     float z[MSX__MERGE_BLOCK];

@@ -244,16 +244,17 @@ static void test_search_outputs(void) {
                 msx__json *j = msx__json_parse(line, strlen(line), "trials.jsonl");
                 const msx__json *d = j ? msx__json_get(j, "dice") : NULL;
                 const char *st = j ? msx__json_str(j, "status") : NULL;
-                if (d && st && !strcmp(st, "ok")) {
+                const msx__json *id = j ? msx__json_get(j, "trial") : NULL;
+                if (id && id->type == MSX__JNUM) t++; /* the first line is the run's header */
+                if (id && d && st && !strcmp(st, "ok")) { /* lines come in completion order: ties go to the lower id */
                     const msx__json *a = msx__json_get(d, "mri_ring"), *b = msx__json_get(d, "us_cyst");
                     double m = a && b ? (a->num + b->num) / 2 : -1;
-                    if (m > top) { top = m; arg = t; }
+                    if (m > top || (m == top && (int)id->num < arg)) { top = m; arg = (int)id->num; }
                 }
                 msx__json_free(j);
-                t++;
             }
             if (f) fclose(f);
-            MSX_CHECK(t == s.n_trials_done && arg >= 0, "trials.jsonl: %d lines", t);
+            MSX_CHECK(t == s.n_trials_done && arg >= 0, "trials.jsonl: %d trial lines", t);
             MSX_CHECK(s.best_trial == arg, "chosen trial %d, the rule picks %d", s.best_trial, arg);
             MSX_CHECK(fabs(mine - top) <= 1e-9, "report's medsamix calib mean %.6f, best trial's %.6f", mine, top);
         }
