@@ -7088,8 +7088,9 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
      3. mean    τ_j = (Σ of the τ_ij with the sign σ_j) / max(their count, 1).
      4. out_j = base_j + fl32(λ) τ_j, rounded twice (no FMA).
    msx__ties_plain is this definition, and it is what runs on tensors up to
-   MSX__TIES_DIRECT elements; larger ones take the fast path below, which
-   the tests prove byte-identical to it (tests/test_merge.c, tests/ref_ties.h). */
+   MSX__TIES_DIRECT elements and for any number of fine-tuned models but
+   two; larger two-model tensors take the fast path below, which the tests
+   prove byte-identical to it (tests/test_merge_coop.c, tests/ref_ties.h). */
 
 static uint32_t msx__abs_bits(float d) {
     uint32_t u;
@@ -7180,7 +7181,8 @@ static void msx__ties_plain(float *out, const float *base, const float *const *f
 
 /* ---- TIES: the fast path -----------------------------------------------------------
    The same bits as msx__ties_plain, for tensors above MSX__TIES_DIRECT
-   elements, in two passes over the sources. (a) The thresholds without a
+   elements and two fine-tuned models (the paper's setting), in two passes
+   over the sources. (a) The thresholds without a
    full copy: a sample brackets the k-th value, one streaming pass counts
    the keys below the bracket and gathers the ~1.5% inside, and a histogram
    + quickselect picks the exact value among those (an exact fallback on a
