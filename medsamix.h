@@ -703,9 +703,9 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 /* ======================================================================== */
 /* API: layer-wise merging. Owns the four merge methods of the official     */
-/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP: docs/semantics.md   */
-/* §2), the mapping of SAM state-dict keys to merge groups                   */
-/* (docs/semantics.md §3), merge plans (JSON "medsamix-plan-v1"), the       */
+/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP:                     */
+/* docs/semantics.md §2), the mapping of SAM state-dict keys to merge       */
+/* groups (docs/semantics.md §3), merge plans (JSON "medsamix-plan-v1"), the */
 /* merger that runs a plan into a preallocated model every trial, and the   */
 /* export of a merged model.                                                */
 /* ======================================================================== */
