@@ -79,6 +79,52 @@
       search      task folders, calib cache, evaluation, the MedSAMix
                   search loop, trial log + resume, reports
 
+   CONTENTS (each name is a banner: grep -n "---- name" medsamix.h)
+      API            configuration, results, tensors and checkpoints |
+                     checkpoint loading | SAM forward pass | images ... |
+                     layer-wise merging | black-box optimiser | MedSAMix search
+      core           errors, allocation, growable string buffer, JSON DOM,
+                     files, dtypes and half-precision conversion, the tensor
+                     table, safetensors, RNG and time
+      checkpoint     zip container, safe pickle subset, from pickle values to
+                     a checkpoint, SAM architecture, JSON config, validation
+                     and canonical order
+      SAM            small numeric kernels, oneDNN plumbing, weights, model,
+                     workspace, image encoder, prompt encoder + mask decoder,
+                     FLOP counts
+      images         small private helpers, images and masks, Dice and boxes,
+                     PIL 9.4 bilinear resize, MedSAM resize, preprocessing,
+                     prompt transforms, postprocessing, one-call segmentation
+      merging        method names, key -> group, plans, plan JSON, SLERP pair
+                     selection, per-tensor kernels, TIES: the definition,
+                     TIES: the fast path, the merger, export
+      optimiser      small helpers, search spaces, random forest, expected
+                     improvement, hypervolume, the optimiser, local
+                     Gaussian-process refinement, state file
+      search         tasks, hashing, small helpers, JSONL trial log, progress,
+                     reports, evaluation, search space, the search run
+      What each rule follows upstream, and where this library differs:
+      docs/semantics.md (cited as "docs/semantics.md §N").
+
+   DATA FLOW OF A SEARCH TRIAL
+      msx_search_run loads the base and fine-tuned checkpoints once, builds
+      the search space (2N + 6 hyper-parameters per layer group,
+      docs/semantics.md §4) and preprocesses every calibration image once
+      (msx_sam_input, cached). Each trial: the optimiser proposes a
+      configuration (msx_opt_ask: the reference's starting plans first, then
+      random-forest + EI proposals, one in five random); the configuration
+      becomes a merge plan (one method and its parameters per group);
+      msx_merger_run writes the merged weights into a preallocated
+      checkpoint (Linear / Task Arithmetic / TIES / SLERP per tensor) and
+      msx_sam_refresh re-reads them (and re-packs derived weights); every
+      calibration image goes through the image encoder, the prompt encoder
+      with its box, the mask decoder (mask token 0) and the postprocessing
+      to a binary mask, scored by Dice against its label; cost = 1 - mean Dice per task (ParEGO or the
+      mean over tasks for the surrogate); msx_opt_tell records it and the
+      trial is appended to trials.jsonl (so a run can resume). At the end the
+      best trial (highest mean calibration Dice) is merged again and written
+      with its plan and the report.
+
    THREAD SAFETY
       Loaded checkpoints, msx_sam models, mergers' inputs and search spaces
       are read-only once built and may be shared by any number of threads.
@@ -146,8 +192,12 @@
 #define MSX_VERSION_STRING "0.1.0"
 
 #ifndef MSXDEF
-#ifdef MEDSAMIX_STATIC
+#ifdef MEDSAMIX_STATIC /* a private copy per translation unit: unused calls are not warnings */
+#if defined(__GNUC__) || defined(__clang__)
+#define MSXDEF static __attribute__((unused))
+#else
 #define MSXDEF static
+#endif
 #else
 #define MSXDEF extern
 #endif
@@ -733,16 +783,18 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 /* ======================================================================== */
 /* API: layer-wise merging. Owns the four merge methods of the official     */
-/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP; ref §1), the mapping */
-/* of SAM state-dict keys to merge groups (ref §2.2), merge plans (JSON     */
-/* "medsamix-plan-v1"), the merger that runs a plan into a preallocated     */
-/* model every trial, and the export of a merged model.                     */
+/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP:                     */
+/* docs/semantics.md §2), the mapping of SAM state-dict keys to merge       */
+/* groups (docs/semantics.md §3), merge plans (JSON "medsamix-plan-v1"), the */
+/* merger that runs a plan into a preallocated model every trial, and the   */
+/* export of a merged model.                                                */
 /* ======================================================================== */
 
 #ifndef MSX_MERGE_MAX_WARNINGS
 #define MSX_MERGE_MAX_WARNINGS 32 /* warnings kept in a report (all are counted) */
 #endif
 #define MSX_GROUP_ID_LEN 48       /* bytes of a group id, NUL included */
+#define MSX_MERGE_N_FIXED_GROUPS 13 /* groups outside the encoder blocks (docs/semantics.md §3) */
 
 #ifdef __cplusplus
 extern "C" {
@@ -751,10 +803,10 @@ extern "C" {
 /* --- methods ----------------------------------------------------------------
    Model index 0 is always the base, 1..N the fine-tuned models in order. */
 typedef enum msx_merge_method {
-    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (ref §1.1) */
-    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (ref §1.2) */
-    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (ref §1.3) */
-    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (ref §1.4) */
+    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (docs/semantics.md §2.1) */
+    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (docs/semantics.md §2.2) */
+    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (docs/semantics.md §2.3) */
+    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (docs/semantics.md §2.4) */
     MSX_MERGE_METHOD_COUNT
 } msx_merge_method;
 
@@ -781,17 +833,17 @@ typedef struct msx_group_plan {
 /* A merge plan: one msx_group_plan per group, in the canonical group order
      layer_0 .. layer_<L-1>, special_pos_embed, special_patch_embed,
      special_neck, prompt_encoder_group_0..3, mask_decoder_group_0..5
-   (L = ceil(depth / granularity); n_groups = L + 13). */
+   (L = ceil(depth / granularity); n_groups = L + MSX_MERGE_N_FIXED_GROUPS). */
 typedef struct msx_plan {
     int granularity;             /* encoder blocks per layer group (>= 1; the paper uses 1..4) */
     int n_models;                /* base + fine-tuned, 2..MSX_MAX_MODELS */
     int n_layer_groups;          /* L */
-    int n_groups;                /* L + 13 */
+    int n_groups;                /* L + MSX_MERGE_N_FIXED_GROUPS (13) */
     char (*ids)[MSX_GROUP_ID_LEN]; /* group ids, n_groups entries */
     msx_group_plan *groups;        /* n_groups entries, same order as ids */
 } msx_plan;
 
-/* --- layer groups (ref §2.2) --------------------------------------------- */
+/* --- layer groups (docs/semantics.md §3) --------------------------------------------- */
 /* Group id of a SAM state-dict key for this granularity: encoder block b ->
    "layer_<b / granularity>" (the last, shorter chunk gets its own id; the
    reference's remainder bug is not reproduced), "special_pos_embed",
@@ -823,7 +875,7 @@ MSXDEF msx_result msx_plan_set_uniform(msx_plan *p, const msx_group_plan *g);
      "ties_d<r>_s<s>"      ties with drop rate r and scale s     (e.g. "ties_d0.5_s1.0")
      "slerp_<t>"           slerp with every per-model t = t (picks base vs model 1, t = 0.5) */
 MSXDEF msx_result msx_plan_set_preset(msx_plan *p, const char *name);
-/* The reference's hand-made initial configurations (ref §2.5), all uniform,
+/* The reference's hand-made initial configurations (docs/semantics.md §4.3), all uniform,
    in its order: linear one-hot on each model (n_models), slerp all-t
    0.3/0.5/0.7, task_arithmetic λ ∈ {0.3,0.5,0.6,0.7,0.8,1.0}, ties with the
    same λ and drop rate 0.2. Count = n_models + 15; i in [0, count). */
@@ -849,12 +901,12 @@ MSXDEF msx_result msx_plan_to_json(const msx_plan *p, char **json);
 /* Writes the JSON atomically (temp file + rename). */
 MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p);
 
-/* Pair selection of SLERP (ref §1.4): stable sort of the models by t,
+/* Pair selection of SLERP (docs/semantics.md §2.4): stable sort of the models by t,
    descending; v0 = first, v1 = second, t = e^{t_v1} / (e^{t_v0} + e^{t_v1})
    in double. */
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out);
 
-/* --- per-tensor methods on float arrays (ref §1.1-1.4) --------------------
+/* --- per-tensor methods on float arrays (docs/semantics.md §2.1-2.4) --------------------
    float32 arithmetic in the reference's order (scalars rounded to float32
    first, sources accumulated sequentially), so Linear/TA/TIES are bit-exact
    with the official code. `out` must not alias the inputs. Linear and TA
@@ -872,14 +924,11 @@ MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float
    k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
    is row i's threshold and |d| >= thr is kept; sign election by summed
    mass, zero sums take the tensor-wide majority sign; disjoint mean;
-   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
-   streaming pass counts below the bracket and gathers the ~1.5% inside,
-   and a histogram + quickselect picks the exact value among those (exact
-   fallback on a full copy if the bracket missed); a second pass combines.
-   (Repeated merges of the same sources go faster through a merger: with
-   two fine-tuned models it keeps rank tables and makes one pass, see
-   msx_merger_run.) `scratch` is NULL (allocated per call when trimming) or
-   holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
+   base + fl32(scale) τ (docs/semantics.md §2.3). Tensors above 64K
+   elements with two fine-tuned models take a fast path with the same bits
+   (a sample-bracketed selection, then one vectorised combine pass).
+   `scratch` is NULL (allocated per call) or holds
+   msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft);
@@ -928,14 +977,9 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
    region: threads take work items dynamically (whole tensors for TIES and
    SLERP, largest first, then 256K-element chunks of linear / TA / copied
    tensors). Nothing is allocated except, on the first run with a TIES
-   group, per-thread TIES scratch (about n_ft x the largest tensor) and, for
-   two fine-tuned models, rank tables of every tensor above 64K elements
-   (64 KB each), both kept for later runs. With two fine-tuned models the
-   first TIES merge of a tensor reads the sources twice, like
-   msx_merge_tensor_ties; the second also builds the tensor's tables; every
-   later one reads them once. The merger reads the base and fine-tuned
-   models on every run; they must not change while it lives (the tables
-   describe them). Different mergers may run concurrently on different
+   group, per-thread TIES scratch (about 2 x the largest tensor), kept for
+   later runs. The merger reads the base and fine-tuned models on every
+   run; they must not change while it lives. Different mergers may run concurrently on different
    outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
    not re-entrant. `report` may be NULL. Errors (plan of another shape,
    strict-mode keep-the-base case) leave `out` untouched. */
@@ -963,8 +1007,8 @@ MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *p
 /* expected improvement, ParEGO, ask/tell with exact resume)                */
 /* ======================================================================== */
 /* A general optimiser for expensive black boxes, modelled on SMAC3 2.2's
-   HPO facade (see /work/shared/docs/optimizer-reference.md) with its weak
-   spots fixed. Typical use:
+   HPO facade (docs/semantics.md §7: what it re-implements, with the
+   automl/SMAC3 v2.2.0 files) with its weak spots fixed. Typical use:
 
      msx_space *s = msx_space_new();
      int m = msx_space_add_cat(s, "g0.method", 4, names);
@@ -1048,6 +1092,7 @@ MSXDEF void msx_space_to_unit(const msx_space *s, const double *config, double *
 MSXDEF void msx_space_from_unit(const msx_space *s, const double *unit, double *config);
 
 /* --- random forest (SMAC/pyrfr-style regression forest) ------------------- */
+#define MSX_RF_MAX_CATEGORIES 64 /* values of one categorical feature: one bit each in a split mask */
 typedef struct msx_rf_options {
     int n_trees;           /* 0 -> 10 */
     int min_samples_split; /* 0 -> 2 (distinct points) */
@@ -1062,8 +1107,8 @@ typedef struct msx_rf_options {
 } msx_rf_options;
 typedef struct msx_rf msx_rf;
 /* Fits (or refits, reusing *rf's buffers) on n rows of d features, X row-major.
-   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <= 64;
-   larger k is treated as continuous). Splits: best weighted-RSS split,
+   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <=
+   MSX_RF_MAX_CATEGORIES, else MSX_E_LIMIT). Splits: best weighted-RSS split,
    thresholds at midpoints between adjacent distinct values, categorical
    splits by Breiman's sorted-mean prefixes. */
 MSXDEF msx_result msx_rf_fit(msx_rf **rf, const double *X, const double *y, int n, int d,
@@ -1312,7 +1357,7 @@ typedef struct msx_search_summary {
    images, intensity), naming the line or the option. */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
-/* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
+/* The MedSAMix search space (docs/semantics.md §4.1) for a model of `depth` encoder blocks:
    per layer group a categorical method {linear, task_arithmetic, ties,
    slerp} with its conditional parameters, named as in the reference with the
    models' stems (base first). prune = 1 leaves out the groups that cannot
@@ -1337,7 +1382,7 @@ MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpo
 
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
-   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; ref §2.5) plus linear equal weights
+   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; docs/semantics.md §4.3) plus linear equal weights
    and TIES r = 0.5 λ = 1 (the report's uniform merges): n + 16. */
 MSXDEF int msx_search_n_initial(int n_models);
 
@@ -2546,8 +2591,8 @@ MSXDEF double msx_time_now(void) {
 /* IMPLEMENTATION: ckpt. Owns reading checkpoints: the torch.save zip        */
 /* container, a safe pickle-subset interpreter, format sniffing, wrapper and */
 /* prefix handling, and the SAM architecture (inference from shapes, JSON    */
-/* override, key/shape validation, canonical order). Formats and the safe    */
-/* pickle subset follow docs/ecosystem-and-style.md section B5.              */
+/* override, key/shape validation, canonical order). The pickle opcodes and  */
+/* globals accepted are listed under "safe pickle subset" below.             */
 /* ======================================================================== */
 
 #ifndef MSX_MAX_PICKLE_BYTES
@@ -6942,8 +6987,9 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 
 /* ======================================================================== */
 /* IMPLEMENTATION: merge. Owns the four merge methods (bit-compatible with   */
-/* the official MedSAMix code, ref §1), the key -> group mapping (ref §2.2),  */
-/* merge plans and their JSON, the per-trial merger and the export.          */
+/* the official MedSAMix code: docs/semantics.md §2), the key -> group      */
+/* mapping (docs/semantics.md §3), merge plans and their JSON, the         */
+/* per-trial merger and the export.                                          */
 /* ======================================================================== */
 
 #if defined(__AVX2__)
@@ -6957,21 +7003,32 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 
 /* Bit-exactness with the reference needs w*x + y rounded twice: no FMA
-   contraction in this section (gcc's GNU modes and clang would contract). */
+   contraction in this section (gcc's GNU modes and clang would contract).
+   no-trapping-math (values unchanged; the library never reads the FP
+   exception flags) lets gcc turn the TIES selects into vector blends on
+   any x86-64 level, not only with AVX-512 masks. */
 #if defined(__clang__)
 #pragma float_control(push)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC optimize("fp-contract=off", "tree-vectorize", "vect-cost-model=dynamic")
+#pragma GCC optimize("fp-contract=off", "no-trapping-math", "tree-vectorize", "vect-cost-model=dynamic")
 #endif
 
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
 #define MSX__MERGE_PAR_MIN 32768      /* smaller tensors run on one thread */
-#define MSX__TIES_DIRECT 65536        /* up to this size TIES selects on a full copy */
+#define MSX__TIES_DIRECT 65536        /* up to this size TIES runs its plain definition */
+/* The two loops of the TIES fast path also get an AVX2 clone, picked at
+   run time, when the build targets baseline x86-64 (GCC/clang on Linux):
+   a portable build keeps its speed on AVX2 machines. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__AVX2__) && \
+    !defined(MSX_NO_TARGET_CLONES) && (defined(__clang__) || __GNUC__ >= 6)
+#define MSX__HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MSX__HOT_CLONES
+#endif
 #define MSX__TIES_SAMPLE 32768        /* largest sample for the bracketed selection */
 #define MSX__TIES_SAMPLE_CHUNK 64     /* ... drawn in contiguous chunks of this size */
-#define MSX__MERGE_MAX_THREADS 64
 
 static int msx__merge_nthreads(int n) {
 #ifdef _OPENMP
@@ -6980,7 +7037,6 @@ static int msx__merge_nthreads(int n) {
     n = 1;
 #endif
     if (n < 1) n = 1;
-    if (n > MSX__MERGE_MAX_THREADS) n = MSX__MERGE_MAX_THREADS;
     return n;
 }
 
@@ -7001,10 +7057,10 @@ MSXDEF msx_result msx_merge_method_parse(const char *name, msx_merge_method *out
                     name ? name : "(null)");
 }
 
-/* ---- key -> group (ref §2.2) -------------------------------------------- */
+/* ---- key -> group (docs/semantics.md §3) -------------------------------------------- */
 
 /* The 13 groups after the layer groups, in canonical order. */
-static const char *const msx__merge_fixed_ids[13] = {
+static const char *const msx__merge_fixed_ids[MSX_MERGE_N_FIXED_GROUPS] = {
     "special_pos_embed",      "special_patch_embed",    "special_neck",           "prompt_encoder_group_0",
     "prompt_encoder_group_1", "prompt_encoder_group_2", "prompt_encoder_group_3", "mask_decoder_group_0",
     "mask_decoder_group_1",   "mask_decoder_group_2",   "mask_decoder_group_3",   "mask_decoder_group_4",
@@ -7069,7 +7125,7 @@ MSXDEF msx_result msx_merge_key_group(const char *key, int granularity, char id[
 
 MSXDEF int msx_merge_n_groups(int depth, int granularity) {
     if (depth < 1 || granularity < 1) return 0;
-    return (depth + granularity - 1) / granularity + 13;
+    return (depth + granularity - 1) / granularity + MSX_MERGE_N_FIXED_GROUPS;
 }
 
 /* ---- plans ------------------------------------------------------------------ */
@@ -7089,7 +7145,7 @@ static msx_result msx__plan_alloc(int n_layer_groups, int n_models, int granular
     p->granularity = granularity;
     p->n_models = n_models;
     p->n_layer_groups = n_layer_groups;
-    p->n_groups = n_layer_groups + 13;
+    p->n_groups = n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     p->ids = (char(*)[MSX_GROUP_ID_LEN])msx__calloc((size_t)p->n_groups, MSX_GROUP_ID_LEN);
     p->groups = (msx_group_plan *)msx__calloc((size_t)p->n_groups, sizeof *p->groups);
     if (!p->ids || !p->groups) { msx_plan_free(p); return msx__err(MSX_E_NOMEM, "out of memory"); }
@@ -7179,7 +7235,7 @@ MSXDEF msx_result msx_plan_validate(const msx_plan *p) {
     if (p->granularity < 1) return msx__err(MSX_E_ARG, "plan: granularity %d must be >= 1", p->granularity);
     if (p->n_models != 0 && (p->n_models < 2 || p->n_models > MSX_MAX_MODELS))
         return msx__err(MSX_E_ARG, "plan: n_models %d must be 2..%d", p->n_models, MSX_MAX_MODELS);
-    if (p->n_groups != p->n_layer_groups + 13) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
+    if (p->n_groups != p->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
     for (g = 0; g < p->n_groups; g++)
         if ((r = msx__group_validate(&p->groups[g], p->n_models, p->ids[g])) != MSX_OK) return r;
     return MSX_OK;
@@ -7467,7 +7523,7 @@ MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p) {
     return r;
 }
 
-/* ---- SLERP pair selection (ref §1.4) --------------------------------------- */
+/* ---- SLERP pair selection (docs/semantics.md §2.4) --------------------------------------- */
 
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out) {
     int i, a = 0, b = -1;
@@ -7497,7 +7553,7 @@ static void msx__linear_range(float *out, const float *const *src, const float *
     for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1;
         int i;
-        /* ref §1.1: w_0 x_0, then + w_i x_i in source order, float32 */
+        /* docs/semantics.md §2.1: w_0 x_0, then + w_i x_i in source order, float32 */
         {
             const float *x = src[0];
             float w = wf[0];
@@ -7534,7 +7590,7 @@ static void msx__ta_range(float *out, const float *base, const float *const *ft,
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1, len = e - b0;
         const float *b = base + b0, *x0 = ft[0] + b0, *x1 = ft[1] + b0;
         int i;
-        /* ref §1.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
+        /* docs/semantics.md §2.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
         for (j = 0; j < len; j++) {
             float d0 = x0[j] - b[j], d1 = x1[j] - b[j];
             s[j] = d0 + d1;
@@ -7579,7 +7635,7 @@ static void msx__slerp_reduce(const float *v0, const float *v1, int64_t j0, int6
 /* The two float32 coefficients of SLERP from the norms and the dot product. */
 static void msx__slerp_coef(const double acc[3], double t, float *f0, float *f1) {
     double n0 = sqrt(acc[0]), n1 = sqrt(acc[1]), c, s0, s1;
-    /* ref §1.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
+    /* docs/semantics.md §2.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
        tensor gives c = 0, theta = pi/2) */
     c = acc[2] / ((n0 > 1e-10 ? n0 : 1.0) * (n1 > 1e-10 ? n1 : 1.0));
     if (fabs(c) > 0.9995) { /* lerp on the un-normalised tensors */
@@ -7657,10 +7713,21 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
     return MSX_OK;
 }
 
-/* -- TIES ------------------------------------------------------------------------ */
-/* Two schemes, the same bits: two fine-tuned models (the paper's setting)
-   take one pass per tensor with rank tables (msx__ties_coop2 below); other
-   model counts take two (sample bracket, count + gather, select, combine). */
+/* ---- TIES: the definition ----------------------------------------------------------
+   TIES-merging as podismine/MedSAMix@9328d4c methods/ties.py implements it
+   (docs/semantics.md §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
+   (float32, i = 1..N in model order) and k = (int64)(n * drop_rate):
+     1. trim    model i keeps τ_ij where |τ_ij| >= θ_i and zeroes the rest;
+                θ_i is the k-th smallest |τ_i| (1-based), or 0 when k = 0.
+     2. elect   s_j = τ_1j + τ_2j + ... (float32, in order); σ_j = sign(s_j);
+                where s_j = 0, σ_j is the tensor's majority sign,
+                sign(Σ_j sign(s_j)).
+     3. mean    τ_j = (Σ of the τ_ij with the sign σ_j) / max(their count, 1).
+     4. out_j = base_j + fl32(λ) τ_j, rounded twice (no FMA).
+   msx__ties_plain is this definition, and it is what runs on tensors up to
+   MSX__TIES_DIRECT elements and for any number of fine-tuned models but
+   two; larger two-model tensors take the fast path below, which the tests
+   prove byte-identical to it (tests/test_merge_coop.c, tests/ref_ties.h). */
 
 static uint32_t msx__abs_bits(float d) {
     uint32_t u;
@@ -7706,128 +7773,96 @@ static uint32_t msx__qselect_u32(uint32_t *a, int64_t len, int64_t r) {
     return a[r];
 }
 
-
-#if defined(__AVX2__)
-/* Set bits of an 8-bit mask. */
-static int msx__popcnt8(int m) {
-    m = (m & 0x55) + ((m >> 1) & 0x55);
-    m = (m & 0x33) + ((m >> 2) & 0x33);
-    return (m & 0x0F) + (m >> 4);
+/* Steps 2-4 for element j given the thresholds (0 when k = 0). The sum s_j
+   goes to *sum; major is the tensor's majority sign (used where s_j = 0). */
+static float msx__ties_elem(const float *base, const float *const *ft, int n_ft, int64_t j, const float *thr,
+                            float lam, int major, float *sum) {
+    float t[MSX_MAX_MODELS], s = 0.0f, acc = 0.0f, tau, p;
+    int i, cnt = 0, sg;
+    for (i = 0; i < n_ft; i++) {
+        float v = ft[i][j] - base[j];
+        t[i] = fabsf(v) >= thr[i] ? v : 0.0f;
+        s = i ? s + t[i] : t[0];
+    }
+    sg = s > 0 ? 1 : s < 0 ? -1 : major;
+    for (i = 0; i < n_ft; i++)
+        if ((sg > 0 && t[i] > 0) || (sg < 0 && t[i] < 0)) { acc = acc + t[i]; cnt++; }
+    tau = acc / (float)(cnt > 1 ? cnt : 1);
+    p = lam * tau;
+    *sum = s;
+    return base[j] + p;
 }
 
-/* Index of the lowest set bit of x != 0. */
-static int msx__ctz32(unsigned x) {
-#if defined(__GNUC__)
-    return __builtin_ctz(x);
-#else
-    int i = 0;
-    while (!(x & 1u)) { x >>= 1; i++; }
-    return i;
-#endif
+/* The definition on one tensor; keys: n words of scratch (k > 0). */
+static void msx__ties_plain(float *out, const float *base, const float *const *ft, int n_ft, int64_t k, float lam,
+                            int64_t n, uint32_t *keys) {
+    float thr[MSX_MAX_MODELS], s;
+    int64_t j, votes = 0;
+    int i, major;
+    for (i = 0; i < n_ft; i++) { /* 1. θ_i */
+        uint32_t u = 0;
+        if (k > 0) {
+            for (j = 0; j < n; j++) keys[j] = msx__abs_bits(ft[i][j] - base[j]);
+            u = msx__qselect_u32(keys, n, k - 1);
+        }
+        memcpy(&thr[i], &u, 4);
+    }
+    for (j = 0; j < n; j++) { /* 2. the majority sign */
+        (void)msx__ties_elem(base, ft, n_ft, j, thr, lam, 0, &s);
+        votes += (s > 0) - (s < 0);
+    }
+    major = (votes > 0) - (votes < 0);
+    for (j = 0; j < n; j++) out[j] = msx__ties_elem(base, ft, n_ft, j, thr, lam, major, &s); /* 2-4 */
 }
 
-/* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
-   |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
-   averaged, result b + lam * tau. The same float operations as the scalar
-   form (msx__ties2_one), so vector and scalar lanes agree bit for bit. */
-typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
 
-static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    msx__ties2_v8 o;
-    __m256 t1, nz, k0, k1, acc, tau;
-    o.t0 = _mm256_and_ps(v0, _mm256_cmp_ps(_mm256_and_ps(v0, absm), h0, _CMP_GE_OQ));
-    t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
-    o.sm = _mm256_add_ps(o.t0, t1);
-    o.sp = _mm256_cmp_ps(o.sm, zero, _CMP_GT_OQ);
-    o.sn = _mm256_cmp_ps(o.sm, zero, _CMP_LT_OQ);
-    /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not NaN):
-       blendv picks zero where t_i ^ sm has its sign bit set */
-    nz = _mm256_or_ps(o.sp, o.sn);
-    k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(o.t0, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(o.t0, o.sm));
-    k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(t1, o.sm));
-    /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1) with cnt in
-       {0, 1, 2} is acc * 1 or acc * 0.5, both exact as the division (same
-       real value, one rounding) */
-    acc = _mm256_add_ps(_mm256_and_ps(o.t0, k0), _mm256_and_ps(t1, k1));
-    tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
-    o.res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
-    return o;
-}
-
-/* Lanes where t0 != 0 but sm == 0 (an exact cancellation), as a bit mask. */
-static inline int msx__ties2_cancel(const msx__ties2_v8 *o) {
-    const __m256 zero = _mm256_setzero_ps();
-    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(o->sm, zero, _CMP_EQ_OQ), _mm256_cmp_ps(o->t0, zero, _CMP_NEQ_UQ)));
-}
-
-/* vpermd control that moves the lanes set in mk (8 bits) to the front. */
-static inline __m256i msx__lpack_perm(int mk) {
-#if defined(__BMI2__)
-    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
-#else
-    uint64_t sel = 0;
-    int l, c = 0;
-    for (l = 0; l < 8; l++)
-        if ((mk >> l) & 1) sel |= (uint64_t)l << (8 * c++);
-#endif
-    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
-}
-#endif
+/* ---- TIES: the fast path -----------------------------------------------------------
+   The same bits as msx__ties_plain, for tensors above MSX__TIES_DIRECT
+   elements and two fine-tuned models (the paper's setting), in two passes
+   over the sources. (a) The thresholds without a
+   full copy: a sample brackets the k-th value, one streaming pass counts
+   the keys below the bracket and gathers the ~1.5% inside, and a histogram
+   + quickselect picks the exact value among those (an exact fallback on a
+   full copy if the bracket missed). (b) Steps 2-4 in blocks written
+   branch-free so the compiler vectorises them; the rare zero-sum elements
+   are listed and finished once the majority sign is known. Without (a) and
+   (b) a ViT-B merge takes seconds instead of a fraction of one encoder
+   pass (README, bench-merge). */
 
 /* Over [j0, j1) of |x - b| (as bit keys u <= 0x7FFFFFFF), with
    l <= h <= 0x7FFFFFFF: counts u < l into *lt; if l == h counts u == l
    into *eq, else appends every l <= u <= h to c[*nc..] (*nc never passes
-   j, so c of n entries suffices). The AVX2 path compares in vectors and
-   packs only the rare vectors holding a candidate. */
+   j, so c of n entries suffices). Per block, a loop the compiler
+   vectorises makes the keys, counts and in-bracket flags; a scalar one
+   gathers the few (~1.5%) flagged keys, 8 flags at a time. */
+MSX__HOT_CLONES
 static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, int64_t j1, uint32_t l, uint32_t h,
                                    int64_t *lt, int64_t *eq, uint32_t *c, int64_t *nc) {
-    int64_t j = j0, L = 0, E = 0, C = *nc;
-#if defined(__AVX2__)
-    {
-        const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), lv = _mm256_set1_epi32((int)l), hv = _mm256_set1_epi32((int)h);
-        __m256i aL = _mm256_setzero_si256(), aE = aL;
-        int32_t tmp[8];
-        int q;
-        if (l == h) {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm);
-                aL = _mm256_sub_epi32(aL, _mm256_cmpgt_epi32(lv, u)); /* masks are -1 */
-                aE = _mm256_sub_epi32(aE, _mm256_cmpeq_epi32(u, lv));
-            }
-        } else {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm), mlt = _mm256_cmpgt_epi32(lv, u);
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(mlt, _mm256_cmpgt_epi32(u, hv)))) & 0xFF;
-                aL = _mm256_sub_epi32(aL, mlt);
-                if (mk) { /* rare with a narrow bracket: a well-predicted branch */
-                    /* left-pack; the 8-lane store stays below c + j + 8 <= c + j1 */
-                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, msx__lpack_perm(mk)));
-                    C += msx__popcnt8(mk);
-                }
-            }
+    uint32_t key[MSX__MERGE_BLOCK], span = h - l;
+    unsigned char in[MSX__MERGE_BLOCK];
+    int64_t b0, L = 0, E = 0, C = *nc;
+    for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(j1 - b0 < MSX__MERGE_BLOCK ? j1 - b0 : MSX__MERGE_BLOCK), j, q;
+        for (j = 0; j < len; j++) {
+            uint32_t u = msx__abs_bits(x[b0 + j] - b[b0 + j]);
+            key[j] = u;
+            L += u < l;
+            E += u == l;
+            in[j] = u - l <= span;
         }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aL);
-        for (q = 0; q < 8; q++) L += (uint32_t)tmp[q];
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aE);
-        for (q = 0; q < 8; q++) E += (uint32_t)tmp[q];
-    }
-#endif
-    for (; j < j1; j++) {
-        uint32_t u = msx__abs_bits(x[j] - b[j]);
-        L += u < l;
-        E += u == l;
-        c[C] = u; /* branch-free gather */
-        C += l != h && u >= l && u <= h;
+        for (; j % 8; j++) in[j] = 0;
+        for (j = 0; l != h && j < len; j += 8) { /* 8 flags at a time: most groups hold no candidate */
+            uint64_t w;
+            memcpy(&w, in + j, 8);
+            if (w)
+                for (q = j; q < j + 8; q++)
+                    if (in[q]) c[C++] = key[q];
+        }
     }
     *lt += L;
     if (l == h) *eq += E;
     *nc = C;
 }
-
 
 /* Element of 0-based rank r among c[0..m), all in [lo, hi): a 4096-bin
    histogram over the key range finds the bin, quickselect finishes within
@@ -7915,8 +7950,7 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 }
 
 /* Row thresholds thr[i] = k-th smallest |ft_i - base| (1-based k >= 1) as
-   |float| bit keys, on the calling thread. Small tensors: quickselect on a
-   full copy. Large: a sample brackets the k-th value in [lo, hi]; one pass
+   |float| bit keys, on the calling thread: a sample brackets the k-th value in [lo, hi]; one pass
    counts the elements below lo, equal to lo and equal to hi and gathers
    those strictly between; quickselect then runs on the few gathered. If the
    bracket missed, a full copy is selected on (exact either way).
@@ -7924,10 +7958,6 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 static void msx__ties_thresholds(const float *base, const float *const *ft, int n_ft, int64_t n, int64_t k,
                                  uint32_t *scratch, uint32_t *thr) {
     int i;
-    if (n <= MSX__TIES_DIRECT) {
-        for (i = 0; i < n_ft; i++) thr[i] = msx__select_full(ft[i], base, n, k, scratch + (size_t)i * (size_t)n);
-        return;
-    }
     {
         uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS];
         int64_t lt[MSX_MAX_MODELS], eql[MSX_MAX_MODELS], nc[MSX_MAX_MODELS], b0;
@@ -7952,629 +7982,66 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
     }
 }
 
-#define MSX__TIES_BLOCK 512
-
-/* The TIES combination (ref §1.3 steps 2-4) on [0, n) given the row
-   thresholds, in blocks written branch-free so they vectorise. Elements
-   whose trimmed sum is 0 get τ = 0 here; the tensor-wide sign sum is
-   returned, and the positions of zero-sum elements that hold a non-zero
-   trimmed value go to amb[] (capacity >= n, or NULL: count only), for
-   msx__ties_fix to apply the majority sign. */
-
-static void msx__ties_combine(float *out, const float *base, const float *const *ft, int n_ft, const float *thr,
-                              int trim, float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    float tv[MSX_MAX_MODELS][MSX__TIES_BLOCK], sum[MSX__TIES_BLOCK], acc[MSX__TIES_BLOCK], cnt[MSX__TIES_BLOCK];
-    int nz[MSX__TIES_BLOCK];
-    int64_t b0, j, ss = 0, na = 0;
-    for (b0 = 0; b0 < n; b0 += MSX__TIES_BLOCK) {
-        int64_t len = n - b0 < MSX__TIES_BLOCK ? n - b0 : MSX__TIES_BLOCK;
-        const float *b = base + b0;
-        int i;
-        for (i = 0; i < n_ft; i++) {
-            const float *x = ft[i] + b0;
-            float th = trim ? thr[i] : 0.0f, *d = tv[i];
-            for (j = 0; j < len; j++) {
-                float v = x[j] - b[j];
-                d[j] = fabsf(v) >= th ? v : 0.0f; /* th = 0 keeps everything (NaN aside) */
-            }
-        }
+/* Steps 2-4 for two fine-tuned models on [0, n) given the thresholds, as a
+   loop the compiler vectorises: msx__ties_elem's float operations with its
+   branches made 0/1 factors. Elements whose sum is 0
+   but hold a non-zero trimmed value get τ = 0 here and their positions go
+   to amb[*n_amb..] (capacity n), to take the majority sign once it is
+   known. Returns the sign sum Σ_j sign(s_j). */
+MSX__HOT_CLONES
+static int64_t msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float h0, float h1,
+                                  float lam, int64_t n, uint32_t *amb, int64_t *n_amb) {
+    float z[MSX__MERGE_BLOCK];
+    int64_t b0, ss = 0;
+    for (b0 = 0; b0 < n; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(n - b0 < MSX__MERGE_BLOCK ? n - b0 : MSX__MERGE_BLOCK), j, bs = 0, zs = 0;
+        const float *b = base + b0, *y0 = x0 + b0, *y1 = x1 + b0;
         for (j = 0; j < len; j++) {
-            sum[j] = tv[0][j];
-            nz[j] = tv[0][j] != 0;
-            acc[j] = 0.0f;
-            cnt[j] = 0.0f;
-        }
-        for (i = 1; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                sum[j] = sum[j] + tv[i][j];
-                nz[j] |= tv[i][j] != 0;
-            }
-        for (j = 0; j < len; j++) ss += (sum[j] > 0) - (sum[j] < 0);
-        {
-            int64_t a = 0;
-            for (j = 0; j < len; j++) a += (sum[j] == 0) & nz[j];
-            if (a) /* rare: exact cancellation */
-                for (j = 0; j < len; j++)
-                    if (sum[j] == 0 && nz[j]) {
-                        if (amb) amb[na] = (uint32_t)(b0 + j);
-                        na++;
-                    }
-        }
-        for (i = 0; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                float v = tv[i][j], s = sum[j];
-                /* the reference's (τ * mask).sum: a dropped entry adds ±0 */
-                float kf = (float)(((s > 0) & (v > 0)) | ((s < 0) & (v < 0))), kv = v * kf;
-                acc[j] = acc[j] + kv;
-                cnt[j] = cnt[j] + kf;
-            }
-        for (j = 0; j < len; j++) {
-            float c = cnt[j] > 1.0f ? cnt[j] : 1.0f, tau = acc[j] / c, p = lam * tau;
+            float v0 = y0[j] - b[j], v1 = y1[j] - b[j];
+            float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f, sm = t0 + t1;
+            float sp = sm > 0 ? 1.0f : 0.0f, sn = sm < 0 ? 1.0f : 0.0f; /* σ_j = sp - sn */
+            float k0 = (t0 > 0 ? sp : 0.0f) + (t0 < 0 ? sn : 0.0f), k1 = (t1 > 0 ? sp : 0.0f) + (t1 < 0 ? sn : 0.0f);
+            float acc = 0.0f + t0 * k0, cnt = k0 + k1, tau, p;
+            acc = acc + t1 * k1; /* a t_i of the other sign adds ±0: no change */
+            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
+            p = lam * tau;
             out[b0 + j] = b[j] + p;
+            bs += (int)(sp - sn);
+            z[j] = sm == 0 ? t0 : 0.0f;
         }
+        ss += bs;
+        for (j = 0; j < len; j++) zs += z[j] != 0;
+        for (j = 0; zs && j < len; j++) /* rare: an exact cancellation t0 = -t1 != 0 */
+            if (z[j] != 0) amb[(*n_amb)++] = (uint32_t)(b0 + j);
     }
-    *sign_sum = ss;
-    *n_amb = na;
+    return ss;
 }
 
-/* Zero-sum elections with a non-zero trimmed value take the tensor-wide
-   majority sign `sg` (ref §1.3 step 2): recomputes the listed elements
-   (amb != NULL) or scans for them. */
-static void msx__ties_fix(float *out, const float *base, const float *const *ft, int n_ft, const float *thr, int trim,
-                          float lam, int64_t n, int sg, const uint32_t *amb, int64_t n_amb) {
-    int64_t q, total = amb ? n_amb : n;
-    int i;
-    for (q = 0; q < total; q++) {
-        int64_t j = amb ? (int64_t)amb[q] : q;
-        float tv[MSX_MAX_MODELS], s, acc = 0.0f, tau, p;
-        int any = 0, cnt = 0;
-        for (i = 0; i < n_ft; i++) {
-            float v = ft[i][j] - base[j];
-            tv[i] = (!trim || fabsf(v) >= thr[i]) ? v : 0.0f;
-            any |= tv[i] != 0;
-        }
-        s = tv[0];
-        for (i = 1; i < n_ft; i++) s = s + tv[i];
-        if (s != 0 || !any) continue;
-        for (i = 0; i < n_ft; i++)
-            if ((sg > 0 && tv[i] > 0) || (sg < 0 && tv[i] < 0)) { acc = acc + tv[i]; cnt++; }
-        tau = acc / (float)(cnt > 1 ? cnt : 1);
-        p = lam * tau;
-        out[j] = base[j] + p;
-    }
-}
-
-/* ---- one-pass TIES for two fine-tuned models, with rank tables -----------------
-   The two-pass scheme streams base and models twice (count, then combine):
-   28 bytes per element against the 16 a merge must move. Here the combine
-   pass also finds the threshold. A rank table of |delta_i| (below) gives an
-   exact bracket [lo_i, hi_i) of the k-th key together with the exact number
-   of keys below lo_i. In the pass an element with |delta_i| < lo_i is
-   trimmed and one with |delta_i| >= hi_i kept whatever the exact threshold
-   is, so its output (computed with the threshold lo_i) is final; an element
-   inside either bracket is "pending": it gets a provisional output and its
-   (index, base, x0, x1) go to a record list. The records hold every key in
-   the bracket, so the exact k-th value follows from them; a fix-up then
-   redoes the pending elements whose keep/trim decision changed. Every
-   element ends with the float operations of the two-pass combine under the
-   exact thresholds (msx__ties_combine2 is this pass with nothing pending):
-   bit-identical to the two-pass result.
-
-   The table of a tensor and model is a histogram of the |delta| keys in
-   65,537 bins (key 0 alone, then 256 bins per octave), kept as the bin
-   boundaries where the running count passes each 1/4096 of the tensor. A
-   bracket then holds at most n/4096 keys plus one bin, ~0.1% of a tensor
-   against ~3% for a sample-based bracket; building it takes one extra read
-   of base and models. The merger keeps the tables (its sources are
-   immutable): its first TIES run of a tensor makes the usual two passes,
-   the second builds the tables and makes one, every later run makes one. */
-
-#define MSX__TIES_TQ 4096          /* table points per tensor and model */
-#define MSX__TIES_NBIN 65537       /* histogram bins: key 0, then key >> 15 */
-
-typedef struct msx__ties_table {
-    uint32_t m;                        /* points used */
-    uint32_t key[MSX__TIES_TQ + 4];    /* bin boundary keys, increasing */
-    uint32_t lt[MSX__TIES_TQ + 4];     /* exact count of keys below key[e] */
-} msx__ties_table;
-
-#define MSX__TIES_HIST_WORDS ((MSX__TIES_NBIN + 15) & ~15)
-
-/* Record capacity per thread for a range of n elements. */
-static int64_t msx__ties_rec_cap(int64_t n) { return n / 8 + 64; }
-
-/* Scratch layout of the two-model path (words): zero-sum list [0, n),
-   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms. */
-static size_t msx__ties_off_rec(int64_t n) { return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE; }
-static size_t msx__ties_off_hist(int64_t n) { return msx__ties_off_rec(n) + 4 * (size_t)(n / 8 + 72); }
-
-static uint32_t msx__ties_bin(uint32_t u) { return u ? (u >> 15) + 1 : 0; }
-/* First key of bin b (b = MSX__TIES_NBIN: one past the largest key). */
-static uint32_t msx__ties_bin_key(uint32_t b) { return b < 2 ? b : (b - 1) << 15; }
-
-/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here).
-   About 1.7 ns per element on one core (the increments bound it): paid
-   once per merger and tensor. */
-static void msx__ties_hist2(const float *base, const float *x0, const float *x1, int64_t j0, int64_t j1,
-                            uint32_t *h0, uint32_t *h1) {
-    int64_t j = j0;
-    memset(h0, 0, MSX__TIES_NBIN * sizeof *h0);
-    memset(h1, 0, MSX__TIES_NBIN * sizeof *h1);
-#if defined(__AVX2__)
-    {
-        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-        uint32_t t0[8], t1[8];
-        int q;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 b = _mm256_loadu_ps(base + j);
-            __m256i u0 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), absm));
-            __m256i u1 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), b), absm));
-            /* bin: 0 for key 0, else (key >> 15) + 1 */
-            u0 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u0, zero), _mm256_add_epi32(_mm256_srli_epi32(u0, 15), one));
-            u1 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u1, zero), _mm256_add_epi32(_mm256_srli_epi32(u1, 15), one));
-            _mm256_storeu_si256((__m256i *)(void *)t0, u0);
-            _mm256_storeu_si256((__m256i *)(void *)t1, u1);
-            for (q = 0; q < 8; q++) {
-                h0[t0[q]]++;
-                h1[t1[q]]++;
-            }
-        }
-    }
-#endif
-    for (; j < j1; j++) {
-        h0[msx__ties_bin(msx__abs_bits(x0[j] - base[j]))]++;
-        h1[msx__ties_bin(msx__abs_bits(x1[j] - base[j]))]++;
-    }
-}
-
-/* Table from the sum of nh histograms (hist[u] + h_stride * u, u < nh) of
-   an n-element tensor: a point at every bin boundary where the running
-   count reaches the next multiple of n / MSX__TIES_TQ, plus the boundaries
-   around key 0 and the end. */
-static void msx__ties_table_build(const uint32_t *hist, size_t h_stride, int nh, int64_t n, msx__ties_table *t) {
-    int64_t cum = 0, next = 0;
-    uint32_t b, m = 0;
-    int u;
-    t->key[m] = 0;
-    t->lt[m++] = 0;
-    for (b = 0; b < MSX__TIES_NBIN; b++) {
-        for (u = 0; u < nh; u++) cum += hist[(size_t)u * h_stride + b];
-        if (b + 1 == MSX__TIES_NBIN || b == 0 || cum >= next) {
-            t->key[m] = msx__ties_bin_key(b + 1);
-            t->lt[m++] = (uint32_t)cum;
-            next = ((int64_t)(m - 1) * n) / MSX__TIES_TQ + 1;
-            if (m >= MSX__TIES_TQ + 3) next = n + 1; /* only the end point is left */
-        }
-    }
-    t->m = m;
-}
-
-/* Bracket of the k-th smallest key (1 <= k <= n): lo <= key < hx, with L
-   keys below lo and C inside. */
-static void msx__ties_table_find(const msx__ties_table *t, int64_t k, uint32_t *lo, uint32_t *hx, int64_t *L,
-                                 int64_t *C) {
-    uint32_t a = 1, z = t->m - 1; /* smallest e >= 1 with lt[e] >= k: lt[m - 1] = n >= k */
-    while (a < z) {
-        uint32_t mid = (a + z) / 2;
-        if ((int64_t)t->lt[mid] >= k) z = mid;
-        else a = mid + 1;
-    }
-    *lo = t->key[a - 1];
-    *hx = t->key[a];
-    *L = t->lt[a - 1];
-    *C = (int64_t)t->lt[a] - (int64_t)t->lt[a - 1];
-}
-
-typedef struct msx__ties_pass_out {
-    int64_t n_rec, ss, n_amb;
-    int overflow; /* more pending elements than the record capacity: the tensor is redone */
-} msx__ties_pass_out;
-
-/* The two-model TIES element, scalar (tails, the fix-up, builds without
-   AVX2): keeps v_i where |v_i| >= h_i, returns b + lam * tau; *t0o and *smo
-   are t0 and the elected sum, as in msx__ties2_lanes. */
-static float msx__ties2_one(float b, float v0, float v1, float h0, float h1, float lam, float *t0o, float *smo) {
-    float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f;
-    float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
-    int sg = (sm > 0) - (sm < 0);
-    if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
-    if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
-    tau = acc / (cnt > 1.0f ? cnt : 1.0f);
-    p = lam * tau;
-    *t0o = t0;
-    *smo = sm;
-    return b + p;
-}
-
-/* One element of the pass in scalar form; plo/phi: inclusive pending range
-   per model (empty when plo > phi). A decided zero-sum position goes to
-   amb[*na] (amb NULL: counted only); returns 1 if the element is pending. */
-static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
-                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                               msx__ties_pass_out *po, uint32_t *amb, int64_t *na) {
-    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b, t0, sm;
-    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-    int pend = (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
-    out[j] = msx__ties2_one(b, v0, v1, g0, g1, lam, &t0, &sm);
-    po->ss += (sm > 0) - (sm < 0); /* provisional for a pending element: the fix-up trades it for the exact one */
-    if (!pend && sm == 0 && t0 != 0) {
-        if (amb) amb[*na] = (uint32_t)j;
-        (*na)++;
-    }
-    return pend;
-}
-
-/* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
-   the sign sum (provisional for the pending elements), and the decided
-   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0,
-   or NULL: count only). */
-static void msx__ties_spec_pass(float *out, const float *base, const float *x0, const float *x1, int64_t j0,
-                                int64_t j1, const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                                uint32_t *pj, float *pb, float *p0, float *p1, int64_t cap, uint32_t *amb,
-                                msx__ties_pass_out *po) {
-    int64_t b0, j, R = 0, na = 0;
-#if defined(__AVX2__)
-    int nt = ((uintptr_t)(out + j0) & 31) == 0 && j1 - j0 >= MSX__MERGE_PAR_MIN;
-#endif
-    memset(po, 0, sizeof *po);
-    for (b0 = j0; b0 < j1; b0 += MSX__TIES_BLOCK) {
-        int64_t e = j1 - b0 < MSX__TIES_BLOCK ? j1 : b0 + MSX__TIES_BLOCK;
-        int z = 0;
-        if (R + MSX__TIES_BLOCK + 8 > cap) { po->overflow = 1; break; }
-        j = b0;
-#if defined(__AVX2__)
-        {
-            const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            const __m256 h0 = _mm256_set1_ps(g0), h1 = _mm256_set1_ps(g1);
-            const __m256i l0 = _mm256_set1_epi32((int)plo[0]), l1 = _mm256_set1_epi32((int)plo[1]);
-            const __m256i e0 = _mm256_set1_epi32((int)phi[0]), e1 = _mm256_set1_epi32((int)phi[1]);
-            __m256i bs = _mm256_setzero_si256();
-            int32_t tmp[8];
-            int q;
-            for (; j + 8 <= e; j += 8) {
-                __m256 b = _mm256_loadu_ps(base + j);
-                __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
-                __m256i u0 = _mm256_castps_si256(_mm256_and_ps(v0, absm)), u1 = _mm256_castps_si256(_mm256_and_ps(v1, absm));
-                /* decided for model i: outside [plo_i, phi_i]; pending: not decided for both */
-                __m256i d0 = _mm256_or_si256(_mm256_cmpgt_epi32(l0, u0), _mm256_cmpgt_epi32(u0, e0));
-                __m256i d1 = _mm256_or_si256(_mm256_cmpgt_epi32(l1, u1), _mm256_cmpgt_epi32(u1, e1));
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(d0, d1))) & 0xFF;
-                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
-                if (nt) _mm256_stream_ps(out + j, o.res);
-                else _mm256_storeu_ps(out + j, o.res);
-                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
-                z |= msx__ties2_cancel(&o);
-                while (mk) { /* rare with a table bracket */
-                    int64_t jl = j + msx__ctz32((unsigned)mk);
-                    mk &= mk - 1;
-                    pj[R] = (uint32_t)jl;
-                    pb[R] = base[jl];
-                    p0[R] = x0[jl];
-                    p1[R++] = x1[jl];
-                }
-            }
-            _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-            for (q = 0; q < 8; q++) po->ss += tmp[q];
-        }
-#endif
-        for (; j < e; j++)
-            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po, amb, &na)) {
-                pj[R] = (uint32_t)j;
-                pb[R] = base[j];
-                p0[R] = x0[j];
-                p1[R++] = x1[j];
-            }
-        if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
-            for (j = b0; j < e - ((e - b0) & 7); j++) {
-                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-                uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]))) {
-                    if (amb) amb[na] = (uint32_t)j;
-                    na++;
-                }
-            }
-    }
-#if defined(__AVX2__)
-    if (nt) _mm_sfence(); /* the streamed stores are ordered before the fix-up's and other threads' reads */
-#endif
-    po->n_rec = R;
-    po->n_amb = na;
-}
-
-/* msx__ties_combine for two fine-tuned models given the exact thresholds:
-   the one-pass kernel with nothing pending (empty ranges), so the two
-   schemes share every float operation. amb: as for the pass. */
-static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
-                               float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    static const uint32_t none_lo[2] = {1, 1}, none_hi[2] = {0, 0};
-    msx__ties_pass_out po;
-    msx__ties_spec_pass(out, base, x0, x1, 0, n, none_lo, none_hi, th0, th1, lam, NULL, NULL, NULL, NULL, INT64_MAX / 2,
-                        amb, &po);
-    *sign_sum = po.ss;
-    *n_amb = po.n_amb;
-}
-
-/* Exact threshold key of model i: the (k - L)-th smallest of the record keys
-   in [lo, hx) of all n_parts threads. *miss when their number differs from
-   the table's C (records overflowed, or the sources changed after the table
-   was built): the exact value then comes from a full copy in c (n entries). */
-static uint32_t msx__ties_spec_select(int i, const float *base, const float *x, int64_t n, int64_t k, uint32_t lo,
-                                      uint32_t hx, int64_t L, int64_t Cx, const msx__ties_pass_out *po,
-                                      float *const *recs, int n_parts, int64_t rec_cap, uint32_t *c, int *miss) {
-    int64_t C = 0, q;
-    int u;
-    for (u = 0; u < n_parts; u++) {
-        const float *pb = recs[u] + rec_cap, *px = recs[u] + (size_t)(2 + i) * (size_t)rec_cap;
-        for (q = 0; q < po[u].n_rec; q++) {
-            uint32_t key = msx__abs_bits(px[q] - pb[q]);
-            c[C] = key;
-            C += key >= lo && key < hx;
-        }
-    }
-    *miss = 0;
-    if (C == Cx && k - L >= 1 && k - L <= C) return msx__select_in_range(c, C, k - L - 1, lo, hx);
-    *miss = 1;
-    return msx__select_full(x, base, n, k, c);
-}
-
-/* Fix-up of one thread's records under the exact thresholds: the sign sum
-   trades each pending element's provisional sign for its exact one, its
-   zero-sum position (if any) is appended to amb, and its output rewritten
-   when a keep/trim decision differs from the guess's. The rewrites land on
-   random cache lines long evicted: they are first compacted into the front
-   of the records (pj, pb; w <= q, so in place), then written with the lines
-   prefetched for writing well ahead, so the misses overlap. */
-static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float *p0, const float *p1, int64_t n_rec,
-                               float g0, float g1, float th0, float th1, float lam, int64_t *ss, uint32_t *amb,
-                               int64_t *n_amb) {
-    int64_t q = 0, S = 0, na = *n_amb, w = 0;
-#if defined(__AVX2__)
-    { /* vectors: every decision here is a coin flip, too costly as branches */
-        const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256 G0 = _mm256_set1_ps(g0), G1 = _mm256_set1_ps(g1), T0 = _mm256_set1_ps(th0), T1 = _mm256_set1_ps(th1);
-        __m256i bs = _mm256_setzero_si256();
-        int32_t tmp[8];
-        int l;
-        for (; q + 8 <= n_rec; q += 8) {
-            __m256 b = _mm256_loadu_ps(pb + q);
-            __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(p0 + q), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(p1 + q), b);
-            __m256 w0 = _mm256_and_ps(v0, absm), w1 = _mm256_and_ps(v1, absm);
-            __m256i jv = _mm256_loadu_si256((const __m256i *)(const void *)(pj + q)), perm;
-            msx__ties2_v8 ex = msx__ties2_lanes(b, v0, v1, T0, T1, lv), gs = msx__ties2_lanes(b, v0, v1, G0, G1, lv);
-            int zm = msx__ties2_cancel(&ex);
-            int dm = _mm256_movemask_ps(_mm256_or_ps(
-                _mm256_xor_ps(_mm256_cmp_ps(w0, T0, _CMP_GE_OQ), _mm256_cmp_ps(w0, G0, _CMP_GE_OQ)),
-                _mm256_xor_ps(_mm256_cmp_ps(w1, T1, _CMP_GE_OQ), _mm256_cmp_ps(w1, G1, _CMP_GE_OQ))));
-            bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(ex.sp)), _mm256_castps_si256(ex.sn));
-            bs = _mm256_sub_epi32(_mm256_add_epi32(bs, _mm256_castps_si256(gs.sp)), _mm256_castps_si256(gs.sn));
-            while (zm) { /* rare */
-                amb[na++] = pj[q + msx__ctz32((unsigned)zm)];
-                zm &= zm - 1;
-            }
-            perm = msx__lpack_perm(dm);
-            _mm256_storeu_si256((__m256i *)(void *)(pj + w), _mm256_permutevar8x32_epi32(jv, perm));
-            _mm256_storeu_ps(pb + w, _mm256_permutevar8x32_ps(ex.res, perm));
-            w += msx__popcnt8(dm);
-        }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-        for (l = 0; l < 8; l++) S += tmp[l];
-    }
-#endif
-    for (; q < n_rec; q++) { /* the last < 8 records (all of them without AVX2) */
-        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b, t0, sm, t0g, smg;
-        float res = msx__ties2_one(b, v0, v1, th0, th1, lam, &t0, &sm);
-        (void)msx__ties2_one(b, v0, v1, g0, g1, lam, &t0g, &smg);
-        S += ((sm > 0) - (sm < 0)) - ((smg > 0) - (smg < 0));
-        if (sm == 0 && t0 != 0) amb[na++] = pj[q];
-        if ((fabsf(v0) >= th0) != (fabsf(v0) >= g0) || (fabsf(v1) >= th1) != (fabsf(v1) >= g1)) {
-            pj[w] = pj[q];
-            pb[w++] = res;
-        }
-    }
-    for (q = 0; q < w; q++) {
-#if defined(__GNUC__)
-        if (q + 24 < w) __builtin_prefetch(out + pj[q + 24], 1, 0);
-#endif
-        out[pj[q]] = pb[q];
-    }
-    *ss += S;
-    *n_amb = na;
-}
-
-MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
-    /* two models: the one-pass layout (msx__ties_off_*); otherwise candidates
-       per model and the sample */
-    if (n_ft == 2) return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS + 16;
-    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
-}
-
-/* ---- TIES on one large tensor by the whole thread team ----------------------
-   Every thread of the team works on the same tensor, on its own element
-   range. Two fine-tuned models (the paper's setting): the rank tables (built
-   from per-thread histograms when the caller keeps none yet), one pass, the
-   owner of each model (model i: thread i % nt) selects its exact threshold
-   from all threads' records, then each thread fixes up its own pending
-   elements. Other model counts: the two-pass scheme (sample bracket, count +
-   gather, select, combine), whose combine re-reads the range it counted,
-   backwards, so the inputs come from the shared L3. Results are
-   bit-identical to a single thread's for any number of threads: the k-th
-   value is order-independent and every element gets the same float
-   operations. Called by all team threads (it holds barriers, skipped when
-   nt == 1, so msx__ties_tensor can run it alone); each writes only its own
-   scratch, and reads the others' between barriers. tab/tab_ok: the caller's
-   two tables of this tensor and their state: 0 on the first call, which runs
-   the two-pass scheme (a one-off merge is not slowed by building tables it
-   would never reuse), 1 build them during this call, 2 built. NULL: the
-   two-pass scheme. */
-
-#ifndef MSX__TIES_COOP_MIN
-#define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
-#endif
-#define MSX__TIES_COOP_SUB 65536   /* combine sub-range, walked last-to-first */
-
-typedef struct msx__ties_coop_state {
-    uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS], thr[MSX_MAX_MODELS];
-    int miss[MSX_MAX_MODELS];
-    int64_t lt[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], eq[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS];
-    int64_t nc[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], ss[MSX__MERGE_MAX_THREADS];
-    msx__ties_pass_out po[MSX__MERGE_MAX_THREADS];
-} msx__ties_coop_state;
-
-#define MSX__COOP_BARRIER() do { if (nt > 1) { MSX__MOMP("omp barrier") } } while (0)
-
-/* The two-model path with the caller's tables (trim only; *tab_ok 1: build
-   them first, 2: built); returns 1 when the
-   outputs, *ss and the zero-sum list (scr[0..*na)) are complete, 0 when the
-   tensor must be recombined with the exact thresholds left in thr. */
-static int msx__ties_coop2(float *out, const float *base, const float *const *ft, int64_t k, float lam, int64_t n,
-                           uint32_t *scr_all, size_t per, int tid, int nt, int64_t j0, int64_t j1, int64_t cap,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
-                           int64_t *ss, int64_t *na) {
-    uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
-    float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
-    int64_t L[2], C[2];
-    int i, u, ovf = 0, redo;
-    if (*tab_ok < 2) {
-        uint32_t *h = scr + msx__ties_off_hist(n);
-        msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
-        MSX__COOP_BARRIER();
-        for (i = tid; i < 2; i += nt)
-            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tab[i]);
-        MSX__COOP_BARRIER();
-    }
-    for (i = 0; i < 2; i++) {
-        msx__ties_table_find(&tab[i], k, &lo[i], &hx[i], &L[i], &C[i]);
-        plo[i] = lo[i];
-        phi[i] = hx[i] - 1;
-        if (hx[i] == lo[i] + 1) { plo[i] = 1; phi[i] = 0; } /* one key (key 0's bin): it is the threshold */
-        memcpy(&g[i], &lo[i], 4);
-    }
-    msx__ties_spec_pass(out, base, ft[0], ft[1], j0, j1, plo, phi, g[0], g[1], lam, (uint32_t *)(void *)rec, rec + cap,
-                        rec + 2 * cap, rec + 3 * cap, cap, scr, &sh->po[tid]);
-    MSX__COOP_BARRIER();
-    for (u = 0; u < nt; u++) ovf |= sh->po[u].overflow;
-    for (i = tid; i < 2; i += nt) { /* owner of model i */
-        sh->miss[i] = 0;
-        if (ovf) {
-            sh->thr[i] = msx__select_full(ft[i], base, n, k, scr + n);
-            sh->miss[i] = 1;
-        } else if (plo[i] > phi[i]) sh->thr[i] = lo[i];
-        else {
-            float *recs[MSX__MERGE_MAX_THREADS];
-            for (u = 0; u < nt; u++) recs[u] = (float *)(void *)(scr_all + per * (size_t)u + msx__ties_off_rec(n));
-            sh->thr[i] = msx__ties_spec_select(i, base, ft[i], n, k, lo[i], hx[i], L[i], C[i], sh->po, recs, nt, cap,
-                                               scr + n, &sh->miss[i]);
-        }
-    }
-    MSX__COOP_BARRIER();
-    memcpy(thr, sh->thr, 2 * sizeof(float));
-    redo = ovf || sh->miss[0] || sh->miss[1];
-    if (tid == 0) *tab_ok = (unsigned char)(ovf || !redo ? 2 : 1); /* a miss without overflow: rebuild next time */
-    if (redo) return 0;
-    *ss = sh->po[tid].ss;
-    *na = sh->po[tid].n_amb;
-    msx__ties_spec_fix(out, (uint32_t *)(void *)rec, rec + cap, rec + 2 * cap, rec + 3 * cap, sh->po[tid].n_rec, g[0],
-                       g[1], thr[0], thr[1], lam, ss, scr, na);
-    return 1;
-}
-
-static void msx__ties_coop(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                           float lam, int64_t n, uint32_t *scr_all, size_t per, int tid, int nt,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), chunk, j0, j1, s, na = 0, ss = 0, tot;
-    uint32_t *scr = scr_all + per * (size_t)tid;
-    float thr[MSX_MAX_MODELS];
-    int i, u, trim, combine = 1;
-    if (k > n) k = n;
-    trim = k > 0 && n > 0;
-    chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
-    j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
-    j1 = j0 + chunk < n ? j0 + chunk : n;
-    if (trim && n_ft == 2 && tab && *tab_ok)
-        combine = !msx__ties_coop2(out, base, ft, k, lam, n, scr_all, per, tid, nt, j0, j1, msx__ties_rec_cap(chunk), sh,
-                                   tab, tab_ok, thr, &ss, &na);
-    else if (trim) {
-        for (i = tid; i < n_ft; i += nt)
-            msx__ties_bracket(base, ft[i], n, k, scr + (size_t)n_ft * (size_t)n, &sh->lo[i], &sh->hi[i]);
-        MSX__COOP_BARRIER();
-        for (i = 0; i < n_ft; i++) sh->lt[tid][i] = sh->eq[tid][i] = sh->nc[tid][i] = 0;
-        for (s = j0; s < j1; s += MSX__MERGE_BLOCK) {
-            int64_t e = s + MSX__MERGE_BLOCK < j1 ? s + MSX__MERGE_BLOCK : j1;
-            for (i = 0; i < n_ft; i++)
-                msx__ties_count_gather(ft[i], base, s, e, sh->lo[i], sh->hi[i], &sh->lt[tid][i], &sh->eq[tid][i],
-                                       scr + (size_t)i * (size_t)n, &sh->nc[tid][i]);
-        }
-        MSX__COOP_BARRIER();
-        for (i = tid; i < n_ft; i += nt) { /* owner: gather all candidates of model i, select */
-            uint32_t *c = scr + (size_t)i * (size_t)n, lo = sh->lo[i], hi = sh->hi[i];
-            int64_t L = 0, E = 0, C = sh->nc[tid][i], r;
-            for (u = 0; u < nt; u++) {
-                L += sh->lt[u][i];
-                E += sh->eq[u][i];
-                if (u != tid && lo != hi && sh->nc[u][i] > 0) {
-                    memcpy(c + C, scr_all + per * (size_t)u + (size_t)i * (size_t)n, (size_t)sh->nc[u][i] * 4);
-                    C += sh->nc[u][i];
-                }
-            }
-            r = k - L; /* 1-based rank within the bracket */
-            if (lo == hi && r >= 1 && r <= E) sh->thr[i] = lo;
-            else if (lo != hi && r >= 1 && r <= C)
-                sh->thr[i] = msx__select_in_range(c, C, r - 1, lo, hi == 0x7FFFFFFFu ? 0x80000000u : hi + 1);
-            else sh->thr[i] = msx__select_full(ft[i], base, n, k, c);
-        }
-        MSX__COOP_BARRIER();
-        memcpy(thr, sh->thr, (size_t)n_ft * sizeof(float));
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    /* combine [j0, j1) last sub-range first (most recently counted = most
-       likely still cached); zero-sum positions go to scr[0..) as absolute indices */
-    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; combine && j1 > j0 && s >= j0;
-         s -= MSX__TIES_COOP_SUB) {
-        int64_t len = j1 - s < MSX__TIES_COOP_SUB ? j1 - s : MSX__TIES_COOP_SUB, s1 = 0, a = 0, q;
-        const float *fo[MSX_MAX_MODELS];
-        if (n_ft == 2)
-            msx__ties_combine2(out + s, base + s, ft[0] + s, ft[1] + s, thr[0], thr[1], lam, len, &s1, scr + na, &a);
-        else {
-            for (i = 0; i < n_ft; i++) fo[i] = ft[i] + s;
-            msx__ties_combine(out + s, base + s, fo, n_ft, thr, trim, lam, len, &s1, scr + na, &a);
-        }
-        for (q = na; q < na + a; q++) scr[q] += (uint32_t)s;
-        na += a;
-        ss += s1;
-    }
-    sh->ss[tid] = ss;
-    MSX__COOP_BARRIER();
-    for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
-    if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
-    if (trim && n_ft == 2 && tab && *tab_ok == 0 && tid == 0) *tab_ok = 1; /* all have read it: build next time */
-}
-
-/* TIES of one tensor on the calling thread; scratch as for
-   msx__ties_thresholds, or NULL when nothing is trimmed. */
+/* TIES of one tensor on the calling thread; scratch: msx_merge_ties_scratch_floats(n, n_ft) words, or NULL when
+   nothing is trimmed. */
 static void msx__ties_tensor(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                             float lam, int64_t n, uint32_t *scratch, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), ss = 0, amb = 0;
-    float thr[MSX_MAX_MODELS];
-    uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
-    int i, trim = k > 0 && n > 0;
+                             float lam, int64_t n, uint32_t *scratch) {
+    int64_t k = (int64_t)((double)n * drop_rate), ss, q, na = 0;
+    uint32_t tb[2] = {0, 0};
+    float thr[2], s;
+    int major;
     if (k > n) k = n;
-    if (trim && n_ft == 2 && tab && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* the caller keeps tables */
-        msx__ties_coop_state st;
-        msx__ties_coop(out, base, ft, 2, drop_rate, lam, n, scratch, 0, 0, 1, &st, tab, tab_ok);
+    if (n <= MSX__TIES_DIRECT || n_ft != 2 || n > (int64_t)UINT32_MAX) {
+        msx__ties_plain(out, base, ft, n_ft, k, lam, n, scratch);
         return;
     }
-    if (trim) {
-        uint32_t tb[MSX_MAX_MODELS];
-        msx__ties_thresholds(base, ft, n_ft, n, k, scratch, tb);
-        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &tb[i], 4);
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    if (n_ft == 2)
-        msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
-    else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
-    if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
+    if (k > 0) msx__ties_thresholds(base, ft, 2, n, k, scratch, tb); /* 1. */
+    memcpy(thr, tb, sizeof thr);
+    ss = msx__ties_combine2(out, base, ft[0], ft[1], thr[0], thr[1], lam, n, scratch, &na); /* 2-4. */
+    major = (ss > 0) - (ss < 0);
+    for (q = 0; q < na; q++) out[scratch[q]] = msx__ties_elem(base, ft, 2, scratch[q], thr, lam, major, &s);
+}
+
+/* Plain form: n keys; fast path: n candidates per model (the first list
+   reused for the zero-sum positions) and the sample. */
+MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
+    if (n <= MSX__TIES_DIRECT || n_ft != 2) return (size_t)n;
+    return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
@@ -8584,12 +8051,12 @@ MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const flo
     if (!isfinite(drop_rate) || drop_rate < 0 || drop_rate > 1)
         return msx__err(MSX_E_ARG, "ties: drop_rate %g must lie in [0, 1]", drop_rate);
     if (!isfinite(scale)) return msx__err(MSX_E_ARG, "ties: scale is not a finite number");
-    if (!scratch && (int64_t)((double)n * drop_rate) > 0) {
+    if (!scratch) {
         own = (float *)msx__aligned_alloc(msx_merge_ties_scratch_floats(n, n_ft) * sizeof(float));
         if (!own) return msx__err(MSX_E_NOMEM, "ties: cannot allocate scratch for %lld elements", (long long)n);
         scratch = own;
     }
-    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch, NULL, NULL);
+    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch);
     msx__aligned_free(own);
     return MSX_OK;
 }
@@ -8623,9 +8090,6 @@ struct msx_merger {
     uint32_t *scratch;      /* TIES, per thread */
     size_t scratch_per_thread;
     int scratch_threads;
-    msx__ties_table *ties_tab;  /* two fine-tuned models: 2 rank tables per large tensor */
-    int *ties_tab_idx;          /* per tensor: its pair of tables, or -1 */
-    unsigned char *ties_tab_ok; /* per pair: built */
     msx_merge_options opt;
 };
 
@@ -8737,7 +8201,7 @@ MSXDEF msx_result msx_merger_create(const msx_checkpoint *base, const msx_checkp
     if (r != MSX_OK) { msx_merger_free(m); return r; }
     m->depth = max_block + 1;
     m->n_layer_groups = (m->depth + granularity - 1) / granularity;
-    m->n_groups = m->n_layer_groups + 13;
+    m->n_groups = m->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     m->n_items_cap = (int)n_items;
     m->group_tensors = (int *)msx__calloc((size_t)m->n_groups, sizeof(int));
     m->gs = (msx__merge_gstate *)msx__calloc((size_t)m->n_groups, sizeof *m->gs);
@@ -8766,9 +8230,6 @@ MSXDEF void msx_merger_free(msx_merger *m) {
     MSX_FREE(m->items);
     MSX_FREE(m->gs);
     msx__aligned_free(m->scratch);
-    MSX_FREE(m->ties_tab);
-    MSX_FREE(m->ties_tab_idx);
-    MSX_FREE(m->ties_tab_ok);
     MSX_FREE(m);
 }
 
@@ -8808,12 +8269,7 @@ static void msx__merge_item_run(const msx_merger *m, const msx_plan *plan, msx_c
     switch (s ? s->action : 0) {
     case 1 + MSX_MERGE_LINEAR: msx__linear_range(o, src, s->wf, m->n_ft + 1, it->j0, it->j1); break;
     case 1 + MSX_MERGE_TASK_ARITHMETIC: msx__ta_range(o, src[0], src + 1, m->n_ft, (float)gp->scale, it->j0, it->j1); break;
-    case 1 + MSX_MERGE_TIES: {
-        int ti = m->ties_tab_idx ? m->ties_tab_idx[i] : -1;
-        msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch,
-                         ti >= 0 ? m->ties_tab + 2 * (size_t)ti : NULL, ti >= 0 ? m->ties_tab_ok + ti : NULL);
-        break;
-    }
+    case 1 + MSX_MERGE_TIES: msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch); break;
     case 1 + MSX_MERGE_SLERP: {
         double acc[3] = {0, 0, 0};
         float f0, f1;
@@ -8830,7 +8286,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0, k = 0;
+    int need_scratch = 0, k = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -8869,18 +8325,14 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         s->action = 0;
         msx__merge_warn(report, "group %s: %s: %d tensors kept the base", plan->ids[g], why, m->group_tensors[g]);
     }
-    /* work list: first the large TIES tensors, which the whole team runs
-       one at a time (msx__ties_coop), then whole tensors for TIES / SLERP
-       (largest first), then chunks of the streaming ones; threads take the
-       last two kinds dynamically */
-    for (pass = 0; pass < 3; pass++)
+    /* work list: whole tensors for TIES / SLERP (largest first), then
+       chunks of the streaming ones; threads take items dynamically */
+    for (pass = 0; pass < 2; pass++)
         for (q = 0; q < base->n; q++) {
             int ti = m->order[q], a = m->tgroup[ti] >= 0 ? m->gs[m->tgroup[ti]].action : 0;
             int64_t n = base->tensors[ti].numel, j0;
-            int coop = a == 1 + MSX_MERGE_TIES && n >= MSX__TIES_COOP_MIN && n <= (int64_t)UINT32_MAX;
             int whole = a == 1 + MSX_MERGE_TIES || a == 1 + MSX_MERGE_SLERP;
-            if ((pass == 0) != coop || (!coop && whole != (pass == 1))) continue;
-            if (coop) n_coop++;
+            if (whole != (pass == 0)) continue;
             if (whole || n == 0) {
                 m->items[n_items].tensor = ti;
                 m->items[n_items].j0 = 0;
@@ -8903,55 +8355,19 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         m->scratch = s;
         m->scratch_threads = nth;
     }
-    if (need_scratch && m->n_ft == 2 && !m->ties_tab) {
-        /* first TIES run: rank tables for the tensors the one-pass scheme takes */
-        int nb = 0;
-        m->ties_tab_idx = (int *)MSX_MALLOC((size_t)base->n * sizeof(int));
-        if (!m->ties_tab_idx) return msx__err(MSX_E_NOMEM, "merge: out of memory");
-        for (i = 0; i < base->n; i++)
-            m->ties_tab_idx[i] = base->tensors[i].numel > MSX__TIES_DIRECT && base->tensors[i].numel <= (int64_t)UINT32_MAX
-                                     ? nb++ : -1;
-        m->ties_tab = (msx__ties_table *)MSX_MALLOC(2 * (size_t)(nb ? nb : 1) * sizeof(msx__ties_table));
-        m->ties_tab_ok = (unsigned char *)MSX_MALLOC((size_t)(nb ? nb : 1));
-        if (!m->ties_tab || !m->ties_tab_ok) {
-            MSX_FREE(m->ties_tab);
-            MSX_FREE(m->ties_tab_ok);
-            MSX_FREE(m->ties_tab_idx);
-            m->ties_tab = NULL;
-            m->ties_tab_ok = NULL;
-            m->ties_tab_idx = NULL;
-            return msx__err(MSX_E_NOMEM, "merge: cannot allocate the TIES rank tables");
-        }
-        memset(m->ties_tab_ok, 0, (size_t)(nb ? nb : 1));
-    }
     {
         const msx_merger *cm = m;
         uint32_t *scr = m->scratch;
         size_t per = m->scratch_per_thread;
         msx__merge_item *items = m->items;
-        msx__ties_coop_state coop_state;
-        msx__ties_coop_state *cs = &coop_state;
-        const int nc0 = n_coop;
         (void)per;
-        MSX__MOMP("omp parallel num_threads(nth) if(n_items > 1)")
-        {
-            int tid = 0, it, nt = 1;
+        MSX__MOMP("omp parallel for schedule(dynamic, 1) num_threads(nth) if(n_items > 1)")
+        for (q = 0; q < n_items; q++) {
+            int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
-            nt = omp_get_num_threads();
 #endif
-            for (it = 0; it < nc0; it++) {
-                const msx__merge_item *ci = &items[it];
-                int ti = ci->tensor;
-                const msx_group_plan *gp = &plan->groups[cm->tgroup[ti]];
-                int tx = cm->ties_tab_idx ? cm->ties_tab_idx[ti] : -1;
-                msx__ties_coop((float *)out->tensors[ti].data, cm->srcp[(size_t)ti * (size_t)(cm->n_ft + 1)],
-                               cm->srcp + (size_t)ti * (size_t)(cm->n_ft + 1) + 1, cm->n_ft, gp->drop_rate,
-                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs,
-                               tx >= 0 ? cm->ties_tab + 2 * (size_t)tx : NULL, tx >= 0 ? cm->ties_tab_ok + tx : NULL);
-            }
-            MSX__MOMP("omp for schedule(dynamic, 1)")
-            for (it = nc0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
+            msx__merge_item_run(cm, plan, out, &items[q], scr ? scr + per * (size_t)tid : NULL);
         }
     }
     if (report) {
@@ -9061,8 +8477,8 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 /* ======================================================================== */
 /* IMPLEMENTATION: opt. Owns search spaces, the random-forest surrogate,     */
 /* EI / log-EI, ParEGO, the Pareto archive, hypervolume and the ask/tell     */
-/* optimiser with its JSON state. Section numbers (§) refer to              */
-/* /work/shared/docs/optimizer-reference.md.                                 */
+/* optimiser with its JSON state. What follows SMAC3 v2.2.0 and pyrfr, and  */
+/* where, is in docs/semantics.md §7.                                       */
 /* ======================================================================== */
 
 /* ---- small helpers ----------------------------------------------------------- */
@@ -9103,7 +8519,7 @@ static int msx__opt_cmp_desc(const void *a, const void *b) {
     return (x->i > y->i) - (x->i < y->i);
 }
 
-/* ---- search spaces (§2) ------------------------------------------------------ */
+/* ---- search spaces (docs/semantics.md §7.1) ---------------------------------------------- */
 
 typedef struct msx__oparam {
     char *name;
@@ -9368,7 +8784,7 @@ MSXDEF msx_result msx_space_canonicalize(const msx_space *s, const double *in, d
     }
     return MSX_OK;
 }
-/* Random-forest input (§2.2): unit value, inactive floats/ints -1, inactive
+/* Random-forest input (docs/semantics.md §7.1): unit value, inactive floats/ints -1, inactive
    categoricals k (an extra category). */
 static double msx__sp_enc1(const msx__oparam *p, double v) {
     if (v != v) return p->type == MSX_PARAM_CAT ? (double)p->k : -1.0;
@@ -9430,7 +8846,7 @@ static int msx__sp_equal(const msx_space *a, const msx_space *b, char *msg, size
     return 1;
 }
 
-/* ---- random forest (§4) ------------------------------------------------------ */
+/* ---- random forest (docs/semantics.md §7.2) ---------------------------------------------- */
 
 typedef struct msx__rfnode {
     int feat, left, right; /* feat < 0: leaf */
@@ -9506,18 +8922,35 @@ static msx_result msx__rf_reserve(msx_rf *rf, int n, int d, int trees) {
     return MSX_OK;
 }
 
-/* Grows tree t breadth-first (§4.2). Each node owns the range [a,b) of the
-   per-feature sorted index lists, which are stably partitioned on a split,
-   so a split search costs O(points in node) per feature. */
-static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+/* One tree is grown in named steps: msx__rf_bootstrap draws the rows,
+   msx__rf_node_stats summarises a node, msx__rf_split_numeric and
+   msx__rf_split_categorical search one feature for the best split,
+   msx__rf_leaf and msx__rf_grow finish the node (docs/semantics.md §7.2).
+   Each node owns the range [a,b) of the per-feature sorted index lists,
+   which are stably partitioned on a split, so a split search costs
+   O(points in node) per feature. One RNG stream per tree, drawn in this
+   order: bootstrap, then per node the feature order, random thresholds
+   (option) and the side of unobserved categories. */
+
+typedef struct msx__rf_stats {
+    double W, S, mean, y0; /* weight, weighted sum, mean and first response of the node */
+    int pure, alleq;       /* all responses within eps_purity / exactly equal */
+} msx__rf_stats;
+
+typedef struct msx__rf_split {
+    double gain, thr; /* numeric: go left iff x <= thr */
+    uint64_t mask;    /* categorical: go left iff bit x is set */
+    int feat;         /* -1: no split found */
+} msx__rf_split;
+
+/* Bootstrap weights (n draws with replacement, or all 1) and each feature's
+   sorted list restricted to the drawn rows; returns their number. */
+static int msx__rf_bootstrap(msx_rf *rf, msx_rng *rng) {
     const int n = rf->n, d = rf->d, cn = rf->cap_n;
-    const int min_split = rf->o.min_samples_split, min_leaf = rf->o.min_samples_leaf;
-    msx_rng rng;
-    int i, f, m = 0, qh = 0, qt = 0, root;
-    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    int i, f, m = 0;
     for (i = 0; i < n; i++) rf->w[i] = rf->o.no_bootstrap ? 1.0 : 0.0;
     if (!rf->o.no_bootstrap)
-        for (i = 0; i < n; i++) rf->w[msx_rng_below(&rng, (uint64_t)n)] += 1.0;
+        for (i = 0; i < n; i++) rf->w[msx_rng_below(rng, (uint64_t)n)] += 1.0;
     for (f = 0; f < d; f++) {
         const int *g = rf->gord + (size_t)f * cn;
         int *o = rf->ord + (size_t)f * cn, k = 0;
@@ -9525,152 +8958,191 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
             if (rf->w[g[i]] > 0) o[k++] = g[i];
         m = k;
     }
+    return m;
+}
+
+static void msx__rf_node_stats(const msx_rf *rf, const double *y, const int *o0, int cnt, msx__rf_stats *st) {
+    int j;
+    st->W = st->S = 0;
+    st->y0 = y[o0[0]];
+    st->pure = st->alleq = 1;
+    for (j = 0; j < cnt; j++) {
+        double yy = y[o0[j]], ww = rf->w[o0[j]];
+        st->W += ww;
+        st->S += ww * yy;
+        if (fabs(yy - st->y0) > rf->o.eps_purity) st->pure = 0;
+        if (yy != st->y0) st->alleq = 0;
+    }
+    st->mean = st->S / st->W;
+}
+
+/* Numeric feature ff over the node's sorted list o[0..cnt): every cut
+   between distinct values, RSS gain on centred sums; the threshold is the
+   midpoint, or pyrfr's uniform draw in the gap (smoother ensemble). */
+static void msx__rf_split_numeric(const msx_rf *rf, const double *y, int ff, const int *o, int cnt,
+                                  const msx__rf_stats *st, msx_rng *rng, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n; /* feature-major copy: contiguous */
+    const int min_leaf = rf->o.min_samples_leaf;
+    double WL = 0, SL = 0;
+    int nL = 0, j;
+    for (j = 0; j < cnt - 1; j++) {
+        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
+        WL += rf->w[o[j]];
+        SL += rf->w[o[j]] * (y[o[j]] - st->mean);
+        nL++;
+        if (!(xn > x)) continue;
+        if (nL < min_leaf) continue;
+        if (cnt - nL < min_leaf) break;
+        WR = st->W - WL; SR = -SL; /* centred sums add to zero */
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) {
+            best->gain = gain;
+            best->feat = ff;
+            best->mask = 0;
+            best->thr = x + (rf->o.random_thresholds ? msx_rng_uniform(rng) : 0.5) * (xn - x);
+            if (!(best->thr < xn)) best->thr = x;
+        }
+    }
+}
+
+/* Categorical feature ff with K <= MSX_RF_MAX_CATEGORIES values (Breiman):
+   the observed categories sorted by mean response, every prefix tried as
+   the left set. Values outside 0..K-1 count as the nearest category (K is
+   the imputed value of an inactive categorical). */
+static void msx__rf_split_categorical(const msx_rf *rf, const double *y, int ff, int K, const int *o, int cnt,
+                                      const msx__rf_stats *st, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n;
+    const int min_leaf = rf->o.min_samples_leaf;
+    double cw[MSX_RF_MAX_CATEGORIES], cs[MSX_RF_MAX_CATEGORIES], WL = 0, SL = 0;
+    int cc[MSX_RF_MAX_CATEGORIES], obs[MSX_RF_MAX_CATEGORIES], nobs = 0, c, p, j, nL = 0;
+    uint64_t mask = 0;
+    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
+    for (j = 0; j < cnt; j++) {
+        int cat = (int)xf[o[j]];
+        if (cat < 0) cat = 0;
+        if (cat >= K) cat = K - 1;
+        cw[cat] += rf->w[o[j]];
+        cs[cat] += rf->w[o[j]] * (y[o[j]] - st->mean);
+        cc[cat]++;
+    }
+    for (c = 0; c < K; c++)
+        if (cc[c]) {
+            int q = nobs++;
+            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
+            obs[q] = c;
+        }
+    if (nobs < 2) return;
+    for (p = 0; p < nobs - 1; p++) {
+        double WR, SR, gain;
+        WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
+        mask |= (uint64_t)1 << obs[p];
+        if (nL < min_leaf || cnt - nL < min_leaf) continue;
+        WR = st->W - WL; SR = -SL;
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) { best->gain = gain; best->feat = ff; best->mask = mask; }
+    }
+}
+
+/* Node nd becomes a leaf: the mean response, or with SMAC's log_y
+   ln(mean over the node's points of exp(y)). */
+static void msx__rf_leaf(msx_rf *rf, const double *y, int nd, const int *o0, int cnt, const msx__rf_stats *st) {
+    msx__rfnode *L = &rf->nodes[nd];
+    int j;
+    L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
+    if (rf->o.log_y) {
+        double se = 0;
+        for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
+        L->val = log(se / cnt + 1e-10);
+    } else
+        L->val = st->alleq ? st->y0 : st->mean;
+}
+
+/* Node nd (rows [a,b) at depth) splits by *best: unobserved categories join
+   the left set with probability 1/2, every feature's list is stably
+   partitioned, and the two children are queued. */
+static void msx__rf_grow(msx_rf *rf, int nd, int a, int b, int depth, const msx__rf_stats *st, msx__rf_split *best,
+                         msx_rng *rng, int *qt) {
+    const int cn = rf->cap_n, d = rf->d, cnt = b - a, K = rf->types[best->feat];
+    const int *o0 = rf->ord + a;
+    const double *xb = rf->xt + (size_t)best->feat * cn;
+    int nL = 0, l, r, g, j, left_id, right_id;
+    if (best->mask) {
+        uint64_t obsmask = 0;
+        const int *o = rf->ord + (size_t)best->feat * cn + a;
+        int c;
+        for (j = 0; j < cnt; j++) {
+            int cat = (int)xb[o[j]];
+            if (cat >= 0 && cat < MSX_RF_MAX_CATEGORIES) obsmask |= (uint64_t)1 << cat;
+        }
+        for (c = 0; c < K; c++)
+            if (!((obsmask >> c) & 1) && (msx_rng_u64(rng) >> 63)) best->mask |= (uint64_t)1 << c;
+    }
+    for (j = 0; j < cnt; j++) {
+        int id = o0[j], gl;
+        double x = xb[id];
+        if (best->mask) { int cat = (int)x; gl = cat >= 0 && cat < MSX_RF_MAX_CATEGORIES && ((best->mask >> cat) & 1); }
+        else gl = x <= best->thr;
+        rf->goleft[id] = (unsigned char)gl;
+        nL += gl;
+    }
+    for (g = 0; g < d; g++) { /* stable partition of every feature's list */
+        int *o = rf->ord + (size_t)g * cn + a;
+        l = r = 0;
+        for (j = 0; j < cnt; j++) {
+            if (rf->goleft[o[j]]) o[l++] = o[j];
+            else rf->tmp[r++] = o[j];
+        }
+        memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
+    }
+    left_id = rf->n_nodes++;
+    right_id = rf->n_nodes++;
+    rf->nodes[nd].feat = best->feat;
+    rf->nodes[nd].thr = best->thr;
+    rf->nodes[nd].mask = best->mask;
+    rf->nodes[nd].left = left_id;
+    rf->nodes[nd].right = right_id;
+    rf->nodes[nd].val = st->mean;
+    rf->qn[*qt] = left_id; rf->qa[*qt] = a; rf->qb[*qt] = a + nL; rf->qdepth[*qt] = depth + 1; (*qt)++;
+    rf->qn[*qt] = right_id; rf->qa[*qt] = a + nL; rf->qb[*qt] = b; rf->qdepth[*qt] = depth + 1; (*qt)++;
+}
+
+/* Grows tree t breadth-first. */
+static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+    const int d = rf->d, cn = rf->cap_n;
+    msx_rng rng;
+    int f, qh = 0, qt = 0, root, m;
+    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    m = msx__rf_bootstrap(rf, &rng);
     root = rf->n_nodes++;
     rf->roots[t] = root;
     rf->qn[qt] = root; rf->qa[qt] = 0; rf->qb[qt] = m; rf->qdepth[qt] = 0; qt++;
     while (qh < qt) {
-        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh];
-        const int cnt = b - a;
-        const int *o0 = rf->ord + a;
-        double W = 0, S = 0, mean, y0 = y[o0[0]], best_gain = -1, best_thr = 0;
-        uint64_t best_mask = 0;
-        int pure = 1, alleq = 1, best_f = -1, j;
+        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh], cnt = b - a;
+        msx__rf_stats st;
+        msx__rf_split best;
         qh++;
-        for (j = 0; j < cnt; j++) {
-            double yy = y[o0[j]], ww = rf->w[o0[j]];
-            W += ww;
-            S += ww * yy;
-            if (fabs(yy - y0) > rf->o.eps_purity) pure = 0;
-            if (yy != y0) alleq = 0;
-        }
-        mean = S / W;
-        if (depth < rf->o.max_depth && cnt >= min_split && W >= 2 && !pure) {
-            int nf = rf->maxf, fi;
+        msx__rf_node_stats(rf, y, rf->ord + a, cnt, &st);
+        best.gain = -1;
+        best.thr = 0;
+        best.mask = 0;
+        best.feat = -1;
+        if (depth < rf->o.max_depth && cnt >= rf->o.min_samples_split && st.W >= 2 && !st.pure) {
+            int fi;
             for (f = 0; f < d; f++) rf->feats[f] = f;
-            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first (§4.2) */
+            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first */
                 int r = (int)msx_rng_below(&rng, (uint64_t)(f + 1)), tt = rf->feats[f];
                 rf->feats[f] = rf->feats[r];
                 rf->feats[r] = tt;
             }
-            for (fi = 0; fi < nf; fi++) {
+            for (fi = 0; fi < rf->maxf; fi++) {
                 const int ff = rf->feats[fi], K = rf->types[ff];
                 const int *o = rf->ord + (size_t)ff * cn + a;
-                const double *xf = rf->xt + (size_t)ff * cn; /* feature-major copy: contiguous */
-                if (K > 0 && K <= 64) {
-                    /* Breiman: sort observed categories by mean, try prefixes (§4.3). */
-                    double cw[64], cs[64];
-                    int cc[64], obs[64], nobs = 0, c, p;
-                    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)xf[o[j]];
-                        if (cat < 0) cat = 0;
-                        if (cat >= K) cat = K - 1;
-                        cw[cat] += rf->w[o[j]];
-                        cs[cat] += rf->w[o[j]] * (y[o[j]] - mean);
-                        cc[cat]++;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (cc[c]) {
-                            int q = nobs++;
-                            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
-                            obs[q] = c;
-                        }
-                    if (nobs < 2) continue;
-                    {
-                        double WL = 0, SL = 0;
-                        int nL = 0;
-                        uint64_t mask = 0;
-                        for (p = 0; p < nobs - 1; p++) {
-                            double WR, SR, gain;
-                            WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
-                            mask |= (uint64_t)1 << obs[p];
-                            if (nL < min_leaf || cnt - nL < min_leaf) continue;
-                            WR = W - WL; SR = -SL; /* centred sums add to zero */
-                            gain = SL * SL / WL + SR * SR / WR;
-                            if (gain > best_gain) { best_gain = gain; best_f = ff; best_mask = mask; }
-                        }
-                    }
-                } else {
-                    double WL = 0, SL = 0;
-                    int nL = 0;
-                    for (j = 0; j < cnt - 1; j++) {
-                        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
-                        WL += rf->w[o[j]];
-                        SL += rf->w[o[j]] * (y[o[j]] - mean);
-                        nL++;
-                        if (!(xn > x)) continue;
-                        if (nL < min_leaf) continue;
-                        if (cnt - nL < min_leaf) break;
-                        WR = W - WL; SR = -SL;
-                        gain = SL * SL / WL + SR * SR / WR;
-                        if (gain > best_gain) {
-                            best_gain = gain;
-                            best_f = ff;
-                            best_mask = 0;
-                            /* midpoint, or pyrfr's uniform draw in the gap (smoother ensemble) */
-                            best_thr = x + (rf->o.random_thresholds ? msx_rng_uniform(&rng) : 0.5) * (xn - x);
-                            if (!(best_thr < xn)) best_thr = x;
-                        }
-                    }
-                }
+                if (K > 0) msx__rf_split_categorical(rf, y, ff, K, o, cnt, &st, &best);
+                else msx__rf_split_numeric(rf, y, ff, o, cnt, &st, &rng, &best);
             }
         }
-        if (best_f < 0) {
-            msx__rfnode *L = &rf->nodes[nd];
-            L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
-            if (rf->o.log_y) { /* SMAC log_y: ln(mean over distinct leaf points of exp(y)) (§4.4) */
-                double se = 0;
-                for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
-                L->val = log(se / cnt + 1e-10);
-            } else
-                L->val = alleq ? y0 : mean;
-            continue;
-        }
-        {
-            const int K = rf->types[best_f];
-            int nL = 0, l, r, g, left_id, right_id;
-            if (best_mask) { /* unobserved categories join the left set with probability 1/2 */
-                int c;
-                {
-                    uint64_t obsmask = 0;
-                    const int *o = rf->ord + (size_t)best_f * cn + a;
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)rf->xt[(size_t)best_f * cn + o[j]];
-                        if (cat >= 0 && cat < 64) obsmask |= (uint64_t)1 << cat;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (!((obsmask >> c) & 1) && (msx_rng_u64(&rng) >> 63)) best_mask |= (uint64_t)1 << c;
-                }
-            }
-            for (j = 0; j < cnt; j++) {
-                int id = o0[j];
-                double x = rf->xt[(size_t)best_f * cn + id];
-                int gl;
-                if (best_mask) { int cat = (int)x; gl = cat >= 0 && cat < 64 && ((best_mask >> cat) & 1); }
-                else gl = x <= best_thr;
-                rf->goleft[id] = (unsigned char)gl;
-                nL += gl;
-            }
-            for (g = 0; g < d; g++) { /* stable partition of every feature's list */
-                int *o = rf->ord + (size_t)g * cn + a;
-                l = r = 0;
-                for (j = 0; j < cnt; j++) {
-                    if (rf->goleft[o[j]]) o[l++] = o[j];
-                    else rf->tmp[r++] = o[j];
-                }
-                memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
-            }
-            left_id = rf->n_nodes++;
-            right_id = rf->n_nodes++;
-            rf->nodes[nd].feat = best_f;
-            rf->nodes[nd].thr = best_thr;
-            rf->nodes[nd].mask = best_mask;
-            rf->nodes[nd].left = left_id;
-            rf->nodes[nd].right = right_id;
-            rf->nodes[nd].val = mean;
-            rf->qn[qt] = left_id; rf->qa[qt] = a; rf->qb[qt] = a + nL; rf->qdepth[qt] = depth + 1; qt++;
-            rf->qn[qt] = right_id; rf->qa[qt] = a + nL; rf->qb[qt] = b; rf->qdepth[qt] = depth + 1; qt++;
-        }
+        if (best.feat < 0) msx__rf_leaf(rf, y, nd, rf->ord + a, cnt, &st);
+        else msx__rf_grow(rf, nd, a, b, depth, &st, &best, &rng, &qt);
     }
 }
 
@@ -9687,6 +9159,11 @@ MSXDEF msx_result msx_rf_fit(msx_rf **prf, const double *X, const double *y, int
         for (f = 0; f < d; f++)
             if (!isfinite(X[(size_t)i * d + f])) return msx__err(MSX_E_ARG, "msx_rf_fit: X[%d][%d] is not finite", i, f);
     }
+    for (f = 0; types && f < d; f++)
+        if (types[f] < 0 || types[f] > MSX_RF_MAX_CATEGORIES)
+            return msx__err(MSX_E_LIMIT, "msx_rf_fit: feature %d has type %d; categorical features take 1..%d "
+                            "values (MSX_RF_MAX_CATEGORIES: one bit per category in a split)", f, types[f],
+                            MSX_RF_MAX_CATEGORIES);
     if (opts) o = *opts;
     else memset(&o, 0, sizeof o);
     if (o.n_trees <= 0) o.n_trees = 10;
@@ -9730,7 +9207,7 @@ static double msx__rf_tree_val(const msx_rf *rf, int t, const double *x) {
     while (nd[k].feat >= 0) {
         double v = x[nd[k].feat];
         int gl;
-        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < 64 && ((nd[k].mask >> c) & 1); }
+        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < MSX_RF_MAX_CATEGORIES && ((nd[k].mask >> c) & 1); }
         else gl = v <= nd[k].thr;
         k = gl ? nd[k].left : nd[k].right;
     }
@@ -9749,10 +9226,10 @@ MSXDEF void msx_rf_predict(const msx_rf *rf, const double *x, double *mean, doub
         for (t = 0; t < T; t++) { double q = msx__rf_tree_val(rf, t, x) - mu; v += q * q; }
     }
     if (mean) *mean = mu;
-    if (var) *var = v / T; /* across trees, ddof 0 (§4.4, §4.5) */
+    if (var) *var = v / T; /* across trees, ddof 0 (docs/semantics.md §7.2) */
 }
 
-/* ---- expected improvement (§5) ----------------------------------------------- */
+/* ---- expected improvement (docs/semantics.md §7.4) --------------------------------------- */
 
 #define MSX__SQRT1_2 0.70710678118654752440
 #define MSX__LOG_SQRT_2PI 0.91893853320467274178
@@ -9829,7 +9306,7 @@ MSXDEF double msx_acq_ei(double eta, double mu, double sigma, int log_model, dou
 MSXDEF void msx_simplex_weights(msx_rng *rng, int k, double *w) {
     double s = 0;
     int j;
-    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (§10, §14 #1235) */
+    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (docs/semantics.md §5.2; automl/SMAC3 issue #1235) */
         double u = msx_rng_uniform(rng);
         w[j] = -log(1.0 - u);
         s += w[j];
@@ -10276,7 +9753,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     }
     if (opts->n_init > 0) n_lhs = opts->n_init;
     else if (opts->n_init < 0) n_lhs = 0;
-    else { /* §7 sized by the always-active dimensions (§15), capped at 10 % of
+    else { /* docs/semantics.md §7.6; sized by the always-active dimensions (beyond SMAC), capped at 10 % of
               the budget (SMAC: 25 %; 10 % was better on Hartmann-6 and Branin) */
         int top = 0, cap = opts->n_trials > 0 ? opts->n_trials / 10 : 10;
         for (i = 0; i < d; i++) top += o->sp->p[i].parent < 0;
@@ -10292,7 +9769,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     return MSX_OK;
 }
 
-/* Scalar training targets for every history row (§3, §10). theta: ParEGO
+/* Scalar training targets for every history row (docs/semantics.md §5.2, §7.3). theta: ParEGO
    weights, or NULL for the mean (multi-objective) / the cost (single).
    Failed trials count as the worst successful cost, never +inf. Returns the
    number of successful rows. */
@@ -10331,7 +9808,7 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
         }
     }
     memcpy(o->yraw, o->y, (size_t)n * sizeof(double));
-    if (o->log_scale) { /* RunHistoryLogScaledEncoder (§3) */
+    if (o->log_scale) { /* RunHistoryLogScaledEncoder (docs/semantics.md §7.3) */
         double mn, mx, p5, mp, pos, span;
         int lo_i;
         for (i = 0; i < n; i++) o->ysort[i] = o->y[i];
@@ -10361,13 +9838,13 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
 static double msx__opt_acq(const msx_opt *o, const double *enc, double eta) {
     double m, v, le;
     msx_rf_predict(o->rf, enc, &m, &v);
-    if (!(v >= o->vfloor)) v = o->vfloor; /* §4.6 */
+    if (!(v >= o->vfloor)) v = o->vfloor; /* variance floor, docs/semantics.md §7.2 */
     msx_acq_ei(eta, m, sqrt(v), o->log_scale, &le);
     return le;
 }
 
 /* Fits the forest on the history and computes eta and the child memory.
-   Returns the eta (lowest predicted mean over evaluated configs, §5). */
+   Returns the eta (lowest predicted mean over evaluated configs, docs/semantics.md §7.4). */
 static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     msx_rf_options ro;
     msx_result r;
@@ -10389,7 +9866,7 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
         if (o->mu[i] < best) best = o->mu[i];
     }
     *eta = best;
-    /* Child memory (§15): a child that becomes active during local search
+    /* Child memory (beyond SMAC): a child that becomes active during local search
        starts from its value in the best evaluated config that used it. */
     for (q = 0; q < o->d; q++) {
         double by = DBL_MAX, v = msx__sp_default1(&o->sp->p[q]);
@@ -10422,7 +9899,7 @@ static void msx__opt_switch(const msx_opt *o, const double *cur, const double *c
     }
 }
 
-/* Randomised one-exchange neighbourhood of o->cur (§6.4): 8 Gaussian
+/* Randomised one-exchange neighbourhood of o->cur (docs/semantics.md §7.5): 8 Gaussian
    (sd 0.05 in the unit cube, truncated) values per active float, up to 8
    other values per active integer, every other choice per categorical. */
 static int msx__opt_neighbours(msx_opt *o, msx_rng *rng) {
@@ -10493,7 +9970,7 @@ static void msx__opt_nb_apply(msx_opt *o, int j) {
     memcpy(o->cur, o->tmpc, (size_t)o->d * sizeof(double));
     memcpy(o->curenc, o->tmpe, (size_t)o->d * sizeof(double));
 }
-/* First-improvement hill climb with plateau walks (§6.3) from o->cur; the
+/* First-improvement hill climb with plateau walks (docs/semantics.md §7.5) from o->cur; the
    plateau counter is cumulative, 10 rounds without improvement stop it. */
 static double msx__opt_local_search(msx_opt *o, msx_rng *rng, double eta) {
     double acq;
@@ -10548,8 +10025,8 @@ static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, doubl
     }
 }
 
-/* LocalAndSortedRandomSearch (§6.2), returning as candidates the local-search
-   optima and the best random samples (§15), sorted by acquisition. */
+/* LocalAndSortedRandomSearch (docs/semantics.md §7.5), returning as candidates the local-search
+   optima and the best random samples (beyond SMAC), sorted by acquisition. */
 static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int want) {
     const int d = o->d;
     int T = o->n_starts + want, s, i, j, n_start = 0, nh, best[5], nb = 0, np;
@@ -11558,7 +11035,7 @@ MSXDEF msx_result msx_task_open(const char *dir, const msx_task_options *opt, ms
                 }
                 nc = (int)floor(t->opt.calib_fraction * n + 0.5);
             } else {
-                nc = (int)(t->opt.calib_fraction * n); /* ref §5.1: int(0.2 N) */
+                nc = (int)(t->opt.calib_fraction * n); /* docs/semantics.md §6.1: int(0.2 N) */
             }
             if (nc < 1 || nc >= n) {
                 for (i = 0; i < n; i++) { MSX_FREE(all[i].image); MSX_FREE(all[i].mask); MSX_FREE(all[i].stem); }
@@ -12146,10 +11623,10 @@ MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_ar
     return r;
 }
 
-/* ---- search space (ref §2.3) ------------------------------------------------- */
+/* ---- search space (docs/semantics.md §4.1) ----------------------------------------------- */
 /* Per searched group: the method selector and the conditional parameters of
    each method, named as in the reference (models by file stem). The groups
-   that cannot change a box-only, single-mask Dice (ref §2.2 "dead
+   that cannot change a box-only, single-mask Dice (docs/semantics.md §4.4 "dead
    dimensions": prompt_encoder_group_1 not_a_point_embed, _2 mask_downscaling,
    mask_decoder_group_5 IoU head) are not searched unless no_prune; they stay
    at the base (linear one-hot on model 0). */
@@ -12228,7 +11705,7 @@ MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char
     return r;
 }
 
-/* Configuration (space values, NAN = inactive) -> merge plan (ref §2.4: a
+/* Configuration (space values, NAN = inactive) -> merge plan (docs/semantics.md §4.2: a
    missing weight reads as 0). */
 static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const double *cfg, msx_plan *p) {
     int g, m;
@@ -12256,7 +11733,7 @@ static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const d
 }
 
 /* Starting points, as configurations. First the reference's hand-made ones
-   (ref §2.5): each model alone (linear one-hot), uniform SLERP (its three
+   (docs/semantics.md §4.3): each model alone (linear one-hot), uniform SLERP (its three
    all-equal-t configs give one model, so only t = 0.5 is kept), TA and TIES
    (r = 0.2) with λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; then the two uniform
    merges of the report that are not among them (linear with equal weights,
@@ -12767,8 +12244,8 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, const unsigned ch
             continue;
         }
         if (r != MSX_OK) {
-            /* a trial that cannot be evaluated is a failed trial (ref §3:
-               crash cost), the search goes on */
+            /* a trial that cannot be evaluated is a failed trial (docs/semantics.md §5.1;
+               the reference's crash cost), the search goes on */
             if (R->prog.mode >= 0) fprintf(stderr, "\ntrial %d failed: %s\n", t, msx_last_error());
             T->failed = 1;
         }
@@ -12976,7 +12453,7 @@ static msx_result msx__search_mkdirs(const char *path) {
 
 /* Chosen result: single-task = highest calib Dice; multi-task = the highest
    mean calib Dice over the tasks (a point of the Pareto front; the
-   reference deploys its first listed incumbent instead, ref §3). Earliest
+   reference deploys its first listed incumbent instead, docs/semantics.md §5.3). Earliest
    on ties. */
 static int msx__srun_choose(const msx__srun *R, int n) {
     int t, best = -1;
@@ -13181,7 +12658,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
                    sum->best_trial, R->o->multi ? "the highest mean calib Dice on the Pareto front" : "the highest calib Dice");
     msx__sb_puts(&b, "- uniform merges (every group alike): linear = equal weights over base + fine-tuned; "
                      "task_arithmetic = base + 0.5 x sum of task vectors; ties = drop rate 0.5, scale 1.0; "
-                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (reference §2.5)\n");
+                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (docs/semantics.md §4.3)\n");
     msx__sb_puts(&b, "- Dice per image = 2|P∩G|/(|P|+|G|), box prompt = tight ground-truth box, mask token 0; task score = mean over images\n");
     msx__search_report_md_table(&tab, 0, &b);
     msx__search_report_md_table(&tab, 1, &b);
@@ -13335,7 +12812,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     oo.n_init_configs = R.n_init;
     oo.init_configs_last = 0;
     /* a small space-filling design after the reference's starting points
-       (the reference draws 10 random configurations, ref §4) */
+       (the reference draws 10 random configurations, docs/semantics.md §7.6) */
     oo.n_init = (R.n_trials - R.n_init) / 5;
     if (oo.n_init > 10) oo.n_init = 10;
     if (oo.n_init <= 0) oo.n_init = -1;

@@ -1,5 +1,6 @@
 /* medsamix bench-opt - the optimiser against uniform random search at equal
-   budget on functions with known optima (optimizer-reference.md §16), plus
+   budget on functions with known optima (Branin, Hartmann-6, ... as tabulated by
+   Surjanovic & Bingham's Virtual Library of Simulation Experiments), plus
    the per-iteration overhead in a MedSAMix-shaped conditional space. */
 #include "../medsamix.h"
 #include "cli.h"
