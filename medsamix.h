@@ -723,6 +723,11 @@ MSXDEF msx_result msx_volume_label_mask(const msx_volume *label, const int *fg, 
    columns, grey replicated to RGB) or a mask (any non-zero = 1). */
 MSXDEF msx_result msx_volume_slice_image(const unsigned char *vol, int nx, int ny, int nz, int k, msx_image *out);
 MSXDEF msx_result msx_volume_slice_mask(const unsigned char *vol, int nx, int ny, int nz, int k, msx_mask *out);
+/* Per-slice boxes for a volume of nz slices: {"format": "medsamix-boxes-v1",
+   "boxes": [{"z": k, "box": [x0, y0, x1, y1]}, ...]} (pixels of slice k,
+   x = column = axis 1, y = row = axis 0, maxima inclusive). has[k] = 1 and
+   boxes[4k..4k+3] for each listed slice; a z twice or out of range is an error. */
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes);
 /* Writes an 8-bit grey PNG holding exactly w×h bytes `grey` (atomic). */
 MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsigned char *grey);
 
@@ -1275,6 +1280,7 @@ typedef struct msx_task_options {
     double box_jitter;       /* each coordinate moved by U(-j, j) * box side; 0 = none */
     uint64_t box_seed;       /* jitter seed (always seeded: same boxes every run) */
     int max_images;          /* per split, 0 = all */
+    int max_slices;          /* nnU-Net tasks: per split, a seeded subset (split_seed) spread over the cases; 0 = all */
 } msx_task_options;
 
 typedef struct msx_task msx_task;
@@ -1289,6 +1295,13 @@ MSXDEF int msx_task_count(const msx_task *t, int split);
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path */
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
+/* A task of an nnU-Net task table (volumes section; not with MSX_NO_NIFTI):
+   the slices msx_nnunet_task_load gives (calib_fraction, max_slices,
+   split_seed), kept in memory, no PNG files; the same images, masks and
+   boxes as the folder `medsamix prepare` writes. mask_rule and split are
+   not used; msx_task_image names a slice "<dataset>/<name>". */
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out);
 
 /* --- evaluation ------------------------------------------------------------ */
 /* Mean Dice (image-pooled, 2ΣPG/(ΣP+ΣG+1e-8), box prompt, mask token 0) of the
@@ -1313,8 +1326,10 @@ typedef struct msx_search_options {
     const char *base;                 /* base checkpoint (.pth / .safetensors) */
     const char *const *models;        /* fine-tuned checkpoints */
     int n_models;
-    const char *const *tasks;         /* task folders */
+    const char *const *tasks;         /* task folders, or task names of nnunet_table */
     int n_tasks;
+    const char *nnunet_root;          /* non-NULL: tasks come from nnU-Net datasets under this root */
+    const char *nnunet_table;         /* ... and this task table (medsamix-nnunet-tasks-v1) */
     const char *arch_config;          /* optional architecture JSON (NULL: infer) */
     const char *out_dir;              /* run folder (created); NULL = "runs/search" */
     int multi;                        /* 0: MedSAMix-S on tasks[0]; 1: MedSAMix-M, one objective per task */
@@ -6991,6 +7006,46 @@ MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsign
 #endif
 }
 
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *f, *bx;
+    int i, k;
+    msx_result r;
+    if (!path || nz < 1 || !has || !boxes) return msx__err(MSX_E_ARG, "msx_volume_boxes_load: bad arguments");
+    memset(has, 0, (size_t)nz);
+    if ((r = msx_read_file(path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, path);
+    msx_free(buf);
+    if (!j) return MSX_E_FORMAT;
+    f = msx__json_get(j, "format");
+    bx = msx__json_get(j, "boxes");
+    r = MSX_OK;
+    if (!f || f->type != MSX__JSTR || strcmp(f->str, "medsamix-boxes-v1") != 0)
+        r = msx__err(MSX_E_FORMAT, "%s: \"format\" must be \"medsamix-boxes-v1\"", path);
+    else if (!bx || bx->type != MSX__JARR)
+        r = msx__err(MSX_E_FORMAT, "%s: \"boxes\" must be a list of {\"z\": k, \"box\": [x0, y0, x1, y1]}", path);
+    for (i = 0; r == MSX_OK && i < bx->n; i++) {
+        const msx__json *z = msx__json_get(&bx->kids[i], "z"), *b = msx__json_get(&bx->kids[i], "box");
+        int zi;
+        if (!z || z->type != MSX__JNUM || z->num != floor(z->num) || z->num < 0 || z->num >= nz) {
+            r = msx__err(MSX_E_ARG, "%s: boxes[%d]: \"z\" must be an integer slice index in [0, %d)", path, i, nz);
+            break;
+        }
+        zi = (int)z->num;
+        if (has[zi]) { r = msx__err(MSX_E_ARG, "%s: slice z = %d has two boxes", path, zi); break; }
+        if (!b || b->type != MSX__JARR || b->n != 4) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: \"box\" must be [x0, y0, x1, y1]", path, i); break; }
+        for (k = 0; k < 4; k++) {
+            if (b->kids[k].type != MSX__JNUM || !isfinite(b->kids[k].num)) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: box values must be numbers", path, i); break; }
+            boxes[4 * zi + k] = (float)b->kids[k].num;
+        }
+        has[zi] = 1;
+    }
+    msx__json_free(j);
+    return r;
+}
+
 /* ---- nnU-Net datasets and task tables ------------------------------------------ */
 
 static char *msx__vol_join(const char *a, const char *b) {
@@ -11904,6 +11959,7 @@ typedef struct msx__simg {
     char *stem;
     int w, h;
     float box[4];
+    unsigned char *px, *mpx; /* nnU-Net tasks: h×w grey slice and 0/1 mask in memory (paths are names) */
 } msx__simg;
 
 struct msx_task {
@@ -11985,10 +12041,26 @@ static void msx__search_mask_opts(const msx_task_options *o, msx_mask_load_optio
     else if (o->mask_rule == MSX_MASK_LABEL) { m->use_label = 1; m->label = o->mask_value; }
 }
 
+/* An item's image: from its file, or an nnU-Net slice held in memory. */
+static msx_result msx__search_load_image(const msx__simg *s, msx_image *out) {
+    size_t i, n;
+    msx_result r;
+    if (!s->px) return msx_image_load(s->image, out);
+    if ((r = msx_image_init(out, s->w, s->h, NULL)) != MSX_OK) return r;
+    n = (size_t)s->w * (size_t)s->h;
+    for (i = 0; i < n; i++) out->data[3 * i] = out->data[3 * i + 1] = out->data[3 * i + 2] = s->px[i];
+    return MSX_OK;
+}
+
 /* Loads a mask as 0/1 under the task's foreground rule (image section). */
 static msx_result msx__search_load_mask(const msx_task *t, const msx__simg *s, msx_mask *out) {
     msx_mask_load_options mo;
     msx_result r;
+    if (s->mpx) {
+        if ((r = msx_mask_init(out, s->w, s->h)) != MSX_OK) return r;
+        memcpy(out->data, s->mpx, (size_t)s->w * (size_t)s->h);
+        return MSX_OK;
+    }
     msx__search_mask_opts(&t->opt, &mo);
     if ((r = msx_mask_load(s->mask, &mo, out)) != MSX_OK) return r;
     if (out->w != s->w || out->h != s->h)
@@ -12033,6 +12105,8 @@ MSXDEF void msx_task_free(msx_task *t) {
             MSX_FREE(t->img[s][i].image);
             MSX_FREE(t->img[s][i].mask);
             MSX_FREE(t->img[s][i].stem);
+            MSX_FREE(t->img[s][i].px);
+            MSX_FREE(t->img[s][i].mpx);
         }
         MSX_FREE(t->img[s]);
     }
@@ -12117,7 +12191,7 @@ static msx_result msx__search_validate(msx_task *t, int split) {
     for (i = 0; r == MSX_OK && i < t->n[split]; i++) {
         msx__simg *s = &t->img[split][i];
         msx_image_free(&img);
-        if ((r = msx_image_load(s->image, &img)) != MSX_OK) {
+        if ((r = msx__search_load_image(s, &img)) != MSX_OK) {
             r = msx__err(r, "unreadable image %s: %s", s->image, msx_last_error());
             break;
         }
@@ -12225,6 +12299,89 @@ MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
 }
 
+/* Folder order of two slices: their file names "<stem>.png" compared as
+   strcmp would (the folder lister sorts full names). */
+static int msx__search_cmp_png(const void *pa, const void *pb) {
+    const char *a = ((const msx__simg *)pa)->stem, *b = ((const msx__simg *)pb)->stem;
+    size_t la = strlen(a), lb = strlen(b), i;
+    for (i = 0;; i++) {
+        int ca = i < la ? (unsigned char)a[i] : i < la + 4 ? (unsigned char)".png"[i - la] : 0;
+        int cb = i < lb ? (unsigned char)b[i] : i < lb + 4 ? (unsigned char)".png"[i - lb] : 0;
+        if (ca != cb || !ca) return ca - cb;
+    }
+}
+
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out) {
+#ifdef MSX_NO_NIFTI
+    (void)root; (void)table; (void)task; (void)opt;
+    *out = NULL;
+    return msx__err(MSX_E_UNSUPPORTED, "built with MSX_NO_NIFTI: nnU-Net tasks need nifti_clib");
+#else
+    msx_nnunet_options no;
+    msx_nnunet_task *nt = NULL;
+    msx_task *t;
+    msx_result r;
+    int s, i;
+    *out = NULL;
+    memset(&no, 0, sizeof no);
+    if (opt) {
+        no.calib_fraction = opt->calib_fraction;
+        no.max_slices = opt->max_slices;
+        no.seed = opt->split_seed;
+    }
+    if ((r = msx_nnunet_task_load(root, table, task, &no, NULL, NULL, &nt)) != MSX_OK) return r;
+    t = (msx_task *)msx__calloc(1, sizeof *t);
+    if (!t) { msx_nnunet_task_free(nt); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    if (opt) t->opt = *opt;
+    t->opt.mask_rule = MSX_MASK_NONZERO;
+    if (t->opt.calib_fraction <= 0) t->opt.calib_fraction = 0.2;
+    t->name = msx__strdup(task);
+    t->dir = msx__strdup(root);
+    r = t->name && t->dir ? MSX_OK : msx__err(MSX_E_NOMEM, "out of memory");
+    for (s = 0; r == MSX_OK && s < 2; s++) {
+        if (!nt->n[s]) {
+            r = msx__err(MSX_E_ARG, "%s: task '%s' has no %s slice (%s cases with foreground); change --calib-fraction or the table",
+                         table, task, s ? "test" : "calib", s ? "test" : "calib");
+            break;
+        }
+        t->img[s] = (msx__simg *)msx__calloc((size_t)nt->n[s], sizeof(msx__simg));
+        if (!t->img[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+        t->n[s] = nt->n[s];
+        for (i = 0; i < nt->n[s]; i++) {
+            msx_nnunet_slice *sl = &nt->slices[s][i];
+            msx__simg *si = &t->img[s][i];
+            size_t nl = strlen(sl->dataset) + strlen(sl->name) + 2;
+            si->w = sl->cols;
+            si->h = sl->rows;
+            si->px = sl->image;
+            si->mpx = sl->mask;
+            sl->image = sl->mask = NULL; /* ownership moves to the task */
+            si->stem = msx__strdup(sl->name);
+            si->image = (char *)MSX_MALLOC(nl);
+            si->mask = (char *)MSX_MALLOC(nl);
+            if (!si->stem || !si->image || !si->mask) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            snprintf(si->image, nl, "%s/%s", sl->dataset, sl->name);
+            memcpy(si->mask, si->image, nl);
+        }
+    }
+    msx_nnunet_task_free(nt);
+    /* the order of the folder `prepare` writes (file names sorted), so that
+       --max-images and the mean Dice agree with it bit for bit */
+    for (s = 0; r == MSX_OK && s < 2; s++) qsort(t->img[s], (size_t)t->n[s], sizeof(msx__simg), msx__search_cmp_png);
+    if (r == MSX_OK && t->opt.max_images > 0)
+        for (s = 0; s < 2; s++)
+            while (t->n[s] > t->opt.max_images) {
+                msx__simg *si = &t->img[s][--t->n[s]];
+                MSX_FREE(si->image); MSX_FREE(si->mask); MSX_FREE(si->stem); MSX_FREE(si->px); MSX_FREE(si->mpx);
+            }
+    for (s = 0; r == MSX_OK && s < 2; s++) r = msx__search_validate(t, s); /* boxes (margin/jitter options) */
+    if (r != MSX_OK) { msx_task_free(t); return r; }
+    *out = t;
+    return MSX_OK;
+#endif
+}
+
 /* ---- hashing (fingerprints of models, tasks and the search space) ---------- */
 
 static uint64_t msx__search_hash(uint64_t h, const void *data, size_t n) {
@@ -12268,6 +12425,7 @@ static uint64_t msx__search_task_digest(const msx_task *t, int split) {
         if (stat(s->mask, &st) == 0) sz[1] = (int64_t)st.st_size;
         h = msx__search_hash_str(h, s->stem);
         h = msx__search_hash(h, s->box, sizeof s->box);
+        if (s->px) h = msx__search_hash(h, s->px, (size_t)s->w * (size_t)s->h);
         h = msx__search_hash(h, sz, sizeof sz);
     }
     return h;
@@ -12575,7 +12733,7 @@ static msx_result msx__sset_build(msx__sset *s, msx_task *const *tasks, int n_ta
             msx__sitem *it = &s->it[k];
             const msx__simg *si = &t->img[sp][i];
             memcpy(it->box, si->box, sizeof it->box);
-            if ((r = msx_image_load(si->image, &it->img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(si, &it->img)) != MSX_OK) break;
             if ((r = msx__search_load_mask(t, si, &it->gt)) != MSX_OK) break;
             if (cache) {
                 if ((r = msx_sam_preprocess(&it->img, arch->img_size, arch->pixel_mean, arch->pixel_std, mode, &it->in)) != MSX_OK) break;
@@ -13593,7 +13751,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
             char *op, fn[512];
             memset(&img, 0, sizeof img);
             if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
-            if ((r = msx_image_load(si->image, &img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(si, &img)) != MSX_OK) break;
             snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
             if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
             r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
@@ -13707,7 +13865,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
-        if ((r = msx_task_open(o->tasks[i], &o->task, &R.tasks[i])) != MSX_OK) goto done;
+        if (o->nnunet_root) r = msx_task_open_nnunet(o->nnunet_root, o->nnunet_table, o->tasks[i], &o->task, &R.tasks[i]);
+        else r = msx_task_open(o->tasks[i], &o->task, &R.tasks[i]);
+        if (r != MSX_OK) goto done;
         for (j = 0; j < i; j++)
             if (!strcmp(R.tasks[j]->name, R.tasks[i]->name)) {
                 r = msx__err(MSX_E_ARG, "tasks %s and %s have the same name '%s'; rename one folder", o->tasks[j], o->tasks[i], R.tasks[i]->name);
