@@ -6498,9 +6498,8 @@ static int msx__vol_dtsize(int dt) {
 /* Checks the raw header (nifti_read_header: magic, sizeof_hdr, byte order)
    and our limits, then lets nifti_clib parse it into a nifti_image without
    data. Nothing larger than the header and its extensions is read. */
-static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3]) {
+static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3], int *version) {
     struct stat st;
-    void *h;
     int nver = 0, k, nd, dt, nb;
     int64_t d[8], voxoff, bytes;
     nifti_image *nim;
@@ -6510,21 +6509,52 @@ static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3]
     if (!S_ISREG(st.st_mode)) return msx__err(MSX_E_IO, "%s: not a regular file", path);
     if (!msx__vol_ends(path, ".nii") && !msx__vol_ends(path, ".nii.gz"))
         return msx__err(MSX_E_UNSUPPORTED, "%s: only .nii and .nii.gz NIfTI files are read (no .hdr/.img pairs)", path);
-    nifti_set_debug_level(0); /* nifti_clib prints to stderr otherwise; errors come back as NULL/-1 */
-    h = nifti_read_header(path, &nver, 1);
-    if (!h) return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (bad magic, bad header size or truncated header)", path);
-    if (nver == 2) {
-        const nifti_2_header *n2 = (const nifti_2_header *)h;
-        for (k = 0; k < 8; k++) d[k] = n2->dim[k];
-        voxoff = n2->vox_offset;
-        dt = n2->datatype;
-    } else {
-        const nifti_1_header *n1 = (const nifti_1_header *)h;
-        for (k = 0; k < 8; k++) d[k] = n1->dim[k];
-        voxoff = (int64_t)n1->vox_offset;
-        dt = n1->datatype;
+    /* The header is checked here, from its raw bytes, before nifti_clib sees
+       it: nifti_clib prints to stderr about headers it dislikes. */
+    nifti_set_debug_level(0);
+    {
+        unsigned char hb[540];
+        size_t got;
+        int sw = 0;
+        int32_t sz;
+        znzFile zf = znzopen(path, "rb", msx__vol_ends(path, ".gz"));
+        if (znz_isnull(zf)) return msx__err(MSX_E_IO, "%s: cannot open", path);
+        got = znzread(hb, 1, sizeof hb, zf);
+        znzclose(zf);
+        if (got < 348) return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (%lu bytes, a header needs 348)", path, (unsigned long)got);
+        memcpy(&sz, hb, 4);
+        if (sz != 348 && sz != 540) {
+            sz = (int32_t)(((uint32_t)sz >> 24) | (((uint32_t)sz >> 8) & 0xff00u) | (((uint32_t)sz << 8) & 0xff0000u) | ((uint32_t)sz << 24));
+            sw = 1;
+        }
+        if (sz == 540 && got < 540) return msx__err(MSX_E_FORMAT, "%s: truncated NIfTI-2 header", path);
+        if (sz == 348) {
+            float vo;
+            nver = 1;
+            if (memcmp(hb + 344, "n+1", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+1\" (not a single-file NIfTI-1 image)", path);
+            for (k = 0; k < 8; k++) d[k] = (int16_t)(sw ? (hb[41 + 2 * k] | hb[40 + 2 * k] << 8) : (hb[40 + 2 * k] | hb[41 + 2 * k] << 8));
+            dt = (int16_t)(sw ? (hb[71] | hb[70] << 8) : (hb[70] | hb[71] << 8));
+            {
+                unsigned char t[4];
+                for (k = 0; k < 4; k++) t[k] = hb[108 + (sw ? 3 - k : k)];
+                memcpy(&vo, t, 4);
+            }
+            if (!(vo >= 0 && vo <= 16777216.0f)) return msx__err(MSX_E_FORMAT, "%s: vox_offset %g is not in [352, 16 MiB]", path, (double)vo);
+            voxoff = (int64_t)vo;
+        } else if (sz == 540) {
+            nver = 2;
+            if (memcmp(hb + 4, "n+2", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+2\" (not a single-file NIfTI-2 image)", path);
+            for (k = 0; k < 9; k++) {
+                int64_t x = 0;
+                int q;
+                const unsigned char *f = hb + (k < 8 ? 16 + 8 * k : 168);
+                for (q = 0; q < 8; q++) x |= (int64_t)((uint64_t)f[sw ? q : 7 - q] << (8 * (7 - q)));
+                if (k < 8) d[k] = x;
+                else voxoff = x;
+            }
+            dt = (int16_t)(sw ? (hb[13] | hb[12] << 8) : (hb[12] | hb[13] << 8));
+        } else return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (sizeof_hdr is %d, not 348 or 540)", path, (int)sz);
     }
-    free(h); /* allocated by nifti_clib with malloc */
     nd = (int)d[0];
     if (d[0] < 1 || d[0] > 7) return msx__err(MSX_E_FORMAT, "%s: dim[0] = %lld, must be 1..7", path, (long long)d[0]);
     for (k = 1; k <= nd; k++) {
@@ -6556,14 +6586,15 @@ static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3]
     dims[0] = (int)d[1];
     dims[1] = (int)d[2];
     dims[2] = (int)d[3];
+    *version = nver;
     *out = nim;
     return MSX_OK;
 }
 
 MSXDEF msx_result msx_volume_probe(const char *path, int dims[3], int *datatype) {
     nifti_image *nim;
-    int d[3];
-    msx_result r = msx__vol_open(path, &nim, d);
+    int d[3], ver;
+    msx_result r = msx__vol_open(path, &nim, d, &ver);
     if (r != MSX_OK) return r;
     if (dims) memcpy(dims, d, sizeof d);
     if (datatype) *datatype = nim->datatype;
@@ -6603,14 +6634,14 @@ static void msx__vol_affine(const nifti_image *nim, double a[4][4]) {
 
 MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out) {
     nifti_image *nim = NULL;
-    int d[3];
+    int d[3], ver;
     size_t n, i;
     double slope, inter, *v;
     int scaled;
     msx_result r;
     if (!out) return msx__err(MSX_E_ARG, "msx_volume_load: out is NULL");
     msx_volume_free(out);
-    if ((r = msx__vol_open(path, &nim, d)) != MSX_OK) return r;
+    if ((r = msx__vol_open(path, &nim, d, &ver)) != MSX_OK) return r;
     if (nifti_image_load(nim) != 0 || !nim->data) {
         nifti_image_free(nim);
         return msx__err(MSX_E_FORMAT, "%s: voxel data truncated or unreadable (%dx%dx%d voxels expected)", path, d[0], d[1], d[2]);
@@ -6665,7 +6696,7 @@ MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out) {
     out->nz = d[2];
     out->data = v;
     msx__vol_affine(nim, out->affine);
-    out->nifti_version = nim->nifti_type == NIFTI_FTYPE_NIFTI2_1 ? 2 : 1;
+    out->nifti_version = ver;
     out->datatype = nim->datatype;
     out->hdr = nim;
     return MSX_OK;
@@ -6802,7 +6833,11 @@ MSXDEF msx_result msx_volume_save(const char *path, const msx_volume *v, msx_dty
     if (ver == 2) {
         nifti_2_header h2;
         if (nifti_convert_nim2n2hdr(nim, &h2) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-2 header", path);
-        else memcpy(buf, &h2, sizeof h2);
+        else {
+            /* the full 8-byte signature (some nifti_clib versions write only "n+2") */
+            memcpy(h2.magic, "n+2\0\r\n\032\n", 8);
+            memcpy(buf, &h2, sizeof h2);
+        }
     } else {
         nifti_1_header h1;
         if (nifti_convert_nim2n1hdr(nim, &h1) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-1 header (dims beyond NIfTI-1?)", path);
@@ -6860,6 +6895,16 @@ static double msx__vol_pairwise(const double *a, size_t n) {
         n2 -= n2 % 8;
         return msx__vol_pairwise(a, n2) + msx__vol_pairwise(a + n2, n - n2);
     }
+}
+
+/* np.sum of a contiguous float64 array: the reduction runs over buffers of
+   8192 elements (numpy's default bufsize), each summed pairwise, the
+   buffers added one after the other. */
+static double msx__vol_sum(const double *a, size_t n) {
+    double res = 0;
+    size_t i;
+    for (i = 0; i < n; i += 8192) res += msx__vol_pairwise(a + i, n - i < 8192 ? n - i : 8192);
+    return res;
 }
 
 /* k-th smallest of a[0..n-1] (a is permuted): Hoare quickselect, which
@@ -6920,9 +6965,9 @@ MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out) {
         double x = v->data[i];
         w[i] = x < lo ? lo : x > hi ? hi : x;
     }
-    /* 2. z-score: np.mean and np.std (population), both pairwise sums in
-       array (file) order */
-    mean = msx__vol_pairwise(w, n) / (double)n;
+    /* 2. z-score: np.mean and np.std (population), numpy's sums in array
+       (file) order */
+    mean = msx__vol_sum(w, n) / (double)n;
     {
         double *d2 = (double *)MSX_MALLOC(n * sizeof(double));
         if (!d2) { MSX_FREE(w); return msx__err(MSX_E_NOMEM, "msx_volume_to_u8: out of memory"); }
@@ -6930,7 +6975,7 @@ MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out) {
             double d = w[i] - mean;
             d2[i] = d * d;
         }
-        sd = sqrt(msx__vol_pairwise(d2, n) / (double)n);
+        sd = sqrt(msx__vol_sum(d2, n) / (double)n);
         MSX_FREE(d2);
     }
     if (!(sd > 0)) { /* constant volume: numpy gives NaN, we give zeros */
