@@ -12346,7 +12346,7 @@ MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
 
 /* Folder order of two slices: their file names "<stem>.png" compared as
    strcmp would (the folder lister sorts full names). */
-static int msx__search_cmp_png(const void *pa, const void *pb) {
+static MSX__UNUSED int msx__search_cmp_png(const void *pa, const void *pb) {
     const char *a = ((const msx__simg *)pa)->stem, *b = ((const msx__simg *)pb)->stem;
     size_t la = strlen(a), lb = strlen(b), i;
     for (i = 0;; i++) {

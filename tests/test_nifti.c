@@ -8,6 +8,8 @@
 #define MEDSAMIX_IMPLEMENTATION
 #include "../medsamix.h"
 #include "test.h"
+#include "fuzz/fuzz_nifti.h"
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -533,6 +535,47 @@ static void test_roundtrip(void) {
     }
 }
 
+/* ---- files nibabel wrote (the fuzz seeds) and fuzz regressions ------------------------ */
+
+static void test_nibabel_files(void) {
+    msx_volume v;
+    int i, j, k, bad = 0;
+    memset(&v, 0, sizeof v);
+    /* nibabel: Nifti1Image(int16 a = arange(24).reshape(4,3,2, order F)*3 - 7), slope 0.25, inter 5 */
+    MSX_CHECK_OK(msx_volume_load("tests/fuzz/corpus/nifti/n1_i16_scaled.nii", &v));
+    for (i = 0; v.data && i < 24; i++) bad += v.data[i] != (i * 3 - 7) * 0.25 + 5;
+    MSX_CHECK(v.data && v.nx == 4 && v.ny == 3 && v.nz == 2 && v.datatype == 4 && v.nifti_version == 1 && bad == 0 &&
+              v.affine[0][0] == 0.800000011920929 && v.affine[2][2] == 2, "nibabel NIfTI-1 int16 scaled: %d values differ", bad);
+    msx_volume_free(&v);
+    /* nibabel: Nifti2Image(linspace(-1, 1, 24).reshape(4,3,2) (C order), oblique affine) */
+    MSX_CHECK_OK(msx_volume_load("tests/fuzz/corpus/nifti/n2_f64_oblique.nii", &v));
+    for (bad = 0, i = 0; v.data && i < 4; i++)
+        for (j = 0; j < 3; j++)
+            for (k = 0; k < 2; k++) bad += v.data[i + 4 * (j + 3 * k)] != -1.0 + (i * 6 + j * 2 + k) * (2.0 / 23.0);
+    MSX_CHECK(v.data && v.nifti_version == 2 && v.datatype == 64 && v.affine[0][1] == -0.3 && v.affine[1][3] == 7.5, "nibabel NIfTI-2: version %d", v.nifti_version);
+    for (bad = 0, i = 0; v.data && i < 24; i++) bad += fabs(v.data[i % 4 + 4 * ((i / 4) % 3 + 3 * (i / 12))] - (-1.0 + ((i % 4) * 6 + ((i / 4) % 3) * 2 + i / 12) * (2.0 / 23.0))) > 1e-15;
+    MSX_CHECK(bad == 0, "nibabel NIfTI-2: %d values off", bad);
+    msx_volume_free(&v);
+    {   /* fuzz regressions: the reader's contract holds on every saved input */
+        DIR *d = opendir("tests/fuzz/regressions");
+        struct dirent *e;
+        int n = 0;
+        while (d && (e = readdir(d)) != NULL) {
+            char p[1024];
+            void *buf;
+            size_t len;
+            if (strncmp(e->d_name, "nifti-", 6) != 0) continue;
+            snprintf(p, sizeof p, "tests/fuzz/regressions/%s", e->d_name);
+            if (msx_read_file(p, 0, &buf, &len) != MSX_OK) continue;
+            MSX_CHECK(msx_fuzz_nifti((const unsigned char *)buf, len), "%s: reader contract violated (%s)", p, msx_last_error());
+            msx_free(buf);
+            n++;
+        }
+        if (d) closedir(d);
+        (void)n;
+    }
+}
+
 /* ---- nibabel reads what we write (optional: needs python3-nibabel) ------------------- */
 
 static void test_nibabel(void) {
@@ -606,6 +649,7 @@ int main(int argc, char **argv) {
     test_bad_input();
     test_bad_files();
     test_roundtrip();
+    test_nibabel_files();
     test_nibabel();
     msx__json_free(exp);
     msx_ckpt_free(g);

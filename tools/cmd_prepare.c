@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#ifndef MSX_NO_NIFTI
 
 static const char *prepare_usage =
     "usage: medsamix prepare --nnunet ROOT --task-table TASKS.json --out DIR [options]\n"
@@ -109,3 +110,11 @@ int msx_cmd_prepare(int argc, char **argv) {
     msx_nnunet_names_free(names, n_names);
     return rc;
 }
+#else
+int msx_cmd_prepare(int argc, char **argv) {
+    (void)argc;
+    (void)argv;
+    fprintf(stderr, "medsamix was built with MSX_NO_NIFTI: no NIfTI volumes\n");
+    return 1;
+}
+#endif

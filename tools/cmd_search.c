@@ -105,12 +105,18 @@ static const char *cmd_nnunet_root, *cmd_nnunet_table;
 /* The tasks of the table when --tasks was not given; names are kept for the
    process's life. */
 static int cmd_nnunet_all(const char **tasks, int *n) {
+#ifdef MSX_NO_NIFTI
+    (void)tasks; (void)n;
+    fprintf(stderr, "built with MSX_NO_NIFTI: no nnU-Net datasets\n");
+    return 0;
+#else
     char **names;
     int k;
     if (msx_nnunet_task_names(cmd_nnunet_table, &names, &k) != MSX_OK) { fprintf(stderr, "%s\n", msx_last_error()); return 0; }
     if (k > MSX_SEARCH_MAX_TASKS) k = MSX_SEARCH_MAX_TASKS;
     for (*n = 0; *n < k; ++*n) tasks[*n] = names[*n];
     return 1;
+#endif
 }
 
 /* Task/mask options shared by search and eval; returns 1 if argv[*i] was one, -1 on error. */

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifndef MSX_NO_NIFTI
 
 static void volume_usage(FILE *f) {
     fprintf(f,
@@ -178,3 +179,11 @@ done:
     free(pv);
     return rc;
 }
+#else
+int msx_cmd_segment_volume(int argc, char **argv) {
+    (void)argc;
+    (void)argv;
+    fprintf(stderr, "medsamix was built with MSX_NO_NIFTI: no NIfTI volumes\n");
+    return 1;
+}
+#endif
