@@ -8,14 +8,17 @@
    runs the SAM forward pass on oneDNN, and searches per-group merge plans with
    a random-forest Bayesian optimiser (expected improvement; ParEGO for several
    tasks) that maximises Dice on a few labelled calibration images.
-   It does not train, does not run on GPUs, and does not read DICOM/NIfTI
-   (convert slices to PNG first).
+   It reads NIfTI volumes and nnU-Net datasets with the reference's slice
+   pipeline and writes segmentations back as NIfTI. It does not train, does
+   not run on GPUs, and does not read DICOM.
 
    USE
       #define MEDSAMIX_IMPLEMENTATION   in *one* C or C++ file, before
       #include "medsamix.h"             the include; elsewhere include only.
-      Compile with -fopenmp and link -ldnnl -lstb -lm (Debian: libdnnl-dev,
-      libstb-dev). Under a strict -std=c99 include medsamix.h before any
+      Compile with -fopenmp -I/usr/include/nifti and link -ldnnl -lstb
+      -lnifti2 -lznz -lz -lm (Debian: libdnnl-dev, libstb-dev, libnifti2-dev,
+      libniftiio-dev, libznz-dev); with MSX_NO_NIFTI the nifti flags are not
+      needed. Under a strict -std=c99 include medsamix.h before any
       system header in the implementation file (it needs _POSIX_C_SOURCE), or
       pass -D_POSIX_C_SOURCE=200809L.
 
@@ -62,6 +65,11 @@
       MSX_MERGE_MAX_WARNINGS        warnings kept in a merge report (32)
       MSX_SEARCH_MAX_TASKS          tasks in one search (64)
       MSX_NO_STB_IMAGE              leave out image file I/O (no libstb)
+      MSX_NO_NIFTI                  leave out NIfTI volumes and nnU-Net tasks
+                                    (no nifti_clib)
+      MSX_MAX_VOLUME_BYTES          voxel bytes of one NIfTI file, checked
+                                    from its header before reading (2 GiB)
+      MSX_MAX_VOLUME_SIDE           one volume dimension (32768)
 
    SECTIONS (API first, then the implementation, in data-flow order)
       core        results, errors, allocation, tensor table, JSON,
@@ -72,6 +80,8 @@
                   mask decoder; read-only model + per-thread workspace
       images      stb_image I/O, PIL-exact resize, normalisation,
                   postprocessing, Dice, boxes, one-call segmentation
+      volumes     NIfTI-1/2 on nifti_clib, the reference's volume-to-slice
+                  pipeline, nnU-Net datasets and task tables
       merging     Linear / Task Arithmetic / TIES / SLERP, layer groups,
                   merge plans, the merger, export
       optimiser   search spaces, random forest, EI / log-EI, local GP
@@ -111,6 +121,10 @@
       .safetensors  read (memory-mapped) and written (atomically).
       plan JSON  {"format": "medsamix-plan-v1", "granularity": G, "groups":
                  {"<group id>": {"method": ..., params}}}.
+      NIfTI      .nii / .nii.gz, NIfTI-1 and -2, read as float64 with the
+                 scaling applied (as nibabel), written with the header of
+                 the volume they segment. nnU-Net raw datasets with a task
+                 table {"format": "medsamix-nnunet-tasks-v1", ...}.
 
    PREPROCESSING (explicit, never guessed from a file name)
       SAM (default)  longest side resized to the model's image size with
