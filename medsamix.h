@@ -6795,7 +6795,7 @@ static msx_result msx__vol_gzip(const char *path, const unsigned char *src, size
     unsigned char *buf;
     int zr;
     memset(&zs, 0, sizeof zs);
-    if (deflateInit2(&zs, 6, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+    if (deflateInit2(&zs, 1, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
         return msx__err(MSX_E_NOMEM, "%s: zlib deflateInit2 failed", path);
     cap = deflateBound(&zs, (uLong)n) + 64;
     buf = (unsigned char *)MSX_MALLOC((size_t)cap);

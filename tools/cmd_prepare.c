@@ -103,6 +103,9 @@ int msx_cmd_prepare(int argc, char **argv) {
             for (e = 0; e < t->n_entries; e++) { nc[0] += t->entries[e].n_cases[0]; nc[1] += t->entries[e].n_cases[1]; }
             printf("prepare: %-20s calib %d slices (%d cases), test %d slices (%d cases) -> %s\n", names[i], t->n[0], nc[0],
                    t->n[1], nc[1], dir);
+            if (!t->n[0] || !t->n[1])
+                fprintf(stderr, "prepare: warning: task %s has an empty %s split (%d cases); search/eval need slices in both, "
+                                "change --calib-fraction\n", names[i], t->n[0] ? "test" : "calib", t->n[0] ? nc[1] : nc[0]);
         }
         free(dir);
         msx_nnunet_task_free(t);
