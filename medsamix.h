@@ -7323,17 +7323,21 @@ typedef struct msx__vol_unit {
    every case is represented before any gets a second slice); within a case
    the slices are a seeded random sample. The kept slices stay in the
    reference's order. */
-static void msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed) {
+static msx_result msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed) {
     msx_rng g;
     int *ord, i, total = 0, left, progress;
     for (i = 0; i < nu; i++) total += u[i].n_z;
-    for (i = 0; i < nu; i++) {
-        u[i].n_pick = max > 0 && total > max ? 0 : u[i].n_z;
+    if (!(max > 0 && total > max)) { /* all of them, as the reference */
+        for (i = 0; i < nu; i++) {
+            u[i].n_pick = u[i].n_z;
+            memset(u[i].pick, 1, (size_t)u[i].n_z);
+        }
+        return MSX_OK;
     }
-    if (!(max > 0 && total > max)) return;
+    for (i = 0; i < nu; i++) u[i].n_pick = 0;
     msx_rng_seed(&g, seed);
     ord = (int *)MSX_MALLOC((size_t)(nu ? nu : 1) * sizeof(int));
-    if (!ord) return; /* caller sees n_pick = 0 and reports */
+    if (!ord) return msx__err(MSX_E_NOMEM, "out of memory");
     for (i = 0; i < nu; i++) ord[i] = i;
     for (i = nu - 1; i > 0; i--) {
         int j = (int)msx_rng_below(&g, (uint64_t)i + 1), t = ord[i];
@@ -7352,7 +7356,7 @@ static void msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed)
     for (i = 0; i < nu; i++) { /* partial Fisher-Yates over the slice indices */
         msx__vol_unit *x = &u[i];
         int k, *idx = (int *)MSX_MALLOC((size_t)(x->n_z ? x->n_z : 1) * sizeof(int));
-        if (!idx) { x->n_pick = 0; continue; }
+        if (!idx) return msx__err(MSX_E_NOMEM, "out of memory");
         for (k = 0; k < x->n_z; k++) idx[k] = k;
         for (k = 0; k < x->n_pick; k++) {
             int j = k + (int)msx_rng_below(&g, (uint64_t)(x->n_z - k)), t = idx[k];
@@ -7362,6 +7366,7 @@ static void msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed)
         }
         MSX_FREE(idx);
     }
+    return MSX_OK;
 }
 
 static msx_result msx__vol_parse_entry(const char *table, const char *task, int k, const msx__json *en,
@@ -7566,11 +7571,8 @@ MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, cons
     for (p = task; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ULL;
     for (s = 0; s < 2; s++) {
         int m = 0, q;
-        msx__vol_subsample(u[s], nu[s], opt ? opt->max_slices : 0, (opt ? opt->seed : 0) ^ h ^ (uint64_t)s);
-        for (q = 0; q < nu[s]; q++) {
-            if (!(opt && opt->max_slices > 0)) memset(u[s][q].pick, 1, (size_t)u[s][q].n_z);
-            m += u[s][q].n_pick;
-        }
+        if ((r = msx__vol_subsample(u[s], nu[s], opt ? opt->max_slices : 0, (opt ? opt->seed : 0) ^ h ^ (uint64_t)s)) != MSX_OK) goto done;
+        for (q = 0; q < nu[s]; q++) m += u[s][q].n_pick;
         t->slices[s] = (msx_nnunet_slice *)msx__calloc((size_t)(m ? m : 1), sizeof(msx_nnunet_slice));
         if (!t->slices[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
         for (q = 0; q < nu[s]; q++) {

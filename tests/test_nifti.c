@@ -162,6 +162,51 @@ static void test_golden(const msx_checkpoint *g, const msx__json *exp) {
     }
 }
 
+/* --max-slices: a seeded subset, every case represented, reference order. */
+static void test_max_slices(void) {
+    msx_nnunet_task *all = NULL, *a = NULL, *b = NULL, *c = NULL, *big = NULL;
+    msx_nnunet_options o;
+    int s, i, j, bad = 0, same = 1;
+    memset(&o, 0, sizeof o);
+    MSX_CHECK_OK(msx_nnunet_task_load(ROOT, TABLE, "tumor_mr", NULL, NULL, NULL, &all));
+    o.max_slices = 5;
+    o.seed = 7;
+    MSX_CHECK_OK(msx_nnunet_task_load(ROOT, TABLE, "tumor_mr", &o, NULL, NULL, &a));
+    MSX_CHECK_OK(msx_nnunet_task_load(ROOT, TABLE, "tumor_mr", &o, NULL, NULL, &b));
+    o.seed = 8;
+    MSX_CHECK_OK(msx_nnunet_task_load(ROOT, TABLE, "tumor_mr", &o, NULL, NULL, &c));
+    o.max_slices = 1000;
+    MSX_CHECK_OK(msx_nnunet_task_load(ROOT, TABLE, "tumor_mr", &o, NULL, NULL, &big));
+    if (!all || !a || !b || !c || !big) goto done;
+    for (s = 0; s < 2; s++) {
+        int last = -1, units[16] = {0}, nu = 0;
+        MSX_CHECK(a->n[s] == 5 && b->n[s] == 5, "split %d: %d slices, want 5", s, a->n[s]);
+        MSX_CHECK(big->n[s] == all->n[s], "split %d: max-slices above the total keeps all (%d of %d)", s, big->n[s], all->n[s]);
+        for (i = 0; i < a->n[s]; i++) {
+            int pos = -1;
+            for (j = 0; j < all->n[s]; j++)
+                if (!strcmp(all->slices[s][j].name, a->slices[s][i].name)) pos = j;
+            bad += pos <= last; /* a subset, in the reference's order */
+            last = pos;
+            same &= !strcmp(a->slices[s][i].name, c->slices[s][i].name);
+            MSX_CHECK(!strcmp(a->slices[s][i].name, b->slices[s][i].name), "same seed, same subset");
+            for (j = 0; j < nu; j++) /* distinct (entry, case) pairs */
+                if (a->slices[s][units[j]].entry == a->slices[s][i].entry && !strcmp(a->slices[s][units[j]].case_id, a->slices[s][i].case_id)) break;
+            if (j == nu && nu < 16) units[nu++] = i;
+        }
+        /* calib: 2 (entry, case) units, test: 12; 5 slices reach min(5, units) of them */
+        MSX_CHECK(nu == (s ? 5 : 2), "split %d: %d cases represented", s, nu);
+    }
+    MSX_CHECK(bad == 0, "subset out of the reference's order");
+    MSX_CHECK(!same, "another seed, another subset");
+done:
+    msx_nnunet_task_free(all);
+    msx_nnunet_task_free(a);
+    msx_nnunet_task_free(b);
+    msx_nnunet_task_free(c);
+    msx_nnunet_task_free(big);
+}
+
 /* prepare's folders: PNG pixels = the golden slices, slices.json boxes =
    expected.json boxes = the boxes the ordinary task loader computes. */
 static void test_prepare_folder(const msx_checkpoint *g, const msx__json *exp) {
@@ -641,6 +686,7 @@ int main(int argc, char **argv) {
     MSX_CHECK(exp != NULL, "expected.json");
     if (g && exp) {
         test_golden(g, exp);
+        test_max_slices();
         test_prepare_folder(g, exp);
         test_nifti2_oblique(g, exp);
     }
