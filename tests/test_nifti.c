@@ -318,6 +318,76 @@ static void test_eval_same(void) {
     msx_ckpt_free(ck);
 }
 
+/* A short search on --nnunet tasks: the same calib Dice per trial as on the
+   prepared folders. */
+static void test_search_same(void) {
+    const char *models[1] = {"examples/demo/models/spec_ct.pth"};
+    const char *tn[1] = {"ct_kidney"}, *tf[1];
+    msx_search_options o;
+    msx_search_summary sf, sn;
+    char dir[1024];
+    msx_result r1, r2;
+    snprintf(dir, sizeof dir, "%s/prep/ct_kidney", tmp_root);
+    tf[0] = dir;
+    memset(&o, 0, sizeof o);
+    o.base = "examples/demo/models/base.pth";
+    o.models = models;
+    o.n_models = 1;
+    o.arch_config = "examples/demo/models/config.json";
+    o.n_trials = 4;
+    o.jobs = 1;
+    o.threads = 1;
+    o.progress = -1;
+    o.no_report = 1;
+    o.n_overlays = -1;
+    o.tasks = tf;
+    o.n_tasks = 1;
+    o.out_dir = tmp_path("run_folder");
+    r1 = msx_search_run(&o, &sf);
+    MSX_CHECK(r1 == MSX_OK, "search on the folder: %s", msx_last_error());
+    o.tasks = tn;
+    o.nnunet_root = ROOT;
+    o.nnunet_table = TABLE;
+    o.out_dir = tmp_path("run_nnunet");
+    r2 = msx_search_run(&o, &sn);
+    MSX_CHECK(r2 == MSX_OK, "search --nnunet: %s", msx_last_error());
+    if (r1 == MSX_OK && r2 == MSX_OK) { /* every logged trial: the same Dice */
+        void *b1, *b2;
+        size_t l1, l2;
+        int same = 0, n = 0;
+        if (msx_read_file(tmp_path("run_folder/trials.jsonl"), 0, &b1, &l1) == MSX_OK) {
+            if (msx_read_file(tmp_path("run_nnunet/trials.jsonl"), 0, &b2, &l2) == MSX_OK) {
+                const char *p1 = (const char *)b1, *p2 = (const char *)b2;
+                const char *e1 = strchr(p1, '\n'), *e2 = strchr(p2, '\n'); /* skip the headers */
+                while (e1 && e2) {
+                    msx__json *j1, *j2;
+                    p1 = e1 + 1;
+                    p2 = e2 + 1;
+                    if (!(e1 = strchr(p1, '\n')) || !(e2 = strchr(p2, '\n'))) break;
+                    j1 = msx__json_parse(p1, (size_t)(e1 - p1), "trials");
+                    j2 = msx__json_parse(p2, (size_t)(e2 - p2), "trials");
+                    if (j1 && j2) {
+                        double d1 = -1, d2 = -2;
+                        msx__json_num(msx__json_get(j1, "dice"), "ct_kidney", &d1, -1);
+                        msx__json_num(msx__json_get(j2, "dice"), "ct_kidney", &d2, -2);
+                        same += d1 == d2 && d1 > 0;
+                        n++;
+                    }
+                    msx__json_free(j1);
+                    msx__json_free(j2);
+                }
+                msx_free(b2);
+            }
+            msx_free(b1);
+        }
+        MSX_CHECK(n == 4 && same == 4, "search trials: %d of %d with the same calib Dice", same, n);
+    }
+    if (r1 == MSX_OK && r2 == MSX_OK)
+        MSX_CHECK(sf.n_trials_done == 4 && sn.n_trials_done == 4 && sf.best_trial == sn.best_trial && sf.best_calib[0] == sn.best_calib[0],
+                  "search: folder best trial %d Dice %.17g, --nnunet best trial %d Dice %.17g", sf.best_trial, sf.best_calib[0],
+                  sn.best_trial, sn.best_calib[0]);
+}
+
 /* The CLI: segment --volume's slices = segment on the prepared PNGs. */
 static void test_segment_volume_cli(void) {
     char cmd[4096];
@@ -691,6 +761,7 @@ int main(int argc, char **argv) {
         test_nifti2_oblique(g, exp);
     }
     test_eval_same();
+    test_search_same();
     test_segment_volume_cli();
     test_bad_input();
     test_bad_files();
