@@ -426,6 +426,34 @@ static void test_segment_volume_cli(void) {
         msx_mask_free(&m);
     }
     MSX_CHECK(n == 8 && bad == 0, "segment --volume vs segment on %d slice PNGs: %d pixels differ", n, bad);
+    {   /* --boxes with the same boxes gives the same volume */
+        msx__sb bj = {NULL, 0, 0, 0};
+        msx_volume p2;
+        size_t q;
+        int first = 1;
+        memset(&p2, 0, sizeof p2);
+        msx__sb_puts(&bj, "{\"format\": \"medsamix-boxes-v1\", \"boxes\": [");
+        for (i = 0; sj && i < msx__json_get(sj, "calib")->n; i++) {
+            const msx__json *x = &msx__json_get(sj, "calib")->kids[i], *b = msx__json_get(x, "box");
+            double ch = -1, z = -1;
+            msx__json_num(x, "channel", &ch, -1);
+            msx__json_num(x, "z", &z, -1);
+            if (ch != 1) continue;
+            msx__sb_printf(&bj, "%s{\"z\": %d, \"box\": [%g, %g, %g, %g]}", first ? "" : ", ", (int)z, b->kids[0].num, b->kids[1].num,
+                           b->kids[2].num, b->kids[3].num);
+            first = 0;
+        }
+        msx__sb_puts(&bj, "]}");
+        write_text(tmp_path("boxes.json"), bj.s);
+        msx__sb_free(&bj);
+        snprintf(cmd, sizeof cmd, "%s segment %s --volume %s --boxes %s --out %s >> %s 2>&1", bin_path, model, img, tmp_path("boxes.json"),
+                 tmp_path("pred_boxes.nii"), tmp_path("seg.log"));
+        MSX_CHECK(system(cmd) == 0, "%s", cmd);
+        MSX_CHECK_OK(msx_volume_load(tmp_path("pred_boxes.nii"), &p2));
+        for (q = 0, bad = 0; p2.data && pred.data && q < (size_t)48 * 40 * 10; q++) bad += p2.data[q] != pred.data[q];
+        MSX_CHECK(p2.data && pred.data && bad == 0, "segment --volume --boxes differs from --label in %d voxels", bad);
+        msx_volume_free(&p2);
+    }
     msx__json_free(sj);
     msx_volume_free(&pred);
     /* errors before long work */
@@ -536,6 +564,11 @@ static void test_bad_input(void) {
     expect_fail(root, tmp_path("bad/t.json"), "nofg", MSX_E_ARG, "empty foreground set");
     expect_fail(root, tmp_path("bad/t.json"), "nochannel", MSX_E_ARG, "channel 1 is missing for case c1");
     expect_fail(root, tmp_path("bad/t.json"), "absent", MSX_E_ARG, "no task 'absent'");
+    mkdir(tmp_path("bad/DatasetMha"), 0755);
+    mkdir(tmp_path("bad/DatasetMha/imagesTr"), 0755);
+    write_text(tmp_path("bad/DatasetMha/dataset.json"), "{\"file_ending\": \".mha\"}");
+    write_text(tmp_path("bad/t2.json"), "{\"format\": \"medsamix-nnunet-tasks-v1\", \"tasks\": {\"mha\": [{\"dataset\": \"DatasetMha\", \"channel\": 0, \"foreground\": [1]}]}}");
+    expect_fail(root, tmp_path("bad/t2.json"), "mha", MSX_E_UNSUPPORTED, "\".mha\"");
     expect_fail(ROOT, GOLD "/expected.json", "tumor_mr", MSX_E_FORMAT, "medsamix-nnunet-tasks-v1");
     msx_volume_free(&a);
     msx_volume_free(&b);
