@@ -7480,7 +7480,8 @@ MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, cons
     if (!out) return msx__err(MSX_E_ARG, "msx_nnunet_task_load: out is NULL");
     *out = NULL;
     if (!root || !msx__vol_isdir(root)) return msx__err(MSX_E_IO, "%s: the nnU-Net raw root is not a folder", root ? root : "(null)");
-    if (!task) return msx__err(MSX_E_ARG, "msx_nnunet_task_load: no task name");
+    if (!task || !task[0] || strchr(task, '/') || !strcmp(task, ".") || !strcmp(task, ".."))
+        return msx__err(MSX_E_ARG, "task name '%s' must be a plain folder name (prepare writes DIR/<task>/)", task ? task : "");
     if (!(frac > 0 && frac < 1)) return msx__err(MSX_E_ARG, "calib fraction %g must be in (0, 1)", frac);
     if ((r = msx__vol_table_read(table, &j)) != MSX_OK) return r;
     tasks = msx__json_get(j, "tasks");
