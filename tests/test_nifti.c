@@ -207,6 +207,38 @@ done:
     msx_nnunet_task_free(big);
 }
 
+/* Two pooled datasets with the same case names: their file names carry the
+   dataset; a third dataset's do not. */
+static void test_prefix(void) {
+    char src[1200], cwd[1024];
+    msx_nnunet_task *t = NULL;
+    int i, ok = 1, n_pre = 0, n_plain = 0;
+    if (!getcwd(cwd, sizeof cwd)) { MSX_CHECK(0, "getcwd"); return; }
+    mkdir(tmp_path("pool"), 0755);
+    snprintf(src, sizeof src, "%s/" ROOT "/Dataset990_ToyMR", cwd);
+    MSX_CHECK(symlink(src, tmp_path("pool/Dataset990_ToyMR")) == 0, "symlink");
+    MSX_CHECK(symlink(src, tmp_path("pool/Dataset993_Copy")) == 0, "symlink");
+    snprintf(src, sizeof src, "%s/" ROOT "/Dataset991_ToyCT", cwd);
+    MSX_CHECK(symlink(src, tmp_path("pool/Dataset991_ToyCT")) == 0, "symlink");
+    write_text(tmp_path("pool/t.json"), "{\"format\": \"medsamix-nnunet-tasks-v1\", \"tasks\": {\"pooled\": ["
+               "{\"dataset\": \"Dataset990_ToyMR\", \"channel\": 0, \"foreground\": [1, 2, 3]},"
+               "{\"dataset\": \"Dataset993_Copy\", \"channel\": 0, \"foreground\": [1, 2, 3]},"
+               "{\"dataset\": \"Dataset991_ToyCT\", \"channel\": 0, \"foreground\": [2]}]}}");
+    MSX_CHECK_OK(msx_nnunet_task_load(tmp_path("pool"), tmp_path("pool/t.json"), "pooled", NULL, NULL, NULL, &t));
+    for (i = 0; t && i < t->n[1]; i++) {
+        const msx_nnunet_slice *sl = &t->slices[1][i];
+        char want[256];
+        int pre = strcmp(sl->dataset, "Dataset991_ToyCT") != 0;
+        snprintf(want, sizeof want, "%s%s%s_c%d_z%d", pre ? sl->dataset : "", pre ? "_" : "", sl->case_id, sl->channel, sl->z);
+        ok &= !strcmp(sl->name, want);
+        n_pre += pre;
+        n_plain += !pre;
+    }
+    MSX_CHECK(t && ok && n_pre == 2 * 29 && n_plain == 6, "pooled names: ok %d, %d prefixed, %d plain", ok, n_pre, n_plain);
+    if (t) MSX_CHECK_OK(msx_nnunet_task_write(t, tmp_path("pool_out")));
+    msx_nnunet_task_free(t);
+}
+
 /* prepare's folders: PNG pixels = the golden slices, slices.json boxes =
    expected.json boxes = the boxes the ordinary task loader computes. */
 static void test_prepare_folder(const msx_checkpoint *g, const msx__json *exp) {
@@ -790,6 +822,7 @@ int main(int argc, char **argv) {
     if (g && exp) {
         test_golden(g, exp);
         test_max_slices();
+        test_prefix();
         test_prepare_folder(g, exp);
         test_nifti2_oblique(g, exp);
     }
