@@ -42,7 +42,7 @@ $(BUILD)/examples/%: examples/%.c $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c tests/test.h tests/ref_ties.h $(HDR)
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
 

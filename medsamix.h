@@ -118,7 +118,12 @@
                  prefixes module. sam. module.sam. _orig_mod. stripped;
                  float32/float16/bfloat16 storages, views and shared storage.
                  The legacy pre-zip format is refused with a re-save hint.
+                 Written (msx_pth_save, msx_merge_export "X.pth") in the
+                 torch.save layout that torch.load(weights_only=True) reads.
       .safetensors  read (memory-mapped) and written (atomically).
+      Every write goes through msx_write_file_atomic (temp file + rename;
+      modes kept, read-only files refused, links written through); tools
+      check outputs against inputs first (msx_check_outputs).
       plan JSON  {"format": "medsamix-plan-v1", "granularity": G, "groups":
                  {"<group id>": {"method": ..., params}}}.
       NIfTI      .nii / .nii.gz, NIfTI-1 and -2, read as float64 with the
@@ -254,6 +259,13 @@ MSXDEF void msx_ckpt_filter(msx_checkpoint *c, const unsigned char *keep);
 MSXDEF msx_result msx_ckpt_to_f32(msx_checkpoint *c);
 /* Float64 sum and sum of |x| of a tensor's elements (any numeric dtype). */
 MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum);
+/* Number of NaN / infinite elements of a floating tensor (0 for integers). */
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t);
+/* MSX_E_FORMAT when any tensor holds NaN or infinity: the message names the
+   first such tensors (with counts) and the total. Loading does not refuse
+   such files (inspect shows them); msx_sam_load does. `what` names the
+   model in the message (NULL: its path). */
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what);
 
 /* --- safetensors ------------------------------------------------------- */
 /* Reads a .safetensors file. Tensors keep their stored dtype. */
@@ -276,8 +288,23 @@ MSXDEF uint64_t msx_rng_below(msx_rng *r, uint64_t n); /* [0, n) unbiased */
 MSXDEF double msx_time_now(void); /* monotonic seconds */
 
 /* Writes `len` bytes to `path` atomically (temp file in the same folder,
-   fsync, rename). */
+   fsync, rename). Replacing an existing file keeps its permission bits and
+   is refused (MSX_E_IO) when the user may not write it: no write permission
+   (access W_OK) or no write bit at all in its mode (a 0444 file is refused
+   even for root, who bypasses access()). A symbolic link is written through:
+   its target is replaced and the link kept. A directory is refused. */
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len);
+/* 1 when a and b name the same file: device + inode after resolving links;
+   a path that does not exist yet is identified by its folder (resolved the
+   same way) + its last component. 0 otherwise (also when neither can be
+   resolved). */
+MSXDEF int msx_same_file(const char *a, const char *b);
+/* Refuses, before any work, outputs that would overwrite an input or each
+   other (msx_same_file on every pair; NULL entries are skipped): MSX_E_ARG
+   naming both paths; and existing outputs msx_write_file_atomic would
+   refuse (read-only files, directories: MSX_E_IO). Tools call it with every
+   file they read and write. */
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out);
 /* Reads a whole file (at most max_bytes; 0 = MSX_MAX_FILE_BYTES). Free with
    msx_free(). */
 MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data, size_t *len);
@@ -340,6 +367,17 @@ MSXDEF msx_result msx_ckpt_load_mem(const void *buf, size_t len, const char *wha
 /* torch spelling of a dtype: "float32", "bfloat16", ... */
 MSXDEF const char *msx_dtype_torch_name(msx_dtype t);
 
+/* Writes the tensors of `c` as a PyTorch checkpoint, the layout of
+   torch.save(state_dict) since torch 1.6: a zip archive (entries stored,
+   data 64-byte aligned) with archive/data.pkl (pickle protocol 2: an
+   OrderedDict of torch._utils._rebuild_tensor_v2 over one persistent-id
+   storage per tensor, contiguous strides), archive/data/<k>,
+   archive/byteorder ("little") and archive/version ("3"). Readable by
+   torch.load(path, weights_only=True) and by msx_ckpt_load; keys and order
+   as in `c`. Every dtype except none; files above 4 GiB (zip64) are refused.
+   Atomic (msx_write_file_atomic). */
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c);
+
 /* SAM ViT-B hyperparameters (the defaults every field falls back to). */
 MSXDEF void msx_sam_arch_default(msx_sam_arch *arch);
 /* Every hyperparameter the shapes determine (image size, patch, embed dim,
@@ -370,7 +408,8 @@ MSXDEF int msx_sam_key_count(const msx_sam_arch *arch);
 MSXDEF msx_result msx_sam_key_at(const msx_sam_arch *arch, int i, char *name, size_t name_cap,
                                  int *ndim, int64_t shape[MSX_MAX_DIMS]);
 /* load + infer + JSON override (config may be NULL) + validate + canonical
-   order. On failure *ck is NULL. `arch` may be NULL. */
+   order + refusal of NaN/infinite weights (msx_ckpt_check_finite). On
+   failure *ck is NULL. `arch` may be NULL. */
 MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_checkpoint **ck,
                                msx_sam_arch *arch);
 
@@ -504,9 +543,45 @@ typedef struct msx_mask {
     unsigned char *data; /* h*w bytes, 0 or 1 */
 } msx_mask;
 
+/* How a 16-bit image (PNG) becomes the model's 8-bit input. 8-bit files are
+   used as they are, whatever the rule. Every rule maps a range [lo, hi] of
+   16-bit values linearly onto 0..255, v8 = floor((v - lo) * 255 / (hi - lo)
+   + 0.5) clipped to 0..255, the same for all channels:
+     MINMAX      lo, hi = the image's smallest and largest value (default:
+                 keeps every distinct level a 12-bit scan has, up to 256);
+                 a constant image becomes 0
+     PERCENTILE  lo, hi = the 0.5th and 99.5th percentiles of the values
+                 (outliers clipped; falls back to MINMAX when they are equal)
+     WINDOW      lo = center - width/2, hi = center + width/2 (a CT window)
+     HIGH_BYTE   v >> 8, stb_image's and cv2.imread's conversion (a 12-bit
+                 scan keeps only 16 levels) */
+typedef enum msx_intensity_mode {
+    MSX_INTENSITY_MINMAX = 0,
+    MSX_INTENSITY_PERCENTILE,
+    MSX_INTENSITY_WINDOW,
+    MSX_INTENSITY_HIGH_BYTE
+} msx_intensity_mode;
+typedef struct msx_intensity {
+    msx_intensity_mode mode;
+    double center, width; /* WINDOW only; width > 0 */
+} msx_intensity;
+/* Parses "minmax", "percentile", "window:C,W" or "high-byte"; MSX_E_ARG
+   naming the text otherwise. */
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out);
+/* The spelling msx_intensity_parse reads ("window:40,400"). */
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap);
+
+/* What a load found: bits per sample of the file (8 or 16) and, for 16-bit
+   files, the values mapped to 0 and 255. */
+typedef struct msx_image_info {
+    int bits;
+    double lo, hi;
+} msx_image_info;
+
 /* Loads PNG/JPEG/BMP/TGA/... with stb_image. Grayscale is replicated to
-   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do),
-   16-bit files keep their top 8 bits (stb_image's conversion, as cv2.imread).
+   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do).
+   16-bit files are decoded at full depth and mapped to 8 bits by the
+   default rule (MSX_INTENSITY_MINMAX; msx_image_load_ex takes another).
    Images wider/higher than MSX_MAX_IMAGE_SIDE or with more than
    MSX_MAX_IMAGE_PIXELS pixels are refused before decoding. `out` must be
    zero-initialised or hold an image (which is freed first); on failure it is
@@ -514,6 +589,11 @@ typedef struct msx_mask {
 MSXDEF msx_result msx_image_load(const char *path, msx_image *out);
 /* Same from a memory buffer; `what` names it in error messages. */
 MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out);
+/* Same with an intensity rule for 16-bit files (NULL = default) and what
+   was found (info may be NULL). */
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info);
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info);
 /* Allocates a w×h image, zero-filled or a copy of `rgb` (HWC) if non-NULL;
    frees what `out` held before (it must be zero-initialised or an image). */
 MSXDEF msx_result msx_image_init(msx_image *out, int w, int h, const unsigned char *rgb);
@@ -1023,11 +1103,18 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
 MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkpoint *out,
                                  msx_merge_report *report);
 
-/* Writes `merged` as .safetensors (the exact SAM key names, F32, the plan
-   JSON also in __metadata__["medsamix_plan"]) and the plan JSON beside it:
-   `path` with a trailing ".safetensors" replaced by ".plan.json" (otherwise
-   ".plan.json" is appended). plan may be NULL (no plan file). Atomic. */
+/* Writes `merged` in the format its name says: ".safetensors" (the exact
+   SAM key names, F32, the plan JSON also in __metadata__["medsamix_plan"])
+   or ".pth" / ".pt" (a torch.save zip checkpoint, msx_pth_save, that
+   torch.load(weights_only=True) reads and Sam.load_state_dict(strict=True)
+   accepts); any other name is MSX_E_ARG. The plan JSON goes beside it:
+   `path` with that extension replaced by ".plan.json". plan may be NULL (no
+   plan file). A model with NaN/infinite weights is refused. Atomic. */
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan);
+/* After msx_merger_run: MSX_E_ARG when `out` holds NaN/infinite weights,
+   naming the first such group, its method and hyperparameters, a tensor
+   and the count (e.g. task_arithmetic with scale 1e39 overflows float32). */
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out);
 
 #ifdef __cplusplus
 }
@@ -1294,6 +1381,7 @@ typedef struct msx_task_options {
     double box_jitter;       /* each coordinate moved by U(-j, j) * box side; 0 = none */
     uint64_t box_seed;       /* jitter seed (always seeded: same boxes every run) */
     int max_images;          /* per split, 0 = all */
+    msx_intensity intensity; /* 16-bit images -> 8 bits (zero = MSX_INTENSITY_MINMAX) */
     int max_slices;          /* nnU-Net tasks: per split, a seeded subset (split_seed) spread over the cases; 0 = all */
 } msx_task_options;
 
@@ -1307,6 +1395,9 @@ MSXDEF void msx_task_free(msx_task *t);
 MSXDEF const char *msx_task_name(const msx_task *t); /* folder base name */
 MSXDEF int msx_task_count(const msx_task *t, int split);
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path */
+/* Images of both splits stored with 16 bits per sample (mapped to 8 bits by
+   opt->intensity). */
+MSXDEF int msx_task_n_16bit(const msx_task *t);
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
 /* A task of an nnU-Net task table (volumes section; not with MSX_NO_NIFTI):
@@ -1378,7 +1469,18 @@ typedef struct msx_search_summary {
 
 /* Runs a whole search and writes, in out_dir: trials.jsonl, best_plan.json,
    best.safetensors, report.md, report.json, overlays/ (and pareto front in
-   best_plan.json for multi-task). */
+   best_plan.json for multi-task). Before any work it refuses a run folder
+   whose outputs would overwrite an input model or config, and locks the
+   folder (out_dir/.lock holds the PID; a POSIX record lock, released by the
+   system when the process dies, so a lock left by a killed search is
+   detected as stale and taken over): a second search on the same folder
+   fails with MSX_E_STATE naming the other PID. (Record locks belong to the
+   process: two searches on one folder from one process are not told apart.)
+   A trials.jsonl without a complete header line (a search killed before it
+   wrote one) is treated as absent. --resume checks every logged value
+   (Dice in [0, 1], costs = 1 - Dice, configurations inside the space) and
+   the task options (box margin, jitter, seeds, mask rule, split, max
+   images, intensity), naming the line or the option. */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
 /* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
@@ -1389,6 +1491,20 @@ MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summa
    2, no pruning: 19 groups x 10 = 190 hyperparameters. */
 MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
                                           int prune, msx_space **out);
+
+/* Content fingerprint of a checkpoint (names, shapes and bytes of every
+   tensor; FNV-1a based, tells "same model" from "another model", not
+   cryptographic) as 16 hex digits: what the trial log and best_plan.json
+   record for every model of a search. */
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]);
+/* A plan written by a search records its models (base first) under
+   "medsamix": {"models": [{"stem": .., "digest": ..}, ..]}. MSX_E_STATE when
+   `models` (n_models, base first, as loaded by msx_sam_load) are not those
+   in that order (the message names the first mismatch); MSX_OK with
+   *recorded = 0 when the plan records none (hand-written plans).
+   `paths` (may be NULL) name the models in the message. */
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded);
 
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
@@ -1500,11 +1616,16 @@ MSXDEF const char *msx_last_error(void) { return msx__errbuf; }
 MSXDEF void msx_clear_error(void) { msx__errbuf[0] = 0; }
 
 /* Sets the thread's message and returns r, so callers can `return msx__err(...)`. */
+/* Formats into a local buffer first: callers often wrap the previous message
+   (msx__err(r, "%s: %s", path, msx_last_error())), and formatting straight
+   into the slot the arguments point to cut and repeated such messages. */
 static MSX__PRINTF(2, 3) msx_result msx__err(msx_result r, const char *fmt, ...) {
+    char tmp[sizeof msx__errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msx__errbuf, sizeof msx__errbuf, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(msx__errbuf, tmp, sizeof tmp);
     msx__errcode = r;
     return r;
 }
@@ -1859,6 +1980,13 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     *len = 0;
     f = fopen(path, "rb");
     if (!f) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
+    {
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+            fclose(f);
+            return msx__err(MSX_E_IO, "%s: is a directory, not a file", path);
+        }
+    }
     if (fseek(f, 0, SEEK_END) != 0 || (sz = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return msx__err(MSX_E_IO, "%s: cannot determine the file size (not a regular file?)", path);
@@ -1881,39 +2009,204 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     return MSX_OK;
 }
 
+/* The file a chain of symbolic links ends at (relative targets taken from
+   the link's folder), malloc'd; NULL on a loop or error. */
+static char *msx__link_target(const char *path) {
+    char *cur = (char *)malloc(strlen(path) + 1);
+    int hops;
+    if (!cur) return NULL;
+    strcpy(cur, path);
+    for (hops = 0; hops < 40; hops++) {
+        struct stat st;
+        char buf[4096], *nx;
+        const char *slash;
+        ssize_t k;
+        size_t dl;
+        if (lstat(cur, &st) != 0 || !S_ISLNK(st.st_mode)) return cur;
+        k = readlink(cur, buf, sizeof buf - 1);
+        if (k <= 0) break;
+        buf[k] = 0;
+        slash = strrchr(cur, '/');
+        dl = buf[0] == '/' || !slash ? 0 : (size_t)(slash - cur) + 1;
+        nx = (char *)malloc(dl + (size_t)k + 1);
+        if (!nx) break;
+        memcpy(nx, cur, dl);
+        memcpy(nx + dl, buf, (size_t)k + 1);
+        free(cur);
+        cur = nx;
+    }
+    free(cur);
+    return NULL;
+}
+
+/* Where an atomic write of `path` lands and with which mode: the target of
+   a symbolic link (the link is kept), refusing directories, special files
+   and files the user may not write. *target is malloc'd (free()). */
+static msx_result msx__write_target(const char *path, char **target, int *keep_mode, mode_t *mode) {
+    struct stat st;
+    *target = NULL;
+    *keep_mode = 0;
+    *mode = 0;
+    if (lstat(path, &st) != 0) return MSX_OK; /* a new file */
+    if (S_ISLNK(st.st_mode)) {
+        *target = msx__link_target(path);
+        if (!*target || stat(*target, &st) != 0) {
+            free(*target);
+            *target = NULL;
+            return msx__err(MSX_E_IO, "%s: a symbolic link whose target does not exist; not written (remove the link or "
+                            "give the target's path)", path);
+        }
+    }
+    if (S_ISDIR(st.st_mode)) { free(*target); *target = NULL; return msx__err(MSX_E_IO, "%s: is a directory, not a file", path); }
+    if (!S_ISREG(st.st_mode)) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: exists and is not a regular file; not replaced", path);
+    }
+    if ((st.st_mode & 0222) == 0 || access(*target ? *target : path, W_OK) != 0) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: read-only file (mode %04o); not replaced. Make it writable (chmod u+w) or choose "
+                        "another output", path, (unsigned)(st.st_mode & 07777));
+    }
+    *keep_mode = 1;
+    *mode = st.st_mode & 07777;
+    return MSX_OK;
+}
+
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len) {
-    size_t n = strlen(path);
-    char *tmp = (char *)MSX_MALLOC(n + 32);
-    int fd;
+    char *target = NULL, *tmp;
+    const char *dst;
+    int fd, keep_mode;
+    mode_t mode;
     const unsigned char *p = (const unsigned char *)data;
-    size_t left = len;
-    if (!tmp) return msx__err(MSX_E_NOMEM, "out of memory");
-    snprintf(tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    size_t left = len, n;
+    msx_result r;
+    if (!path || !*path) return msx__err(MSX_E_ARG, "write: empty file name");
+    if ((r = msx__write_target(path, &target, &keep_mode, &mode)) != MSX_OK) return r;
+    dst = target ? target : path;
+    n = strlen(dst);
+    tmp = (char *)MSX_MALLOC(n + 32);
+    if (!tmp) { free(target); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    snprintf(tmp, n + 32, "%s.tmp.%ld", dst, (long)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, keep_mode ? 0600 : 0666);
     if (fd < 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
+        r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
         MSX_FREE(tmp);
+        free(target);
+        return r;
+    }
+    if (keep_mode && fchmod(fd, mode) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot give the new file the old mode %04o (%s)", path, (unsigned)mode, strerror(errno));
+        close(fd);
+        unlink(tmp);
+        MSX_FREE(tmp);
+        free(target);
         return r;
     }
     while (left) {
         ssize_t w = write(fd, p, left);
         if (w < 0) {
             if (errno == EINTR) continue;
+            r = msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
             close(fd);
             unlink(tmp);
             MSX_FREE(tmp);
-            return msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
+            free(target);
+            return r;
         }
         p += w;
         left -= (size_t)w;
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, dst) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
         unlink(tmp);
         MSX_FREE(tmp);
+        free(target);
         return r;
     }
     MSX_FREE(tmp);
+    free(target);
+    return MSX_OK;
+}
+
+/* File identity: device + inode of an existing file (links followed), else
+   those of its folder + its last path component. */
+typedef struct msx__fid {
+    int kind; /* 0 unknown, 1 existing file, 2 not yet existing */
+    dev_t dev;
+    ino_t ino;
+    const char *name;
+    size_t name_len;
+} msx__fid;
+
+static void msx__file_id(const char *path, msx__fid *id) {
+    struct stat st;
+    const char *slash;
+    memset(id, 0, sizeof *id);
+    if (!path || !*path) return;
+    if (stat(path, &st) == 0) {
+        id->kind = 1;
+        id->dev = st.st_dev;
+        id->ino = st.st_ino;
+        return;
+    }
+    slash = strrchr(path, '/');
+    if (!slash) {
+        if (stat(".", &st) != 0) return;
+        id->name = path;
+    } else {
+        size_t dl = (size_t)(slash - path);
+        char *dir = (char *)MSX_MALLOC(dl + 2);
+        int ok;
+        if (!dir) return;
+        if (dl == 0) { dir[0] = '/'; dir[1] = 0; }
+        else { memcpy(dir, path, dl); dir[dl] = 0; }
+        ok = stat(dir, &st) == 0;
+        MSX_FREE(dir);
+        if (!ok) return;
+        id->name = slash + 1;
+    }
+    id->kind = 2;
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    id->name_len = strlen(id->name);
+}
+
+static int msx__fid_same(const msx__fid *a, const msx__fid *b) {
+    if (!a->kind || a->kind != b->kind || a->dev != b->dev || a->ino != b->ino) return 0;
+    return a->kind == 1 || (a->name_len == b->name_len && !memcmp(a->name, b->name, a->name_len));
+}
+
+MSXDEF int msx_same_file(const char *a, const char *b) {
+    msx__fid x, y;
+    msx__file_id(a, &x);
+    msx__file_id(b, &y);
+    return msx__fid_same(&x, &y);
+}
+
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out) {
+    int i, j;
+    for (i = 0; i < n_out; i++) {
+        if (!outputs[i]) continue;
+        for (j = 0; j < n_in; j++)
+            if (inputs[j] && msx_same_file(outputs[i], inputs[j]))
+                return msx__err(MSX_E_ARG, "output %s is the same file as the input %s; refusing to overwrite an input "
+                                "(choose another output name)", outputs[i], inputs[j]);
+        for (j = 0; j < i; j++)
+            if (outputs[j] && msx_same_file(outputs[i], outputs[j]))
+                return msx__err(MSX_E_ARG, "outputs %s and %s are the same file; one would overwrite the other",
+                                outputs[j], outputs[i]);
+    }
+    for (i = 0; i < n_out; i++) {
+        char *target;
+        int keep;
+        mode_t mode;
+        msx_result r;
+        if (!outputs[i]) continue;
+        if ((r = msx__write_target(outputs[i], &target, &keep, &mode)) != MSX_OK) return r;
+        free(target);
+    }
     return MSX_OK;
 }
 
@@ -1979,6 +2272,53 @@ MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum) {
     }
     *sum = s;
     *abs_sum = a;
+}
+
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t) {
+    int64_t i, n = 0;
+    if (!t || !t->data) return 0;
+    if (t->dtype == MSX_F32) {
+        /* exponent bits all ones = inf or NaN; blocks with a 32-bit count
+           vectorise */
+        const unsigned char *p = (const unsigned char *)t->data;
+        int64_t nb = (t->numel + 4095) / 4096, q;
+        for (q = 0; q < nb; q++) {
+            int64_t j0 = q * 4096, j1 = j0 + 4096 < t->numel ? j0 + 4096 : t->numel, j;
+            uint32_t c = 0;
+            for (j = j0; j < j1; j++) {
+                uint32_t b;
+                memcpy(&b, p + 4 * j, 4);
+                c += (b & 0x7F800000u) == 0x7F800000u;
+            }
+            n += c;
+        }
+        return n;
+    }
+    if (t->dtype != MSX_F64 && t->dtype != MSX_F16 && t->dtype != MSX_BF16) return 0;
+    for (i = 0; i < t->numel; i++) n += !isfinite(msx__elem_as_double(t->data, t->dtype, i));
+    return n;
+}
+
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what) {
+    msx__sb b = {0, 0, 0, 0};
+    int i, nt = 0;
+    int64_t total = 0;
+    msx_result r = MSX_OK;
+    if (!c) return msx__err(MSX_E_ARG, "msx_ckpt_check_finite: NULL checkpoint");
+    if (!what) what = c->path ? c->path : "checkpoint";
+    for (i = 0; i < c->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&c->tensors[i]);
+        if (!k) continue;
+        if (nt < 5) msx__sb_printf(&b, "%s'%s' (%lld of %lld)", nt ? ", " : "", c->tensors[i].name, (long long)k,
+                                   (long long)c->tensors[i].numel);
+        nt++;
+        total += k;
+    }
+    if (nt)
+        r = msx__err(MSX_E_FORMAT, "%s: %lld NaN/infinite weight(s) in %d tensor(s): %s%s; a broken model is refused "
+                     "(inspect lists every tensor)", what, (long long)total, nt, b.s ? b.s : "", nt > 5 ? ", ..." : "");
+    msx__sb_free(&b);
+    return r;
 }
 
 /* ---- the tensor table -------------------------------------------------------- */
@@ -2257,7 +2597,10 @@ static msx_result msx__map_file(const char *path, const void **map, size_t *len)
     if (!path) return msx__err(MSX_E_ARG, "file path is NULL");
     fd = open(path, O_RDONLY);
     if (fd < 0) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return msx__err(MSX_E_IO, "%s: not a regular file", path); }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return msx__err(MSX_E_IO, "%s: %s", path, S_ISDIR(st.st_mode) ? "is a directory, not a file" : "not a regular file");
+    }
     if ((uint64_t)st.st_size > (uint64_t)MSX_MAX_FILE_BYTES) { close(fd); return msx__err(MSX_E_LIMIT, "%s: larger than MSX_MAX_FILE_BYTES", path); }
     if (st.st_size == 0) { close(fd); return msx__err(MSX_E_FORMAT, "%s: empty file", path); }
     m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -3396,6 +3739,180 @@ MSXDEF msx_result msx_ckpt_load(const char *path, msx_checkpoint **out) {
     return r;
 }
 
+/* ---- .pth writer (torch.save layout) ------------------------------------------ */
+
+static const char *msx__pth_storage_name(msx_dtype t) {
+    switch (t) {
+    case MSX_F32: return "FloatStorage";
+    case MSX_F16: return "HalfStorage";
+    case MSX_BF16: return "BFloat16Storage";
+    case MSX_F64: return "DoubleStorage";
+    case MSX_I64: return "LongStorage";
+    case MSX_I32: return "IntStorage";
+    case MSX_I16: return "ShortStorage";
+    case MSX_I8: return "CharStorage";
+    case MSX_U8: return "ByteStorage";
+    case MSX_BOOL: return "BoolStorage";
+    default: return NULL;
+    }
+}
+
+static void msx__pk_str(msx__sb *b, const char *s) { /* BINUNICODE */
+    size_t n = strlen(s);
+    unsigned char h[5];
+    h[0] = 'X';
+    h[1] = (unsigned char)n; h[2] = (unsigned char)(n >> 8); h[3] = (unsigned char)(n >> 16); h[4] = (unsigned char)(n >> 24);
+    msx__sb_putn(b, (const char *)h, 5);
+    msx__sb_putn(b, s, n);
+}
+static void msx__pk_int(msx__sb *b, int64_t v) {
+    unsigned char h[10];
+    int k;
+    if (v >= INT32_MIN && v <= INT32_MAX) { /* BININT */
+        uint32_t u = (uint32_t)(int32_t)v;
+        h[0] = 'J';
+        for (k = 0; k < 4; k++) h[1 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 5);
+    } else { /* LONG1, 8 bytes two's complement */
+        uint64_t u = (uint64_t)v;
+        h[0] = 0x8a;
+        h[1] = 8;
+        for (k = 0; k < 8; k++) h[2 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 10);
+    }
+}
+static void msx__pk_global(msx__sb *b, const char *mod, const char *name) {
+    msx__sb_puts(b, "c");
+    msx__sb_puts(b, mod);
+    msx__sb_puts(b, "\n");
+    msx__sb_puts(b, name);
+    msx__sb_puts(b, "\n");
+}
+
+static void msx__zip_put16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void msx__zip_put32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c) {
+    msx__sb pk = {0, 0, 0, 0}, zf = {0, 0, 0, 0}, cd = {0, 0, 0, 0};
+    int i, k, n_ent;
+    msx_result r = MSX_OK;
+    if (!path || !c) return msx__err(MSX_E_ARG, "msx_pth_save: NULL argument");
+    /* data.pkl: OrderedDict((name, _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())), ...) */
+    msx__sb_putn(&pk, "\x80\x02", 2);
+    msx__pk_global(&pk, "collections", "OrderedDict");
+    msx__sb_puts(&pk, ")R(");
+    for (i = 0; i < c->n; i++) {
+        const msx_tensor *t = &c->tensors[i];
+        const char *sn = msx__pth_storage_name(t->dtype);
+        char key[24];
+        int64_t stride = 1, st[MSX_MAX_DIMS];
+        if (!sn) { msx__sb_free(&pk); return msx__err(MSX_E_UNSUPPORTED, "%s: tensor '%s' has a dtype torch cannot store", path, t->name); }
+        for (k = t->ndim - 1; k >= 0; k--) { st[k] = stride; stride *= t->shape[k]; }
+        snprintf(key, sizeof key, "%d", i);
+        msx__pk_str(&pk, t->name);
+        msx__pk_global(&pk, "torch._utils", "_rebuild_tensor_v2");
+        msx__sb_puts(&pk, "((");
+        msx__pk_str(&pk, "storage");
+        msx__pk_global(&pk, "torch", sn);
+        msx__pk_str(&pk, key);
+        msx__pk_str(&pk, "cpu");
+        msx__pk_int(&pk, t->numel);
+        msx__sb_puts(&pk, "tQ");
+        msx__pk_int(&pk, 0);
+        msx__sb_puts(&pk, "(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, t->shape[k]);
+        msx__sb_puts(&pk, "t(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, st[k]);
+        msx__sb_putn(&pk, "t\x89", 2);
+        msx__pk_global(&pk, "collections", "OrderedDict");
+        msx__sb_puts(&pk, ")RtR");
+    }
+    msx__sb_puts(&pk, "u.");
+    if (pk.oom) { msx__sb_free(&pk); return msx__err(MSX_E_NOMEM, "%s: out of memory", path); }
+    /* the archive: data.pkl, byteorder, data/0.., version; then the central directory */
+    n_ent = c->n + 3;
+    for (i = 0; i < n_ent && r == MSX_OK; i++) {
+        char name[64];
+        const unsigned char *data;
+        size_t len, pad, at;
+        unsigned char h[46];
+        uint32_t crc;
+        if (i == 0) { snprintf(name, sizeof name, "archive/data.pkl"); data = (const unsigned char *)pk.s; len = pk.n; }
+        else if (i == 1) { snprintf(name, sizeof name, "archive/byteorder"); data = (const unsigned char *)"little"; len = 6; }
+        else if (i < n_ent - 1) {
+            const msx_tensor *t = &c->tensors[i - 2];
+            snprintf(name, sizeof name, "archive/data/%d", i - 2);
+            data = (const unsigned char *)t->data;
+            len = (size_t)t->numel * msx_dtype_size(t->dtype);
+        } else { snprintf(name, sizeof name, "archive/version"); data = (const unsigned char *)"3\n"; len = 2; }
+        /* pad with an extra field so the data starts 64-byte aligned, as torch does */
+        at = zf.n + 30 + strlen(name);
+        pad = (64 - (at + 4) % 64) % 64;
+        if ((uint64_t)zf.n + 30 + strlen(name) + 4 + pad + len > 0xFFFFFFFFull) {
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB; the .pth writer has no zip64 (write .safetensors instead)", path);
+            break;
+        }
+        crc = msx__ck_crc32(data, len);
+        memset(h, 0, sizeof h);
+        msx__zip_put32(h, 0x04034b50u);
+        msx__zip_put16(h + 4, 20);
+        msx__zip_put32(h + 14, crc);
+        msx__zip_put32(h + 18, (uint32_t)len);
+        msx__zip_put32(h + 22, (uint32_t)len);
+        msx__zip_put16(h + 26, (uint32_t)strlen(name));
+        msx__zip_put16(h + 28, (uint32_t)(4 + pad));
+        {
+            unsigned char cdh[46];
+            memset(cdh, 0, sizeof cdh);
+            msx__zip_put32(cdh, 0x02014b50u);
+            msx__zip_put16(cdh + 4, 20);
+            msx__zip_put16(cdh + 6, 20);
+            msx__zip_put32(cdh + 16, crc);
+            msx__zip_put32(cdh + 20, (uint32_t)len);
+            msx__zip_put32(cdh + 24, (uint32_t)len);
+            msx__zip_put16(cdh + 28, (uint32_t)strlen(name));
+            msx__zip_put32(cdh + 42, (uint32_t)zf.n);
+            msx__sb_putn(&cd, (const char *)cdh, 46);
+            msx__sb_puts(&cd, name);
+        }
+        msx__sb_putn(&zf, (const char *)h, 30);
+        msx__sb_puts(&zf, name);
+        {
+            unsigned char x[4 + 64];
+            memset(x, 'Z', sizeof x);
+            msx__zip_put16(x, 0x4246); /* "FB", torch's padding record */
+            msx__zip_put16(x + 2, (uint32_t)pad);
+            msx__sb_putn(&zf, (const char *)x, 4 + pad);
+        }
+        if (len) msx__sb_putn(&zf, (const char *)data, len);
+        if (zf.oom || cd.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+    }
+    if (r == MSX_OK) {
+        unsigned char e[22];
+        uint32_t cd_off = (uint32_t)zf.n;
+        if ((uint64_t)zf.n + cd.n + 22 > 0xFFFFFFFFull || n_ent > 0xFFFF)
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB or 65535 entries; the .pth writer has no zip64 (write .safetensors instead)", path);
+        else {
+            msx__sb_putn(&zf, cd.s, cd.n);
+            memset(e, 0, sizeof e);
+            msx__zip_put32(e, 0x06054b50u);
+            msx__zip_put16(e + 8, (uint32_t)n_ent);
+            msx__zip_put16(e + 10, (uint32_t)n_ent);
+            msx__zip_put32(e + 12, (uint32_t)cd.n);
+            msx__zip_put32(e + 16, cd_off);
+            msx__sb_putn(&zf, (const char *)e, 22);
+            if (zf.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+            else r = msx_write_file_atomic(path, zf.s, zf.n);
+        }
+    }
+    msx__sb_free(&pk);
+    msx__sb_free(&cd);
+    msx__sb_free(&zf);
+    return r;
+}
+
 /* ---- SAM architecture ----------------------------------------------------------- */
 
 MSXDEF void msx_sam_arch_default(msx_sam_arch *a) {
@@ -3604,6 +4121,22 @@ static const msx_tensor *msx__ck_need(const msx_checkpoint *ck, const char *name
     return t;
 }
 
+/* 1 + the largest N of any key "<prefix>N." (at most 64), 0 if none. */
+static int msx__ck_count_indexed(const msx_checkpoint *ck, const char *prefix) {
+    size_t pl = strlen(prefix);
+    int i, best = 0;
+    for (i = 0; i < ck->n; i++) {
+        const char *nm = ck->tensors[i].name, *p;
+        int v = 0;
+        if (strncmp(nm, prefix, pl)) continue;
+        p = nm + pl;
+        if (*p < '0' || *p > '9') continue;
+        while (*p >= '0' && *p <= '9' && v < 1000) v = v * 10 + (*p++ - '0');
+        if (*p == '.' && v < 64 && v + 1 > best) best = v + 1;
+    }
+    return best;
+}
+
 MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) {
     const char *what;
     const msx_tensor *t, *pe;
@@ -3625,10 +4158,9 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
         if (pe->ndim != 4 || pe->shape[1] != pe->shape[2] || pe->shape[1] <= 0) return msx__err(MSX_E_SHAPE, "%s: image_encoder.pos_embed must be 1 x H x H x C", what);
         g = (int)pe->shape[1];
     }
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "image_encoder.blocks.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
+    /* counts from the largest index present (not the first gap), so a
+       missing tensor is reported by name rather than as a shorter model */
+    i = msx__ck_count_indexed(ck, "image_encoder.blocks.");
     if (i == 0) return msx__err(MSX_E_KEY_MISMATCH, "%s: not a SAM checkpoint: no image_encoder.blocks.0.*", what);
     a->depth = i;
     t = msx__ck_need(ck, "image_encoder.blocks.0.mlp.lin1.weight", 2, &r);
@@ -3677,11 +4209,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "prompt_encoder.mask_downscaling.3.weight", 4, &r);
     if (!t) return r;
     a->mask_in_chans = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.transformer.layers.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->dec_depth = i;
+    a->dec_depth = msx__ck_count_indexed(ck, "mask_decoder.transformer.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_token.weight", 2, &r);
     if (!t) return r;
     a->dec_dim = (int)t->shape[1];
@@ -3694,11 +4222,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "mask_decoder.mask_tokens.weight", 2, &r);
     if (!t) return r;
     a->num_mask_tokens = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.iou_prediction_head.layers.%d.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->iou_head_depth = i;
+    a->iou_head_depth = msx__ck_count_indexed(ck, "mask_decoder.iou_prediction_head.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_prediction_head.layers.0.weight", 2, &r);
     if (!t) return r;
     a->iou_head_hidden = (int)t->shape[0];
@@ -3972,6 +4496,7 @@ MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_ch
     if (r == MSX_OK) r = msx_sam_arch_infer(c, &a);
     if (r == MSX_OK && config_json) r = msx_sam_arch_load_json(config_json, &a);
     if (r == MSX_OK) r = msx_sam_canonical_order(c, &a); /* validates first */
+    if (r == MSX_OK) r = msx_ckpt_check_finite(c, path); /* a NaN model segments to nothing, silently */
     if (r != MSX_OK) { msx_ckpt_free(c); return r; }
     if (arch) *arch = a;
     *ck = c;
@@ -5654,42 +6179,150 @@ static msx_result msx__img_probe(const void *buf, size_t len, const char *what, 
 }
 #endif
 
-MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out) {
+    memset(out, 0, sizeof *out);
+    if (!s) return msx__err(MSX_E_ARG, "intensity rule is NULL");
+    if (!strcmp(s, "minmax")) out->mode = MSX_INTENSITY_MINMAX;
+    else if (!strcmp(s, "percentile")) out->mode = MSX_INTENSITY_PERCENTILE;
+    else if (!strcmp(s, "high-byte")) out->mode = MSX_INTENSITY_HIGH_BYTE;
+    else if (!strncmp(s, "window:", 7)) {
+        char *e;
+        double c = strtod(s + 7, &e), w;
+        if (e == s + 7 || *e != ',' || !isfinite(c))
+            return msx__err(MSX_E_ARG, "intensity '%s': window wants window:C,W (centre and width, numbers)", s);
+        w = strtod(e + 1, &e);
+        if (*e || !isfinite(w) || w <= 0)
+            return msx__err(MSX_E_ARG, "intensity '%s': the window width must be a number > 0", s);
+        out->mode = MSX_INTENSITY_WINDOW;
+        out->center = c;
+        out->width = w;
+    } else
+        return msx__err(MSX_E_ARG, "intensity '%s': use minmax, percentile, window:C,W or high-byte", s);
+    return MSX_OK;
+}
+
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap) {
+    msx_intensity_mode m = it ? it->mode : MSX_INTENSITY_MINMAX;
+    if (m == MSX_INTENSITY_WINDOW) snprintf(buf, cap, "window:%g,%g", it->center, it->width);
+    else snprintf(buf, cap, "%s", m == MSX_INTENSITY_PERCENTILE ? "percentile" : m == MSX_INTENSITY_HIGH_BYTE ? "high-byte" : "minmax");
+}
+
+#ifndef MSX_NO_STB_IMAGE
+/* 16-bit samples -> 8 bits by the rule (see msx_intensity_mode). */
+static msx_result msx__img_map16(const unsigned short *px, size_t n, const msx_intensity *it, unsigned char *dst,
+                                 msx_image_info *info) {
+    msx_intensity_mode mode = it ? it->mode : MSX_INTENSITY_MINMAX;
+    double lo = 0, hi = 65535;
+    size_t i;
+    if (mode == MSX_INTENSITY_HIGH_BYTE) {
+        for (i = 0; i < n; i++) dst[i] = (unsigned char)(px[i] >> 8);
+        info->lo = 0;
+        info->hi = 65535;
+        return MSX_OK;
+    }
+    if (mode == MSX_INTENSITY_WINDOW) {
+        lo = it->center - 0.5 * it->width;
+        hi = it->center + 0.5 * it->width;
+    } else {
+        uint32_t *hist = (uint32_t *)msx__calloc(65536, sizeof(uint32_t));
+        size_t c = 0, qlo, qhi;
+        int v, vmin = 65535, vmax = 0;
+        if (!hist) return msx__err(MSX_E_NOMEM, "out of memory");
+        for (i = 0; i < n; i++) hist[px[i]]++;
+        for (v = 0; v < 65536; v++)
+            if (hist[v]) { if (v < vmin) vmin = v; vmax = v; }
+        lo = vmin;
+        hi = vmax;
+        if (mode == MSX_INTENSITY_PERCENTILE) {
+            /* smallest value whose cumulative count reaches 0.5 % / 99.5 % of the samples */
+            qlo = (size_t)ceil(0.005 * (double)n);
+            qhi = (size_t)ceil(0.995 * (double)n);
+            if (qlo < 1) qlo = 1;
+            if (qhi < 1) qhi = 1;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qlo) break; }
+            lo = v;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qhi) break; }
+            hi = v;
+            if (hi <= lo) { lo = vmin; hi = vmax; }
+        }
+        MSX_FREE(hist);
+    }
+    info->lo = lo;
+    info->hi = hi;
+    for (i = 0; i < n; i++) {
+        double y = hi > lo ? floor(((double)px[i] - lo) * 255.0 / (hi - lo) + 0.5) : 0;
+        dst[i] = (unsigned char)(y < 0 ? 0 : y > 255 ? 255 : y);
+    }
+    return MSX_OK;
+}
+#endif
+
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info) {
+    msx_image_info dummy;
+    if (!info) info = &dummy;
+    memset(info, 0, sizeof *info);
 #ifdef MSX_NO_STB_IMAGE
-    (void)buf; (void)len;
+    (void)buf; (void)len; (void)it;
     msx_image_free(out);
     return msx__err(MSX_E_UNSUPPORTED, "%s: built with MSX_NO_STB_IMAGE, cannot decode images", what ? what : "image");
 #else
+    {
     int w, h, n;
-    stbi_uc *px;
     msx_result r;
     if (!what) what = "image";
     if (!out) return msx__err(MSX_E_ARG, "%s: out is NULL", what);
     msx_image_free(out);
+    if (it && it->mode == MSX_INTENSITY_WINDOW && !(it->width > 0 && isfinite(it->width) && isfinite(it->center)))
+        return msx__err(MSX_E_ARG, "%s: intensity window needs a finite centre and a width > 0", what);
     if ((r = msx__img_probe(buf, len, what, &w, &h, &n)) != MSX_OK) return r;
-    /* stb converts to 3 channels: grey replicated, alpha dropped, 16 bit -> top 8 bits. */
-    px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
-    if (!px) {
-        const char *why = stbi_failure_reason();
-        return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+    info->bits = 8;
+    if (stbi_is_16_bit_from_memory((const stbi_uc *)buf, (int)len)) {
+        /* full depth, grey replicated and alpha dropped by stb, then the rule */
+        stbi_us *px16 = stbi_load_16_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px16) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        info->bits = 16;
+        if ((r = msx_image_init(out, w, h, NULL)) == MSX_OK)
+            r = msx__img_map16(px16, (size_t)w * (size_t)h * 3, it, out->data, info);
+        stbi_image_free(px16);
+        if (r != MSX_OK) msx_image_free(out);
+        return r;
     }
-    r = msx_image_init(out, w, h, px);
-    stbi_image_free(px);
-    return r;
+    {
+        /* stb converts to 3 channels: grey replicated, alpha dropped. */
+        stbi_uc *px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        r = msx_image_init(out, w, h, px);
+        stbi_image_free(px);
+        return r;
+    }
+    }
 #endif
 }
 
-MSXDEF msx_result msx_image_load(const char *path, msx_image *out) {
+MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+    return msx_image_load_mem_ex(buf, len, what, NULL, out, NULL);
+}
+
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info) {
     void *buf;
     size_t len;
     msx_result r;
     if (!path) return msx__err(MSX_E_ARG, "msx_image_load: path is NULL");
     msx_image_free(out);
     if ((r = msx_read_file(path, MSX_MAX_IMAGE_FILE_BYTES, &buf, &len)) != MSX_OK) return r;
-    r = msx_image_load_mem(buf, len, path, out);
+    r = msx_image_load_mem_ex(buf, len, path, it, out, info);
     msx_free(buf);
     return r;
 }
+
+MSXDEF msx_result msx_image_load(const char *path, msx_image *out) { return msx_image_load_ex(path, NULL, out, NULL); }
 
 MSXDEF msx_result msx_mask_load_mem(const void *buf, size_t len, const char *what,
                                     const msx_mask_load_options *opt, msx_mask *out) {
@@ -8316,11 +8949,13 @@ static void msx__linear_range(float *out, const float *const *src, const float *
 }
 
 /* Normalised float32 weights; 0 when Σw == 0 (the reference raises). */
+/* 1 on success; 0 when the weights sum to 0, -1 when the sum overflows. */
 static int msx__merge_linear_weights(const double *w, int n, float *wf) {
     double s = 0;
     int i;
     for (i = 0; i < n; i++) s += w[i];
-    if (s == 0 || !isfinite(s)) return 0;
+    if (!isfinite(s)) return -1;
+    if (s == 0) return 0;
     for (i = 0; i < n; i++) wf[i] = (float)(w[i] / s);
     return 1;
 }
@@ -8411,7 +9046,9 @@ MSXDEF msx_result msx_merge_tensor_linear(float *out, const float *const *src, c
     for (i = 0; i < n_src; i++)
         if (!isfinite(weights[i]) || weights[i] < 0)
             return msx__err(MSX_E_ARG, "linear: weight %d (%g) must be a finite number >= 0", i, weights[i]);
-    if (!msx__merge_linear_weights(weights, n_src, wf))
+    if ((i = msx__merge_linear_weights(weights, n_src, wf)) < 0)
+        return msx__err(MSX_E_ARG, "linear: the weights sum to infinity (too large to normalise)");
+    if (!i)
         return msx__err(MSX_E_ARG, "linear: the weights sum to 0 (the reference raises ZeroDivisionError and its "
                         "pipeline keeps the base tensor)");
     (void)nth;
@@ -9627,7 +10264,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0;
+    int need_scratch = 0, n_coop = 0, k = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -9654,7 +10291,9 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         msx__merge_gstate *s = &m->gs[g];
         const char *why = NULL;
         s->action = 1 + (int)gp->method;
-        if (gp->method == MSX_MERGE_LINEAR && !msx__merge_linear_weights(gp->weights, n_models, s->wf))
+        if (gp->method == MSX_MERGE_LINEAR && (k = msx__merge_linear_weights(gp->weights, n_models, s->wf)) < 0)
+            return msx__err(MSX_E_ARG, "merge: group %s: the linear weights sum to infinity (too large to normalise)", plan->ids[g]);
+        if (gp->method == MSX_MERGE_LINEAR && !k)
             why = "linear weights sum to 0 (the reference raises ZeroDivisionError and keeps the base)";
         else if (gp->method == MSX_MERGE_TASK_ARITHMETIC && m->n_ft < 2)
             why = "task_arithmetic with one fine-tuned model (the reference raises IndexError and keeps the base)";
@@ -9763,29 +10402,83 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
 
 /* ---- export ------------------------------------------------------------------------ */
 
+/* 1 = safetensors, 2 = torch zip, 0 = unknown; *stem_len = length before the extension. */
+static int msx__export_format(const char *path, size_t *stem_len) {
+    static const char *const ext[3] = {".safetensors", ".pth", ".pt"};
+    size_t n = strlen(path), k;
+    int i;
+    for (i = 0; i < 3; i++) {
+        k = strlen(ext[i]);
+        if (n > k && !strcmp(path + n - k, ext[i])) { *stem_len = n - k; return i ? 2 : 1; }
+    }
+    *stem_len = n;
+    return 0;
+}
+
+static void msx__group_describe(const msx_group_plan *g, int n_models, char *buf, size_t cap) {
+    int k;
+    size_t n;
+    snprintf(buf, cap, "%s", msx_merge_method_name(g->method));
+    n = strlen(buf);
+    switch (g->method) {
+    case MSX_MERGE_LINEAR:
+    case MSX_MERGE_SLERP:
+        snprintf(buf + n, cap - n, g->method == MSX_MERGE_LINEAR ? ", weights" : ", t");
+        for (k = 0; k < n_models && (n = strlen(buf)) < cap; k++) snprintf(buf + n, cap - n, "%s%g", k ? "," : " ", g->method == MSX_MERGE_LINEAR ? g->weights[k] : g->t[k]);
+        break;
+    case MSX_MERGE_TIES: snprintf(buf + n, cap - n, ", drop_rate %g, scale %g", g->drop_rate, g->scale); break;
+    default: snprintf(buf + n, cap - n, ", scale %g", g->scale); break;
+    }
+}
+
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out) {
+    int i, bad = -1, gbad = -1;
+    int64_t total = 0, first = 0;
+    char desc[256];
+    if (!m || !plan || !out) return msx__err(MSX_E_ARG, "msx_merger_check_finite: NULL argument");
+    for (i = 0; i < out->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&out->tensors[i]);
+        if (!k) continue;
+        total += k;
+        if (bad < 0) { bad = i; first = k; gbad = msx_merger_tensor_group(m, i); }
+    }
+    if (bad < 0) return MSX_OK;
+    if (gbad >= 0 && gbad < plan->n_groups) {
+        msx__group_describe(&plan->groups[gbad], msx_merger_n_models(m), desc, sizeof desc);
+        return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in group %s (%s): %lld in tensor "
+                        "'%s'; the hyperparameters overflow float32 (use a smaller scale or weights)",
+                        (long long)total, plan->ids[gbad], desc, (long long)first, out->tensors[bad].name);
+    }
+    return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in tensor '%s' (not merged: a "
+                    "source model holds them)", (long long)total, out->tensors[bad].name);
+}
+
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan) {
     char *js = NULL, *pp;
     const char *meta[4];
-    size_t n = strlen(path), suf = strlen(".safetensors");
-    int n_meta = 1, i;
+    size_t stem;
+    int n_meta = 1, i, fmt;
     msx_result r;
-    if (!merged) return msx__err(MSX_E_ARG, "export: no model");
+    if (!merged || !path) return msx__err(MSX_E_ARG, "export: no model or no file name");
+    fmt = msx__export_format(path, &stem);
+    if (!fmt)
+        return msx__err(MSX_E_ARG, "%s: unknown output format; name the file .safetensors or .pth (PyTorch zip checkpoint)", path);
     for (i = 0; i < merged->n; i++)
         if (merged->tensors[i].dtype != MSX_F32)
             return msx__err(MSX_E_UNSUPPORTED, "export %s: tensor '%s' is %s, expected float32", path,
                             merged->tensors[i].name, msx_dtype_name(merged->tensors[i].dtype));
+    if ((r = msx_ckpt_check_finite(merged, path)) != MSX_OK) return r;
     if (plan && (r = msx_plan_to_json(plan, &js)) != MSX_OK) return r;
     meta[0] = "format";
     meta[1] = "pt"; /* what torch's safetensors writer records */
     if (js) { meta[2] = "medsamix_plan"; meta[3] = js; n_meta = 2; }
-    r = msx_safetensors_save(path, merged, meta, n_meta);
+    r = fmt == 1 ? msx_safetensors_save(path, merged, meta, n_meta) : msx_pth_save(path, merged);
     if (r == MSX_OK && js) {
-        pp = (char *)MSX_MALLOC(n + 16);
+        pp = (char *)MSX_MALLOC(stem + 16);
         if (!pp) r = msx__err(MSX_E_NOMEM, "out of memory");
         else {
-            size_t base = (n >= suf && !strcmp(path + n - suf, ".safetensors")) ? n - suf : n;
-            memcpy(pp, path, base);
-            strcpy(pp + base, ".plan.json");
+            memcpy(pp, path, stem);
+            strcpy(pp + stem, ".plan.json");
             r = msx_write_file_atomic(pp, js, strlen(js));
             MSX_FREE(pp);
         }
@@ -12027,6 +12720,7 @@ typedef struct msx__simg {
 struct msx_task {
     char *name, *dir;
     msx_task_options opt;
+    int n16;                 /* 16-bit images found by the validation */
     int n[2];
     msx__simg *img[2];
 };
@@ -12104,10 +12798,15 @@ static void msx__search_mask_opts(const msx_task_options *o, msx_mask_load_optio
 }
 
 /* An item's image: from its file, or an nnU-Net slice held in memory. */
-static msx_result msx__search_load_image(const msx__simg *s, msx_image *out) {
+static msx_result msx__search_load_image(const msx_task *t, const msx__simg *s, msx_image *out, msx_image_info *info) {
     size_t i, n;
     msx_result r;
-    if (!s->px) return msx_image_load(s->image, out);
+    if (!s->px) return msx_image_load_ex(s->image, &t->opt.intensity, out, info);
+    if (info) { /* an 8-bit slice made by the volumes section */
+        info->bits = 8;
+        info->lo = 0;
+        info->hi = 255;
+    }
     if ((r = msx_image_init(out, s->w, s->h, NULL)) != MSX_OK) return r;
     n = (size_t)s->w * (size_t)s->h;
     for (i = 0; i < n; i++) out->data[3 * i] = out->data[3 * i + 1] = out->data[3 * i + 2] = s->px[i];
@@ -12252,11 +12951,11 @@ static msx_result msx__search_validate(msx_task *t, int split) {
     memset(&m, 0, sizeof m);
     for (i = 0; r == MSX_OK && i < t->n[split]; i++) {
         msx__simg *s = &t->img[split][i];
+        msx_image_info info;
         msx_image_free(&img);
-        if ((r = msx__search_load_image(s, &img)) != MSX_OK) {
-            r = msx__err(r, "unreadable image %s: %s", s->image, msx_last_error());
-            break;
-        }
+        /* the message names the file already */
+        if ((r = msx__search_load_image(t, s, &img, &info)) != MSX_OK) break;
+        t->n16 += info.bits == 16;
         s->w = img.w;
         s->h = img.h;
         if ((r = msx__search_load_mask(t, s, &m)) != MSX_OK) break;
@@ -12357,6 +13056,7 @@ MSXDEF int msx_task_count(const msx_task *t, int split) { return (split == 0 || 
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i) {
     return (split == 0 || split == 1) && i >= 0 && i < t->n[split] ? t->img[split][i].image : NULL;
 }
+MSXDEF int msx_task_n_16bit(const msx_task *t) { return t ? t->n16 : 0; }
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
 }
@@ -12474,11 +13174,54 @@ static uint64_t msx__search_ckpt_digest(const msx_checkpoint *c) {
     return h;
 }
 
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]) {
+    snprintf(hex, 17, "%016llx", (unsigned long long)msx__search_ckpt_digest(c));
+}
+
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *mv;
+    msx_result r = MSX_OK;
+    int i;
+    if (recorded) *recorded = 0;
+    if ((r = msx_read_file(plan_path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, plan_path);
+    msx_free(buf);
+    if (!j) return msx__errcode;
+    mv = msx__json_get(msx__json_get(j, "medsamix"), "models");
+    if (mv && mv->type == MSX__JARR) {
+        if (recorded) *recorded = 1;
+        if (mv->n != n_models)
+            r = msx__err(MSX_E_STATE, "%s: the plan was searched with %d models (base + fine-tuned), this merge has %d; "
+                         "give the same models in the same order, or --force", plan_path, mv->n, n_models);
+        for (i = 0; r == MSX_OK && i < n_models; i++) {
+            const char *st = msx__json_str(&mv->kids[i], "stem"), *dg = msx__json_str(&mv->kids[i], "digest");
+            char hex[17];
+            msx_ckpt_fingerprint(models[i], hex);
+            if (!dg || strcmp(dg, hex))
+                r = msx__err(MSX_E_STATE, "%s: model %d (%s) is %s (fingerprint %s), but the plan was searched with %s "
+                             "(fingerprint %s) there; give the same models in the same order (base first), or --force",
+                             plan_path, i, i ? "fine-tuned" : "base", paths && paths[i] ? paths[i] : "?", hex,
+                             st ? st : "?", dg ? dg : "?");
+        }
+    }
+    msx__json_free(j);
+    return r;
+}
+
 static uint64_t msx__search_task_digest(const msx_task *t, int split) {
     uint64_t h = 1469598103934665603ULL;
     int i;
     h = msx__search_hash(h, &t->opt.mask_rule, sizeof t->opt.mask_rule);
     h = msx__search_hash(h, &t->opt.mask_value, sizeof t->opt.mask_value);
+    if (t->n16) { /* the rule matters only for 16-bit images (8-bit fingerprints unchanged) */
+        char it[64];
+        msx_intensity_str(&t->opt.intensity, it, sizeof it);
+        h = msx__search_hash_str(h, it);
+    }
     for (i = 0; i < t->n[split]; i++) {
         const msx__simg *s = &t->img[split][i];
         struct stat st;
@@ -12795,7 +13538,7 @@ static msx_result msx__sset_build(msx__sset *s, msx_task *const *tasks, int n_ta
             msx__sitem *it = &s->it[k];
             const msx__simg *si = &t->img[sp][i];
             memcpy(it->box, si->box, sizeof it->box);
-            if ((r = msx__search_load_image(si, &it->img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(t, si, &it->img, NULL)) != MSX_OK) break;
             if ((r = msx__search_load_mask(t, si, &it->gt)) != MSX_OK) break;
             if (cache) {
                 if ((r = msx_sam_preprocess(&it->img, arch->img_size, arch->pixel_mean, arch->pixel_std, mode, &it->in)) != MSX_OK) break;
@@ -13140,6 +13883,7 @@ typedef struct msx__srun {
     int n_tr, cap_tr;
     char *out, *log_path;
     int log_fd;
+    int lock_fd;                       /* out/.lock, held for the whole run */
     uint64_t fingerprint;
     msx__search_progress prog;
     int n_fin;                         /* finished trials (logged), for progress */
@@ -13192,6 +13936,10 @@ static void msx__srun_free(msx__srun *R) {
     MSX_FREE(R->out);
     MSX_FREE(R->log_path);
     if (R->log_fd >= 0) close(R->log_fd);
+    if (R->lock_fd >= 0) {
+        if (ftruncate(R->lock_fd, 0) != 0) { /* an empty lock file = no search was cut short */ }
+        close(R->lock_fd); /* releases the lock */
+    }
 }
 
 /* Header line of the log: the whole search setup. The fingerprint covers
@@ -13238,12 +13986,55 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
         msx__sb_json_str(b, hex);
         msx__sb_puts(b, "}");
     }
+    {
+        const msx_task_options *to = &R->o->task;
+        char it[64];
+        msx_intensity_str(&to->intensity, it, sizeof it);
+        msx__sb_printf(b, "], \"task_options\": {\"box_margin\": %d, \"box_jitter\": ", to->box_margin);
+        msx__sb_json_num(b, to->box_jitter);
+        msx__sb_printf(b, ", \"box_seed\": \"%llu\", \"mask_rule\": %d, \"mask_value\": %d, \"split\": %d, \"calib_fraction\": ",
+                       (unsigned long long)to->box_seed, (int)to->mask_rule, to->mask_value, (int)to->split);
+        msx__sb_json_num(b, to->calib_fraction);
+        msx__sb_printf(b, ", \"split_seed\": \"%llu\", \"max_images\": %d, \"intensity\": \"%s\"}",
+                       (unsigned long long)to->split_seed, to->max_images, it);
+    }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sd);
-    msx__sb_printf(b, "], \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
+    msx__sb_printf(b, ", \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
                       "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"version\": \"%s\"}\n",
                    R->o->multi ? "true" : "false", R->granularity, R->prune ? "true" : "false",
                    (unsigned long long)R->o->seed, R->batch, R->dim, hex,
                    R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam", MSX_VERSION_STRING);
+}
+
+/* The task options of the logged run against this one's, by option name
+   (a changed box margin would otherwise show as "task images changed").
+   Logs written before these were recorded have none: nothing to compare. */
+static msx_result msx__srun_check_task_options(msx__srun *R, const msx__json *t) {
+    const msx_task_options *o = &R->o->task;
+    const char *p = R->log_path, *s;
+    char it[64];
+    double v;
+    if (!t || t->type != MSX__JOBJ) return MSX_OK;
+#define MSX__TOPT(key, opt, now)                                                                                     \
+    if (msx__json_num(t, key, &v, NAN) && !isnan(v) && v != (double)(now))                                                     \
+        return msx__err(MSX_E_STATE, "%s: the log used " opt " %.17g, this run %.17g; resume with the same options, or " \
+                        "use another --out", p, v, (double)(now));
+    MSX__TOPT("box_margin", "--box-margin", o->box_margin)
+    MSX__TOPT("box_jitter", "--box-jitter", o->box_jitter)
+    MSX__TOPT("max_images", "--max-images", o->max_images)
+    MSX__TOPT("mask_value", "--mask-threshold/--mask-label", o->mask_value)
+    MSX__TOPT("mask_rule", "mask rule (--mask-threshold/--mask-label)", (int)o->mask_rule)
+    MSX__TOPT("split", "--split mode", (int)o->split)
+    MSX__TOPT("calib_fraction", "--calib-fraction", o->calib_fraction)
+#undef MSX__TOPT
+    if ((s = msx__json_str(t, "box_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->box_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --box-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->box_seed);
+    if ((s = msx__json_str(t, "split_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->split_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --split-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->split_seed);
+    msx_intensity_str(&o->intensity, it, sizeof it);
+    if ((s = msx__json_str(t, "intensity")) && strcmp(s, it))
+        return msx__err(MSX_E_STATE, "%s: the log used --intensity %s, this run %s; resume with the same options, or use another --out", p, s, it);
+    return MSX_OK;
 }
 
 /* Explains how a log header differs from this run (the first difference). */
@@ -13253,6 +14044,7 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     char hex[24];
     double v;
     int i;
+    msx_result r;
     const char *p = R->log_path;
     if (!fmt || strcmp(fmt, "medsamix-trials-v1"))
         return msx__err(MSX_E_FORMAT, "%s: first line is not a medsamix-trials-v1 header", p);
@@ -13265,6 +14057,12 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (!st || strcmp(st, R->stems[i]) || !dg || strcmp(dg, hex))
             return msx__err(MSX_E_STATE, "%s: model %d differs from the logged run (logged %s digest %s, now %s digest %s); use another --out",
                             p, i, st ? st : "?", dg ? dg : "?", R->stems[i], hex);
+    }
+    if ((r = msx__srun_check_task_options(R, msx__json_get(h, "task_options"))) != MSX_OK) return r;
+    {
+        const char *pre = msx__json_str(h, "preprocess"), *now = R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam";
+        if (pre && strcmp(pre, now))
+            return msx__err(MSX_E_STATE, "%s: the log used --preprocess %s, this run %s; resume with the same options, or use another --out", p, pre, now);
     }
     if (!tv || tv->type != MSX__JARR || tv->n != R->n_eval)
         return msx__err(MSX_E_STATE, "%s: the log was written for %d searched task(s), this run has %d; use another --out", p,
@@ -13374,9 +14172,30 @@ static msx_result msx__srun_trial_parse(msx__srun *R, const msx__json *j, int li
             if (cost->kids[i].type != MSX__JNUM) return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d is not a number", R->log_path, line, i);
             T->cost[i] = cost->kids[i].num;
         }
-        for (i = 0; i < R->n_eval; i++)
+        for (i = 0; i < R->n_eval; i++) {
             if (!msx__json_num(dv, R->tasks[i]->name, &T->dice[i], NAN) || !isfinite(T->dice[i]))
                 return msx__err(MSX_E_FORMAT, "%s: line %d: no Dice for task %s", R->log_path, line, R->tasks[i]->name);
+            if (T->dice[i] < 0 || T->dice[i] > 1)
+                return msx__err(MSX_E_FORMAT, "%s: line %d: Dice %.17g for task %s is outside [0, 1]; the log was edited or "
+                                "is corrupt", R->log_path, line, T->dice[i], R->tasks[i]->name);
+        }
+        for (i = 0; i < R->n_obj; i++)
+            if (!isfinite(T->cost[i]) || fabs(T->cost[i] - (1.0 - T->dice[i])) > 1e-9)
+                return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d (%.17g) is not 1 - Dice of task %s; the log was edited "
+                                "or is corrupt", R->log_path, line, i, T->cost[i], R->tasks[i]->name);
+    }
+    if (!isfinite(T->seconds) || T->seconds < 0)
+        return msx__err(MSX_E_FORMAT, "%s: line %d: \"seconds\" is not a finite number >= 0", R->log_path, line);
+    {
+        /* inside the space: ranges, integrality, conditions */
+        double *canon = (double *)MSX_MALLOC(sizeof(double) * (size_t)(R->dim ? R->dim : 1));
+        msx_result r;
+        if (!canon) return msx__err(MSX_E_NOMEM, "out of memory");
+        r = msx_space_canonicalize(R->space, T->cfg, canon);
+        MSX_FREE(canon);
+        if (r != MSX_OK) /* msx__err formats before it replaces the message it quotes */
+            return msx__err(MSX_E_FORMAT, "%s: line %d: the configuration is outside the search space (%.400s); the log "
+                            "was edited or is corrupt", R->log_path, line, msx_last_error());
     }
     return MSX_OK;
 }
@@ -13630,6 +14449,57 @@ done:
     return r;
 }
 
+/* Locks the run folder for this process (see msx_search_run). */
+static msx_result msx__search_lock(msx__srun *R) {
+    char *lp = msx__search_join(R->out, ".lock"), buf[32];
+    struct flock fl;
+    long old = 0;
+    ssize_t k;
+    int fd;
+    if (!lp) return msx__err(MSX_E_NOMEM, "out of memory");
+    fd = open(lp, O_RDWR | O_CREAT, 0666);
+    if (fd < 0) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot create the lock file (%s)", lp, strerror(errno));
+        MSX_FREE(lp);
+        return r;
+    }
+    k = pread(fd, buf, sizeof buf - 1, 0);
+    if (k > 0) { buf[k] = 0; old = strtol(buf, NULL, 10); }
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (fcntl(fd, F_SETLK, &fl) != 0) {
+        msx_result r = msx__err(MSX_E_STATE, "%s is in use by another search (pid %ld, lock file %s); wait for it to "
+                                "finish or choose another --out", R->out, old, lp);
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    if (old > 0 && R->prog.mode >= 0)
+        printf("note: %s: stale lock of pid %ld (that search stopped without finishing) taken over\n", lp, old);
+    snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, strlen(buf), 0) != (ssize_t)strlen(buf)) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot write the lock file (%s)", lp, strerror(errno));
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    R->lock_fd = fd;
+    MSX_FREE(lp);
+    return MSX_OK;
+}
+
+/* 1 when the log's first line is complete (ends in a newline). */
+static int msx__search_log_has_header(const char *path) {
+    char buf[4096];
+    int fd = open(path, O_RDONLY), found = 0;
+    ssize_t k;
+    if (fd < 0) return 1; /* let the reader report it */
+    while (!found && (k = read(fd, buf, sizeof buf)) > 0) found = memchr(buf, '\n', (size_t)k) != NULL;
+    close(fd);
+    return found;
+}
+
 /* mkdir -p */
 static msx_result msx__search_mkdirs(const char *path) {
     char buf[4096];
@@ -13699,7 +14569,15 @@ static msx_result msx__srun_write_plans(msx__srun *R, int chosen, int n_done, ms
     msx__sb_printf(&extra, "\"medsamix\": {\"objective\": \"%s\", \"trial\": %d, \"trials\": %d, \"origin\": ",
                    R->o->multi ? "multi-task" : "single-task", chosen, n_done);
     msx__sb_json_str(&extra, C->origin);
-    msx__sb_puts(&extra, ", \"calib_dice\": ");
+    msx__sb_puts(&extra, ", \"models\": [");
+    for (i = 0; i < R->n_models; i++) {
+        char hex[24];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->model_digest[i]);
+        msx__sb_printf(&extra, "%s{\"stem\": ", i ? ", " : "");
+        msx__sb_json_str(&extra, R->stems[i]);
+        msx__sb_printf(&extra, ", \"digest\": \"%s\"}", hex);
+    }
+    msx__sb_puts(&extra, "], \"calib_dice\": ");
     msx__srun_dice_obj(R, C, &extra);
     msx__sb_printf(&extra, ", \"selection\": \"%s\"}", R->o->multi ? "highest mean calib Dice (on the Pareto front)" : "highest calib Dice");
     if (R->o->multi) {
@@ -13813,7 +14691,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
             char *op, fn[512];
             memset(&img, 0, sizeof img);
             if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
-            if ((r = msx__search_load_image(si, &img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(R->tasks[k], si, &img, NULL)) != MSX_OK) break;
             snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
             if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
             r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
@@ -13891,6 +14769,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     memset(&R, 0, sizeof R);
     memset(&L, 0, sizeof L);
     R.log_fd = -1;
+    R.lock_fd = -1;
     if (!sum) sum = &dummy;
     memset(sum, 0, sizeof *sum);
     for (i = 0; i < MSX_SEARCH_MAX_TASKS; i++) sum->best_calib[i] = sum->best_test[i] = NAN;
@@ -13924,6 +14803,26 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
         goto done;
     }
     msx__search_progress_init(&R.prog, o->progress, 0);
+    /* 0. the run folder's outputs must not be inputs */
+    {
+        static const char *const outs[7] = {"trials.jsonl", "best_plan.json", "best.safetensors", "best.plan.json",
+                                            "pareto.json", "report.md", "report.json"};
+        const char *in[MSX_MAX_MODELS + 1];
+        char *op[7];
+        int n_in = 0;
+        in[n_in++] = o->base;
+        for (i = 0; i < o->n_models; i++) in[n_in++] = o->models[i];
+        if (o->arch_config) in[n_in++] = o->arch_config;
+        for (i = 0; i < 7; i++) op[i] = msx__search_join(R.out, outs[i]);
+        for (i = 0; i < 7; i++)
+            if (!op[i]) r = msx__err(MSX_E_NOMEM, "out of memory");
+        if (r == MSX_OK) r = msx_check_outputs(in, n_in, (const char *const *)op, 7);
+        for (i = 0; i < 7; i++) MSX_FREE(op[i]);
+        if (r != MSX_OK) goto done;
+    }
+    /* the lock before any long work: a second search on this folder stops here */
+    if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
+    if ((r = msx__search_lock(&R)) != MSX_OK) goto done;
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
@@ -13987,13 +14886,16 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
     if ((r = msx_opt_create(R.space, &oo, &R.opt)) != MSX_OK) goto done;
     /* 3. the log: a new one, or the old one's header must match this setup */
-    if ((r = msx__search_mkdirs(R.out)) != MSX_OK) goto done;
     {
         msx__sb hb = {NULL, 0, 0, 0};
         msx__srun_header(&R, &hb); /* computes the fingerprint */
         msx__sb_free(&hb);
     }
-    if (stat(R.log_path, &st) == 0) {
+    if (stat(R.log_path, &st) == 0 && !msx__search_log_has_header(R.log_path)) {
+        /* killed before its header was complete: nothing to resume */
+        if (R.prog.mode >= 0)
+            printf("note: %s has no complete header line (a search stopped before it started?); starting afresh\n", R.log_path);
+    } else if (stat(R.log_path, &st) == 0) {
         if (!o->resume) {
             r = msx__err(MSX_E_STATE, "%s already exists: continue it with --resume, or choose another --out", R.log_path);
             goto done;

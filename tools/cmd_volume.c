@@ -98,6 +98,21 @@ int msx_cmd_segment_volume(int argc, char **argv) {
         fprintf(stderr, "segment: --label needs --foreground with label values, e.g. --foreground 1,2\n");
         return 2;
     }
+    {   /* no input is overwritten; the output's folder exists; a NIfTI name */
+        const char *in[5], *outs[1];
+        int n_in = 0;
+        in[n_in++] = model;
+        in[n_in++] = vol_p;
+        if (config) in[n_in++] = config;
+        if (lbl_p) in[n_in++] = lbl_p;
+        if (boxes_p) in[n_in++] = boxes_p;
+        outs[0] = out;
+        if (!msx_cli_has_ext(out, ".nii") && !msx_cli_has_ext(out, ".nii.gz")) {
+            fprintf(stderr, "segment: --out %s: the prediction is written as NIfTI; name it .nii or .nii.gz\n", out);
+            return 2;
+        }
+        if (!msx_cli_check_outputs("segment", in, n_in, outs, 1)) return 1;
+    }
     /* inputs first (cheap, and the errors that matter), then the model */
     if ((r = msx_volume_load(vol_p, &vol)) != MSX_OK) goto fail;
     n = (size_t)vol.nx * vol.ny * vol.nz;
