@@ -22,8 +22,9 @@ endif
 OPT     ?= -O2
 WARN     = -Wall -Wextra -Wpedantic -Werror
 CFLAGS  ?= -std=c99 $(OPT) $(ARCH) -g
-ALLCFLAGS = $(CFLAGS) $(WARN) -fopenmp -I.
-LDLIBS   = -ldnnl -lstb -lm
+ALLCFLAGS = $(CFLAGS) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS)
+NIFTI_CFLAGS ?= -I/usr/include/nifti
+LDLIBS   = -ldnnl -lstb -lnifti2 -lznz -lz -lm
 PREFIX  ?= /usr/local
 BUILD   ?= build
 FUZZ_SECONDS ?= 60
@@ -69,9 +70,9 @@ $(BUILD)/tests/test_embed_static: tests/embed/static_a.c tests/embed/static_b.c 
 cxx-check: $(HDR)
 	@mkdir -p $(BUILD)
 	printf '#define MEDSAMIX_IMPLEMENTATION\n#include "medsamix.h"\nint main(void){return 0;}\n' > $(BUILD)/cxx_check.cpp
-	$(CXX) -std=c++11 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/cxx_check.cpp -o $(BUILD)/cxx_check.o
+	$(CXX) -std=c++11 $(OPT) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS) -c $(BUILD)/cxx_check.cpp -o $(BUILD)/cxx_check.o
 	cp $(BUILD)/cxx_check.cpp $(BUILD)/c_check.c
-	$(CC) -std=c99 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/c_check.c -o $(BUILD)/c_check.o
+	$(CC) -std=c99 $(OPT) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS) -c $(BUILD)/c_check.c -o $(BUILD)/c_check.o
 	@echo "cxx-check: header compiles as C99 and C++11"
 
 test: deps

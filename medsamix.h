@@ -8,14 +8,17 @@
    runs the SAM forward pass on oneDNN, and searches per-group merge plans with
    a random-forest Bayesian optimiser (expected improvement; ParEGO for several
    tasks) that maximises Dice on a few labelled calibration images.
-   It does not train, does not run on GPUs, and does not read DICOM/NIfTI
-   (convert slices to PNG first).
+   It reads NIfTI volumes and nnU-Net datasets with the reference's slice
+   pipeline and writes segmentations back as NIfTI. It does not train, does
+   not run on GPUs, and does not read DICOM.
 
    USE
       #define MEDSAMIX_IMPLEMENTATION   in *one* C or C++ file, before
       #include "medsamix.h"             the include; elsewhere include only.
-      Compile with -fopenmp and link -ldnnl -lstb -lm (Debian: libdnnl-dev,
-      libstb-dev). Under a strict -std=c99 include medsamix.h before any
+      Compile with -fopenmp -I/usr/include/nifti and link -ldnnl -lstb
+      -lnifti2 -lznz -lz -lm (Debian: libdnnl-dev, libstb-dev, libnifti2-dev,
+      libniftiio-dev, libznz-dev); with MSX_NO_NIFTI the nifti flags are not
+      needed. Under a strict -std=c99 include medsamix.h before any
       system header in the implementation file (it needs _POSIX_C_SOURCE), or
       pass -D_POSIX_C_SOURCE=200809L.
 
@@ -62,6 +65,11 @@
       MSX_MERGE_MAX_WARNINGS        warnings kept in a merge report (32)
       MSX_SEARCH_MAX_TASKS          tasks in one search (64)
       MSX_NO_STB_IMAGE              leave out image file I/O (no libstb)
+      MSX_NO_NIFTI                  leave out NIfTI volumes and nnU-Net tasks
+                                    (no nifti_clib)
+      MSX_MAX_VOLUME_BYTES          voxel bytes of one NIfTI file, checked
+                                    from its header before reading (2 GiB)
+      MSX_MAX_VOLUME_SIDE           one volume dimension (32768)
 
    SECTIONS (API first, then the implementation, in data-flow order)
       core        results, errors, allocation, tensor table, JSON,
@@ -72,6 +80,8 @@
                   mask decoder; read-only model + per-thread workspace
       images      stb_image I/O, PIL-exact resize, normalisation,
                   postprocessing, Dice, boxes, one-call segmentation
+      volumes     NIfTI-1/2 on nifti_clib, the reference's volume-to-slice
+                  pipeline, nnU-Net datasets and task tables
       merging     Linear / Task Arithmetic / TIES / SLERP, layer groups,
                   merge plans, the merger, export
       optimiser   search spaces, random forest, EI / log-EI, local GP
@@ -162,6 +172,10 @@
       check outputs against inputs first (msx_check_outputs).
       plan JSON  {"format": "medsamix-plan-v1", "granularity": G, "groups":
                  {"<group id>": {"method": ..., params}}}.
+      NIfTI      .nii / .nii.gz, NIfTI-1 and -2, read as float64 with the
+                 scaling applied (as nibabel), written with the header of
+                 the volume they segment. nnU-Net raw datasets with a task
+                 table {"format": "medsamix-nnunet-tasks-v1", ...}.
 
    PREPROCESSING (explicit, never guessed from a file name)
       SAM (default)  longest side resized to the model's image size with
@@ -782,6 +796,153 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 }
 #endif
 /* ======================================================================== */
+/* API: volumes — NIfTI and nnU-Net (leave out with MSX_NO_NIFTI)           */
+/* ======================================================================== */
+/* This section owns 3-D medical data: NIfTI-1/2 volumes read and written
+   with nifti_clib (.nii, .nii.gz; no reorientation; the header kept so a
+   segmentation is written back on the input's grid), the MedSAMix
+   reference's volume-to-slice pipeline (podismine/MedSAMix@9328d4c
+   evaluation/dataloader.py: percentile clipping, z-score, min-max, uint8
+   slices along the last array axis, slices with foreground only, tight
+   boxes) and tasks built from nnU-Net raw datasets with a task table. */
+#ifndef MSX_NO_NIFTI
+
+#ifndef MSX_MAX_VOLUME_BYTES
+#define MSX_MAX_VOLUME_BYTES ((int64_t)1 << 31) /* voxel data of one file (header dims x bytes), checked before reading */
+#endif
+#ifndef MSX_MAX_VOLUME_SIDE
+#define MSX_MAX_VOLUME_SIDE 32768 /* one array dimension */
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A 3-D volume as nibabel's img.get_fdata() gives it: float64 with
+   scl_slope/scl_inter applied, array order as stored (no reorientation).
+   Element (i, j, k) of the nx × ny × nz array is data[i + nx·(j + ny·k)].
+   A slice [:, :, k] has rows = axis 0 (nx) and columns = axis 1 (ny).
+   Zero-initialise before the first load; free with msx_volume_free. */
+typedef struct msx_volume {
+    int nx, ny, nz;
+    double *data;
+    double affine[4][4]; /* voxel -> world, as nibabel's img.affine: sform, else qform, else pixdim */
+    int nifti_version;   /* 1 or 2 */
+    int datatype;        /* NIfTI datatype code of the file (2 uint8, 4 int16, 8 int32, 16 float32, 64 float64, ...) */
+    void *hdr;           /* private: the file's header (nifti_clib nifti_image without data) */
+} msx_volume;
+
+/* Reads a NIfTI-1 or NIfTI-2 file (.nii, .nii.gz). 3-D, or 4-D..7-D with
+   the extra dimensions 1; integer and float datatypes up to 64 bits. The
+   header's dims × bytes per voxel is checked against MSX_MAX_VOLUME_BYTES
+   before any voxel is read (a gzip bomb is refused there). NaN/inf values
+   are refused. `out` is freed first. */
+MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out);
+/* Reads only the header: dims (nx, ny, nz) and datatype, with the same
+   checks as msx_volume_load (cheap validation before long work). */
+MSXDEF msx_result msx_volume_probe(const char *path, int dims[3], int *datatype);
+MSXDEF void msx_volume_free(msx_volume *v); /* accepts NULL; leaves a zeroed struct */
+/* A zero-filled volume with ref's header (dims, pixdim, qform, sform,
+   NIfTI version): the container of a segmentation of ref. */
+MSXDEF msx_result msx_volume_like(const msx_volume *ref, msx_volume *out);
+/* A zero-filled nx × ny × nz volume whose qform and sform are `affine`
+   (NULL: identity), NIfTI-1 or -2 (version 1 or 2). */
+MSXDEF msx_result msx_volume_create(int nx, int ny, int nz, const double affine[4][4], int nifti_version,
+                                    msx_volume *out);
+/* Writes v->data converted to `dtype` (MSX_U8, MSX_I16, MSX_I32: rounded
+   to nearest and range-checked; MSX_F32, MSX_F64) with v's header, no
+   scaling (scl_slope 1, scl_inter 0). .nii.gz is gzip-compressed, .nii is
+   not; any other ending is refused. Atomic (temporary file + rename). */
+MSXDEF msx_result msx_volume_save(const char *path, const msx_volume *v, msx_dtype dtype);
+
+/* The reference's volume normalisation to uint8 (ref. evaluation/dataloader.py
+   get_single_item): clip to the 0.5 / 99.5 percentiles (numpy's linear
+   method, whole volume), z-score with the mean and population std (numpy's
+   pairwise sums), (x - min) / (max - min + 1e-5), uint8 = trunc(255·v).
+   out holds nx·ny·nz bytes. A constant volume gives zeros. */
+MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out);
+/* Label to 0/1: 1 where round-half-even(value) is one of fg[0..n_fg-1]. */
+MSXDEF msx_result msx_volume_label_mask(const msx_volume *label, const int *fg, int n_fg, unsigned char *out);
+/* Slice k of an nx × ny × nz byte volume as an image (h = nx rows, w = ny
+   columns, grey replicated to RGB) or a mask (any non-zero = 1). */
+MSXDEF msx_result msx_volume_slice_image(const unsigned char *vol, int nx, int ny, int nz, int k, msx_image *out);
+MSXDEF msx_result msx_volume_slice_mask(const unsigned char *vol, int nx, int ny, int nz, int k, msx_mask *out);
+/* Per-slice boxes for a volume of nz slices: {"format": "medsamix-boxes-v1",
+   "boxes": [{"z": k, "box": [x0, y0, x1, y1]}, ...]} (pixels of slice k,
+   x = column = axis 1, y = row = axis 0, maxima inclusive). has[k] = 1 and
+   boxes[4k..4k+3] for each listed slice; a z twice or out of range is an error. */
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes);
+/* Writes an 8-bit grey PNG holding exactly w×h bytes `grey` (atomic). */
+MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsigned char *grey);
+
+/* --- nnU-Net datasets and task tables ----------------------------------------
+   ROOT/DatasetXXX_Name/{dataset.json (file_ending), imagesTr/<case>_<XXXX><ending>,
+   labelsTr/<case><ending>}. A task table is
+   {"format": "medsamix-nnunet-tasks-v1", "tasks": {"<task>": [{"dataset":
+   "DatasetXXX_Name", "channel": 0, "foreground": [1, 2]}, ...]}}; the entries
+   of one task are pooled. Per entry, as the reference: cases = sorted,
+   de-duplicated names of the imagesTr files containing "0000", with the last
+   "_..." part cut; calib = the cases before int(N - N·(1 - calib_fraction))
+   (float64), test = the rest; slices in entry, case, z order. The
+   reference's dropping of the last pooled slice is not reproduced. */
+
+/* Zero-initialise, then set what you need. */
+typedef struct msx_nnunet_options {
+    double calib_fraction; /* 0 = 0.2 (the reference) */
+    int max_slices;        /* per task and split; 0 = all (the reference) */
+    uint64_t seed;         /* the --max-slices subset */
+} msx_nnunet_options;
+
+typedef struct msx_nnunet_slice {
+    const char *dataset, *case_id; /* borrowed from the task */
+    int entry;                     /* index in the task's entry list */
+    int channel, z;
+    int rows, cols;                /* nx, ny of the volume */
+    int box[4];                    /* x0 y0 x1 y1 = col_min row_min col_max row_max, maxima inclusive */
+    char *name;                    /* file stem: <case>_c<channel>_z<z>, "<dataset>_" first when two pooled datasets share the case name */
+    unsigned char *image;          /* rows × cols uint8 (row-major, row = axis 0) */
+    unsigned char *mask;           /* rows × cols, 0/1 */
+} msx_nnunet_slice;
+
+typedef struct msx_nnunet_entry {
+    char *dataset;
+    int channel;
+    int n_fg;
+    int *fg;
+    int n_cases[2];  /* [MSX_SPLIT_CALIB], [MSX_SPLIT_TEST] */
+    char **cases[2];
+} msx_nnunet_entry;
+
+typedef struct msx_nnunet_task {
+    char *name;
+    int n_entries;
+    msx_nnunet_entry *entries;
+    int n[2];                  /* slices per split */
+    msx_nnunet_slice *slices[2];
+} msx_nnunet_task;
+
+/* Task names of a table, in file order (free with msx_nnunet_names_free). */
+MSXDEF msx_result msx_nnunet_task_names(const char *table, char ***names, int *n);
+MSXDEF void msx_nnunet_names_free(char **names, int n);
+/* Loads one task: validates the whole table entry first (dataset folders,
+   dataset.json, every channel and label file present, image and label
+   headers of equal shape, foreground set non-empty), then reads the volumes
+   and keeps the used slices. Progress: on_case(done, total, user) after
+   each volume (may be NULL). */
+MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, const char *task,
+                                       const msx_nnunet_options *opt,
+                                       void (*on_case)(int done, int total, void *user), void *user,
+                                       msx_nnunet_task **out);
+MSXDEF void msx_nnunet_task_free(msx_nnunet_task *t);
+/* Writes out_dir/{calib,test}/{images,masks}/<name>.png (image = the uint8
+   slice, mask 0/255) and out_dir/slices.json ("medsamix-slices-v1"). */
+MSXDEF msx_result msx_nnunet_task_write(const msx_nnunet_task *t, const char *out_dir);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MSX_NO_NIFTI */
+/* ======================================================================== */
 /* API: layer-wise merging. Owns the four merge methods of the official     */
 /* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP:                     */
 /* docs/semantics.md §2), the mapping of SAM state-dict keys to merge       */
@@ -1266,6 +1427,7 @@ typedef struct msx_task_options {
     uint64_t box_seed;       /* jitter seed (always seeded: same boxes every run) */
     int max_images;          /* per split, 0 = all */
     msx_intensity intensity; /* 16-bit images -> 8 bits (zero = MSX_INTENSITY_MINMAX) */
+    int max_slices;          /* nnU-Net tasks: per split, a seeded subset (split_seed) spread over the cases; 0 = all */
 } msx_task_options;
 
 typedef struct msx_task msx_task;
@@ -1283,6 +1445,13 @@ MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path 
 MSXDEF int msx_task_n_16bit(const msx_task *t);
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
+/* A task of an nnU-Net task table (volumes section; not with MSX_NO_NIFTI):
+   the slices msx_nnunet_task_load gives (calib_fraction, max_slices,
+   split_seed), kept in memory, no PNG files; the same images, masks and
+   boxes as the folder `medsamix prepare` writes. mask_rule and split are
+   not used; msx_task_image names a slice "<dataset>/<name>". */
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out);
 
 /* --- evaluation ------------------------------------------------------------ */
 /* Mean Dice (image-pooled, 2ΣPG/(ΣP+ΣG+1e-8), box prompt, mask token 0) of the
@@ -1307,8 +1476,10 @@ typedef struct msx_search_options {
     const char *base;                 /* base checkpoint (.pth / .safetensors) */
     const char *const *models;        /* fine-tuned checkpoints */
     int n_models;
-    const char *const *tasks;         /* task folders */
+    const char *const *tasks;         /* task folders, or task names of nnunet_table */
     int n_tasks;
+    const char *nnunet_root;          /* non-NULL: tasks come from nnU-Net datasets under this root */
+    const char *nnunet_table;         /* ... and this task table (medsamix-nnunet-tasks-v1) */
     const char *arch_config;          /* optional architecture JSON (NULL: infer) */
     const char *out_dir;              /* run folder (created); NULL = "runs/search" */
     int multi;                        /* 0: MedSAMix-S on tasks[0]; 1: MedSAMix-M, one objective per task */
@@ -6986,6 +7157,1269 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 }
 
 /* ======================================================================== */
+/* IMPLEMENTATION: volumes — NIfTI and nnU-Net. Owns NIfTI I/O on top of    */
+/* nifti_clib (header checks before any voxel is read, float64 + scaling as */
+/* nibabel, atomic uint8/float writing), the reference's normalisation     */
+/* (numpy-exact percentiles and pairwise sums), task tables, nnU-Net case  */
+/* lists and splits, slice selection and the prepare output.               */
+/* ======================================================================== */
+#ifndef MSX_NO_NIFTI
+#include <dirent.h>
+#include <nifti2_io.h>
+#include <sys/stat.h>
+#include <zlib.h>
+
+/* ---- NIfTI files ------------------------------------------------------------- */
+
+static int msx__vol_ends(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n > k && !strcmp(s + n - k, suffix);
+}
+
+/* Bytes per voxel of the datatypes we convert to float64 (0 = refused). */
+static int msx__vol_dtsize(int dt) {
+    switch (dt) {
+    case DT_UINT8: case DT_INT8: return 1;
+    case DT_INT16: case DT_UINT16: return 2;
+    case DT_INT32: case DT_UINT32: case DT_FLOAT32: return 4;
+    case DT_INT64: case DT_UINT64: case DT_FLOAT64: return 8;
+    default: return 0;
+    }
+}
+
+/* Checks the raw header (nifti_read_header: magic, sizeof_hdr, byte order)
+   and our limits, then lets nifti_clib parse it into a nifti_image without
+   data. Nothing larger than the header and its extensions is read. */
+static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3], int *version) {
+    struct stat st;
+    int nver = 0, k, nd, dt, nb;
+    int64_t d[8], voxoff, bytes;
+    nifti_image *nim;
+    *out = NULL;
+    if (!path) return msx__err(MSX_E_ARG, "msx_volume_load: path is NULL");
+    if (stat(path, &st) != 0) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) return msx__err(MSX_E_IO, "%s: not a regular file", path);
+    if (!msx__vol_ends(path, ".nii") && !msx__vol_ends(path, ".nii.gz"))
+        return msx__err(MSX_E_UNSUPPORTED, "%s: only .nii and .nii.gz NIfTI files are read (no .hdr/.img pairs)", path);
+    /* The header is checked here, from its raw bytes, before nifti_clib sees
+       it: nifti_clib prints to stderr about headers it dislikes. */
+    nifti_set_debug_level(0);
+    {
+        unsigned char hb[540];
+        size_t got;
+        int sw = 0;
+        int32_t sz;
+        znzFile zf = znzopen(path, "rb", msx__vol_ends(path, ".gz"));
+        if (znz_isnull(zf)) return msx__err(MSX_E_IO, "%s: cannot open", path);
+        got = znzread(hb, 1, sizeof hb, zf);
+        znzclose(zf);
+        if (got < 348) return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (%lu bytes, a header needs 348)", path, (unsigned long)got);
+        memcpy(&sz, hb, 4);
+        if (sz != 348 && sz != 540) {
+            sz = (int32_t)(((uint32_t)sz >> 24) | (((uint32_t)sz >> 8) & 0xff00u) | (((uint32_t)sz << 8) & 0xff0000u) | ((uint32_t)sz << 24));
+            sw = 1;
+        }
+        if (sz == 540 && got < 540) return msx__err(MSX_E_FORMAT, "%s: truncated NIfTI-2 header", path);
+        if (sz == 348) {
+            float vo;
+            nver = 1;
+            if (memcmp(hb + 344, "n+1", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+1\" (not a single-file NIfTI-1 image)", path);
+            for (k = 0; k < 8; k++) d[k] = (int16_t)(sw ? (hb[41 + 2 * k] | hb[40 + 2 * k] << 8) : (hb[40 + 2 * k] | hb[41 + 2 * k] << 8));
+            dt = (int16_t)(sw ? (hb[71] | hb[70] << 8) : (hb[70] | hb[71] << 8));
+            {
+                unsigned char t[4];
+                for (k = 0; k < 4; k++) t[k] = hb[108 + (sw ? 3 - k : k)];
+                memcpy(&vo, t, 4);
+            }
+            if (!(vo >= 0 && vo <= 16777216.0f)) return msx__err(MSX_E_FORMAT, "%s: vox_offset %g is not in [352, 16 MiB]", path, (double)vo);
+            voxoff = (int64_t)vo;
+        } else if (sz == 540) {
+            nver = 2;
+            if (memcmp(hb + 4, "n+2", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+2\" (not a single-file NIfTI-2 image)", path);
+            for (k = 0; k < 9; k++) {
+                int64_t x = 0;
+                int q;
+                const unsigned char *f = hb + (k < 8 ? 16 + 8 * k : 168);
+                for (q = 0; q < 8; q++) x |= (int64_t)((uint64_t)f[sw ? q : 7 - q] << (8 * (7 - q)));
+                if (k < 8) d[k] = x;
+                else voxoff = x;
+            }
+            dt = (int16_t)(sw ? (hb[13] | hb[12] << 8) : (hb[12] | hb[13] << 8));
+        } else return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (sizeof_hdr is %d, not 348 or 540)", path, (int)sz);
+    }
+    nd = (int)d[0];
+    if (d[0] < 1 || d[0] > 7) return msx__err(MSX_E_FORMAT, "%s: dim[0] = %lld, must be 1..7", path, (long long)d[0]);
+    for (k = 1; k <= nd; k++) {
+        if (d[k] < 1) return msx__err(MSX_E_FORMAT, "%s: dim[%d] = %lld, must be >= 1", path, k, (long long)d[k]);
+        if (k <= 3 && d[k] > MSX_MAX_VOLUME_SIDE)
+            return msx__err(MSX_E_LIMIT, "%s: dim[%d] = %lld exceeds MSX_MAX_VOLUME_SIDE (%d)", path, k, (long long)d[k], MSX_MAX_VOLUME_SIDE);
+        if (k > 3 && d[k] != 1)
+            return msx__err(MSX_E_UNSUPPORTED, "%s: a %d-D volume with dim[%d] = %lld; only 3-D volumes (extra dimensions 1) are read", path, nd, k, (long long)d[k]);
+    }
+    for (k = nd + 1; k <= 3; k++) d[k] = 1;
+    if (!(nb = msx__vol_dtsize(dt)))
+        return msx__err(MSX_E_UNSUPPORTED, "%s: NIfTI datatype %d is not read (integers up to 64 bits, float32, float64)", path, dt);
+    bytes = d[1] * d[2] * d[3] * nb; /* each side <= 2^15: no overflow */
+    if (bytes > (int64_t)MSX_MAX_VOLUME_BYTES)
+        return msx__err(MSX_E_LIMIT, "%s: %lld x %lld x %lld voxels of %d bytes exceed MSX_MAX_VOLUME_BYTES (%lld)", path,
+                        (long long)d[1], (long long)d[2], (long long)d[3], nb, (long long)MSX_MAX_VOLUME_BYTES);
+    if (voxoff < (nver == 2 ? 544 : 352) || voxoff > ((int64_t)1 << 24))
+        return msx__err(MSX_E_FORMAT, "%s: vox_offset %lld is not in [%d, 16 MiB]", path, (long long)voxoff, nver == 2 ? 544 : 352);
+    nim = nifti_image_read(path, 0);
+    if (!nim) return msx__err(MSX_E_FORMAT, "%s: nifti_clib cannot parse the header", path);
+    if (nim->nifti_type != NIFTI_FTYPE_NIFTI1_1 && nim->nifti_type != NIFTI_FTYPE_NIFTI2_1) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_UNSUPPORTED, "%s: not a single-file NIfTI-1/2 image (ANALYZE or header/image pair)", path);
+    }
+    if (nim->nvox != d[1] * d[2] * d[3] || nim->datatype != dt) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: inconsistent header (voxel count or datatype)", path);
+    }
+    dims[0] = (int)d[1];
+    dims[1] = (int)d[2];
+    dims[2] = (int)d[3];
+    *version = nver;
+    *out = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_probe(const char *path, int dims[3], int *datatype) {
+    nifti_image *nim;
+    int d[3], ver;
+    msx_result r = msx__vol_open(path, &nim, d, &ver);
+    if (r != MSX_OK) return r;
+    if (dims) memcpy(dims, d, sizeof d);
+    if (datatype) *datatype = nim->datatype;
+    nifti_image_free(nim);
+    return MSX_OK;
+}
+
+MSXDEF void msx_volume_free(msx_volume *v) {
+    if (!v) return;
+    MSX_FREE(v->data);
+    if (v->hdr) nifti_image_free((nifti_image *)v->hdr);
+    memset(v, 0, sizeof *v);
+}
+
+/* nibabel's img.affine: the sform when sform_code > 0, else the qform when
+   qform_code > 0, else nibabel's base affine (pixdim, x flipped, centred). */
+static void msx__vol_affine(const nifti_image *nim, double a[4][4]) {
+    int i, j;
+    if (nim->sform_code > 0 || nim->qform_code > 0) {
+        const nifti_dmat44 *m = nim->sform_code > 0 ? &nim->sto_xyz : &nim->qto_xyz;
+        for (i = 0; i < 4; i++)
+            for (j = 0; j < 4; j++) a[i][j] = m->m[i][j];
+        return;
+    }
+    memset(a, 0, sizeof(double) * 16);
+    {
+        double z[3], s[3];
+        s[0] = (double)nim->nx; s[1] = (double)nim->ny; s[2] = (double)nim->nz;
+        z[0] = -(double)nim->dx; z[1] = (double)nim->dy; z[2] = (double)nim->dz;
+        for (i = 0; i < 3; i++) {
+            a[i][i] = z[i];
+            a[i][3] = -((s[i] - 1) / 2.0) * z[i];
+        }
+        a[3][3] = 1;
+    }
+}
+
+MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out) {
+    nifti_image *nim = NULL;
+    int d[3], ver;
+    size_t n, i;
+    double slope, inter, *v;
+    int scaled;
+    msx_result r;
+    if (!out) return msx__err(MSX_E_ARG, "msx_volume_load: out is NULL");
+    msx_volume_free(out);
+    if ((r = msx__vol_open(path, &nim, d, &ver)) != MSX_OK) return r;
+    if (nifti_image_load(nim) != 0 || !nim->data) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: voxel data truncated or unreadable (%dx%dx%d voxels expected)", path, d[0], d[1], d[2]);
+    }
+    n = (size_t)d[0] * (size_t)d[1] * (size_t)d[2];
+    v = (double *)MSX_MALLOC(n * sizeof(double) + 1);
+    if (!v) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "%s: cannot allocate %lu voxels", path, (unsigned long)n); }
+    /* nibabel get_slope_inter: a zero or non-finite slope means unscaled; a
+       finite slope needs a finite intercept. */
+    slope = nim->scl_slope;
+    inter = nim->scl_inter;
+    if (slope == 0 || !isfinite(slope)) { slope = 1; inter = 0; }
+    else if (!isfinite(inter)) {
+        MSX_FREE(v);
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: valid scl_slope but non-finite scl_inter", path);
+    }
+    scaled = !(slope == 1 && inter == 0);
+    for (i = 0; i < n; i++) {
+        double x;
+        switch (nim->datatype) {
+        case DT_UINT8: x = ((const uint8_t *)nim->data)[i]; break;
+        case DT_INT8: x = ((const int8_t *)nim->data)[i]; break;
+        case DT_INT16: x = ((const int16_t *)nim->data)[i]; break;
+        case DT_UINT16: x = ((const uint16_t *)nim->data)[i]; break;
+        case DT_INT32: x = ((const int32_t *)nim->data)[i]; break;
+        case DT_UINT32: x = ((const uint32_t *)nim->data)[i]; break;
+        case DT_INT64: x = (double)((const int64_t *)nim->data)[i]; break;
+        case DT_UINT64: x = (double)((const uint64_t *)nim->data)[i]; break;
+        case DT_FLOAT32: x = ((const float *)nim->data)[i]; break;
+        default: x = ((const double *)nim->data)[i]; break;
+        }
+        if (scaled) {
+            /* nibabel apply_read_scaling in float64: arr * slope, then + inter
+               (two roundings; volatile keeps a compiler from fusing them) */
+            volatile double t = x;
+            if (slope != 1.0) t = t * slope;
+            if (inter != 0.0) t = t + inter;
+            x = t;
+        }
+        if (!isfinite(x)) {
+            MSX_FREE(v);
+            nifti_image_free(nim);
+            return msx__err(MSX_E_FORMAT, "%s: voxel %lu is NaN or infinite; fix the volume", path, (unsigned long)i);
+        }
+        v[i] = x;
+    }
+    free(nim->data); /* nifti_clib's malloc */
+    nim->data = NULL;
+    out->nx = d[0];
+    out->ny = d[1];
+    out->nz = d[2];
+    out->data = v;
+    msx__vol_affine(nim, out->affine);
+    out->nifti_version = ver;
+    out->datatype = nim->datatype;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_like(const msx_volume *ref, msx_volume *out) {
+    nifti_image *nim;
+    size_t n;
+    if (!ref || !out || !ref->hdr) return msx__err(MSX_E_ARG, "msx_volume_like: no reference volume");
+    msx_volume_free(out);
+    nim = nifti_copy_nim_info((const nifti_image *)ref->hdr);
+    n = (size_t)ref->nx * (size_t)ref->ny * (size_t)ref->nz;
+    out->data = (double *)msx__calloc(n ? n : 1, sizeof(double));
+    if (!nim || !out->data) {
+        if (nim) nifti_image_free(nim);
+        MSX_FREE(out->data);
+        out->data = NULL;
+        return msx__err(MSX_E_NOMEM, "msx_volume_like: out of memory");
+    }
+    out->nx = ref->nx;
+    out->ny = ref->ny;
+    out->nz = ref->nz;
+    memcpy(out->affine, ref->affine, sizeof out->affine);
+    out->nifti_version = ref->nifti_version;
+    out->datatype = ref->datatype;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_create(int nx, int ny, int nz, const double affine[4][4], int nifti_version,
+                                    msx_volume *out) {
+    int64_t dims[8] = {3, 0, 0, 0, 1, 1, 1, 1};
+    nifti_image *nim;
+    int i, j;
+    if (!out) return msx__err(MSX_E_ARG, "msx_volume_create: out is NULL");
+    msx_volume_free(out);
+    if (nx < 1 || ny < 1 || nz < 1 || nx > MSX_MAX_VOLUME_SIDE || ny > MSX_MAX_VOLUME_SIDE || nz > MSX_MAX_VOLUME_SIDE)
+        return msx__err(MSX_E_ARG, "msx_volume_create: dims %d x %d x %d out of range", nx, ny, nz);
+    if (nifti_version != 1 && nifti_version != 2) return msx__err(MSX_E_ARG, "msx_volume_create: NIfTI version must be 1 or 2");
+    if ((int64_t)nx * ny * nz * 8 > (int64_t)MSX_MAX_VOLUME_BYTES) return msx__err(MSX_E_LIMIT, "msx_volume_create: exceeds MSX_MAX_VOLUME_BYTES");
+    dims[1] = nx;
+    dims[2] = ny;
+    dims[3] = nz;
+    nifti_set_debug_level(0);
+    nim = nifti_make_new_nim(dims, DT_FLOAT64, 0);
+    if (!nim) return msx__err(MSX_E_NOMEM, "msx_volume_create: out of memory");
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 4; j++) {
+            double v = affine ? affine[i][j] : (double)(i == j);
+            nim->sto_xyz.m[i][j] = v;
+            nim->qto_xyz.m[i][j] = v;
+        }
+    nim->sform_code = nim->qform_code = 1; /* NIFTI_XFORM_SCANNER_ANAT */
+    /* qform = the rotation part of the affine as a quaternion, its column
+       lengths as pixdim (nifti_clib's decomposition) */
+    nifti_dmat44_to_quatern(nim->qto_xyz, &nim->quatern_b, &nim->quatern_c, &nim->quatern_d, &nim->qoffset_x,
+                            &nim->qoffset_y, &nim->qoffset_z, &nim->dx, &nim->dy, &nim->dz, &nim->qfac);
+    nim->pixdim[1] = nim->dx;
+    nim->pixdim[2] = nim->dy;
+    nim->pixdim[3] = nim->dz;
+    nim->pixdim[0] = nim->qfac;
+    nim->qto_xyz = nifti_quatern_to_dmat44(nim->quatern_b, nim->quatern_c, nim->quatern_d, nim->qoffset_x,
+                                           nim->qoffset_y, nim->qoffset_z, nim->dx, nim->dy, nim->dz, nim->qfac);
+    nim->nifti_type = nifti_version == 2 ? NIFTI_FTYPE_NIFTI2_1 : NIFTI_FTYPE_NIFTI1_1;
+    out->data = (double *)msx__calloc((size_t)nx * ny * nz, sizeof(double));
+    if (!out->data) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "msx_volume_create: out of memory"); }
+    out->nx = nx;
+    out->ny = ny;
+    out->nz = nz;
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 4; j++) out->affine[i][j] = nim->sto_xyz.m[i][j];
+    out->nifti_version = nifti_version;
+    out->datatype = DT_FLOAT64;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+/* gzip (RFC 1952) of a buffer in memory, for an atomic .nii.gz write. */
+static msx_result msx__vol_gzip(const char *path, const unsigned char *src, size_t n, unsigned char **dst, size_t *dn) {
+    z_stream zs;
+    uLong cap;
+    unsigned char *buf;
+    int zr;
+    memset(&zs, 0, sizeof zs);
+    if (deflateInit2(&zs, 1, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        return msx__err(MSX_E_NOMEM, "%s: zlib deflateInit2 failed", path);
+    cap = deflateBound(&zs, (uLong)n) + 64;
+    buf = (unsigned char *)MSX_MALLOC((size_t)cap);
+    if (!buf) { deflateEnd(&zs); return msx__err(MSX_E_NOMEM, "%s: out of memory for gzip", path); }
+    zs.next_in = (Bytef *)(uintptr_t)src;
+    zs.avail_in = (uInt)n;
+    zs.next_out = buf;
+    zs.avail_out = (uInt)cap;
+    zr = deflate(&zs, Z_FINISH);
+    *dn = (size_t)zs.total_out;
+    deflateEnd(&zs);
+    if (zr != Z_STREAM_END) { MSX_FREE(buf); return msx__err(MSX_E_IO, "%s: gzip compression failed", path); }
+    *dst = buf;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_save(const char *path, const msx_volume *v, msx_dtype dtype) {
+    nifti_image *nim;
+    int gz, dt, nb, ver;
+    size_t n, i, hlen, total;
+    unsigned char *buf = NULL, *gzb = NULL, *px;
+    msx_result r = MSX_OK;
+    if (!path || !v || !v->hdr || !v->data) return msx__err(MSX_E_ARG, "msx_volume_save: NULL path or empty volume");
+    gz = msx__vol_ends(path, ".nii.gz");
+    if (!gz && !msx__vol_ends(path, ".nii")) return msx__err(MSX_E_ARG, "%s: the file name must end in .nii or .nii.gz", path);
+    switch (dtype) {
+    case MSX_U8: dt = DT_UINT8; nb = 1; break;
+    case MSX_I16: dt = DT_INT16; nb = 2; break;
+    case MSX_I32: dt = DT_INT32; nb = 4; break;
+    case MSX_F32: dt = DT_FLOAT32; nb = 4; break;
+    case MSX_F64: dt = DT_FLOAT64; nb = 8; break;
+    default: return msx__err(MSX_E_UNSUPPORTED, "%s: msx_volume_save writes U8, I16, I32, F32 or F64", path);
+    }
+    nim = nifti_copy_nim_info((const nifti_image *)v->hdr);
+    if (!nim) return msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+    ver = v->nifti_version == 2 ? 2 : 1;
+    nim->datatype = dt;
+    nim->nbyper = nb;
+    nim->scl_slope = 1;
+    nim->scl_inter = 0;
+    nim->cal_min = nim->cal_max = 0;
+    nim->nifti_type = ver == 2 ? NIFTI_FTYPE_NIFTI2_1 : NIFTI_FTYPE_NIFTI1_1;
+    nim->iname_offset = ver == 2 ? 544 : 352; /* header + 4-byte extender, no extensions */
+    hlen = (size_t)nim->iname_offset;
+    n = (size_t)v->nx * (size_t)v->ny * (size_t)v->nz;
+    total = hlen + n * (size_t)nb;
+    buf = (unsigned char *)msx__calloc(total, 1);
+    if (!buf) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "%s: out of memory", path); }
+    if (ver == 2) {
+        nifti_2_header h2;
+        if (nifti_convert_nim2n2hdr(nim, &h2) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-2 header", path);
+        else {
+            /* the full 8-byte signature (some nifti_clib versions write only "n+2") */
+            memcpy(h2.magic, "n+2\0\r\n\032\n", 8);
+            memcpy(buf, &h2, sizeof h2);
+        }
+    } else {
+        nifti_1_header h1;
+        if (nifti_convert_nim2n1hdr(nim, &h1) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-1 header (dims beyond NIfTI-1?)", path);
+        else memcpy(buf, &h1, sizeof h1);
+    }
+    nifti_image_free(nim);
+    px = buf + hlen;
+    for (i = 0; r == MSX_OK && i < n; i++) {
+        double x = v->data[i];
+        if (dtype == MSX_F32) { float f = (float)x; memcpy(px + 4 * i, &f, 4); }
+        else if (dtype == MSX_F64) memcpy(px + 8 * i, &x, 8);
+        else {
+            double lo = dtype == MSX_U8 ? 0 : dtype == MSX_I16 ? -32768.0 : -2147483648.0;
+            double hi = dtype == MSX_U8 ? 255 : dtype == MSX_I16 ? 32767.0 : 2147483647.0;
+            double rx = floor(x + 0.5);
+            if (!(rx >= lo && rx <= hi)) {
+                r = msx__err(MSX_E_ARG, "%s: voxel %lu = %g does not fit %s", path, (unsigned long)i, x, msx_dtype_name(dtype));
+                break;
+            }
+            if (dtype == MSX_U8) px[i] = (unsigned char)rx;
+            else if (dtype == MSX_I16) { int16_t s = (int16_t)rx; memcpy(px + 2 * i, &s, 2); }
+            else { int32_t s = (int32_t)rx; memcpy(px + 4 * i, &s, 4); }
+        }
+    }
+    if (r == MSX_OK && gz) {
+        size_t gn = 0;
+        if ((r = msx__vol_gzip(path, buf, total, &gzb, &gn)) == MSX_OK) r = msx_write_file_atomic(path, gzb, gn);
+    } else if (r == MSX_OK) r = msx_write_file_atomic(path, buf, total);
+    MSX_FREE(gzb);
+    MSX_FREE(buf);
+    return r;
+}
+
+/* ---- the reference's normalisation (numpy-exact) ------------------------------ */
+
+/* numpy's pairwise summation of float64 (loops_utils.h pairwise_sum: blocks
+   of 128, eight accumulators); np.sum/np.mean of a contiguous array. */
+static double msx__vol_pairwise(const double *a, size_t n) {
+    if (n < 8) {
+        double res = 0.;
+        size_t i;
+        for (i = 0; i < n; i++) res += a[i];
+        return res;
+    } else if (n <= 128) {
+        double r[8], res;
+        size_t i, j;
+        for (j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (j = 0; j < 8; j++) r[j] += a[i + j];
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    } else {
+        size_t n2 = n / 2;
+        n2 -= n2 % 8;
+        return msx__vol_pairwise(a, n2) + msx__vol_pairwise(a + n2, n - n2);
+    }
+}
+
+/* np.sum of a contiguous float64 array: the reduction runs over buffers of
+   8192 elements (numpy's default bufsize), each summed pairwise, the
+   buffers added one after the other. */
+static double msx__vol_sum(const double *a, size_t n) {
+    double res = 0;
+    size_t i;
+    for (i = 0; i < n; i += 8192) res += msx__vol_pairwise(a + i, n - i < 8192 ? n - i : 8192);
+    return res;
+}
+
+/* k-th smallest of a[0..n-1] (a is permuted): Hoare quickselect, which
+   stays balanced on the many equal values (zeros) of medical volumes. */
+static double msx__vol_select(double *a, size_t n, size_t k) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, kk = (ptrdiff_t)k;
+    while (lo < hi) {
+        double pivot = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                double t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (kk <= j) hi = j;
+        else if (kk >= i) lo = i;
+        else break; /* a[j+1..i-1] all equal the pivot */
+    }
+    return a[kk];
+}
+
+/* np.percentile(a, pct) with method "linear" (numpy 1.22+: virtual index
+   (n - 1)·q, q = pct / 100, and its two-sided lerp). a is permuted. */
+static double msx__vol_percentile(double *a, size_t n, double pct) {
+    double q = pct / 100.0, vi = (double)(n - 1) * q, prev = floor(vi), g, lo, hi, diff;
+    size_t k = (size_t)prev, m;
+    if (vi >= (double)(n - 1)) return msx__vol_select(a, n, n - 1);
+    lo = msx__vol_select(a, n, k);
+    hi = a[k + 1];
+    for (m = k + 2; m < n; m++)
+        if (a[m] < hi) hi = a[m];
+    g = vi - prev;
+    diff = hi - lo;
+    {
+        volatile double t = diff * (g >= 0.5 ? 1 - g : g);
+        return g >= 0.5 ? hi - t : lo + t;
+    }
+}
+
+MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out) {
+    size_t n, i;
+    double *w, lo, hi, mean, sd, zmin, zmax, den;
+    if (!v || !v->data || !out) return msx__err(MSX_E_ARG, "msx_volume_to_u8: empty volume or NULL output");
+    n = (size_t)v->nx * (size_t)v->ny * (size_t)v->nz;
+    w = (double *)MSX_MALLOC(n * sizeof(double));
+    if (!w) return msx__err(MSX_E_NOMEM, "msx_volume_to_u8: cannot allocate %lu doubles", (unsigned long)n);
+    /* 1. np.clip(x, P0.5, P99.5) over the whole volume, zeros included */
+    memcpy(w, v->data, n * sizeof(double));
+    lo = msx__vol_percentile(w, n, 0.5);
+    hi = msx__vol_percentile(w, n, 99.5);
+    for (i = 0; i < n; i++) {
+        double x = v->data[i];
+        w[i] = x < lo ? lo : x > hi ? hi : x;
+    }
+    /* 2. z-score: np.mean and np.std (population), numpy's sums in array
+       (file) order */
+    mean = msx__vol_sum(w, n) / (double)n;
+    {
+        double *d2 = (double *)MSX_MALLOC(n * sizeof(double));
+        if (!d2) { MSX_FREE(w); return msx__err(MSX_E_NOMEM, "msx_volume_to_u8: out of memory"); }
+        for (i = 0; i < n; i++) {
+            double d = w[i] - mean;
+            d2[i] = d * d;
+        }
+        sd = sqrt(msx__vol_sum(d2, n) / (double)n);
+        MSX_FREE(d2);
+    }
+    if (!(sd > 0)) { /* constant volume: numpy gives NaN, we give zeros */
+        memset(out, 0, n);
+        MSX_FREE(w);
+        return MSX_OK;
+    }
+    zmin = HUGE_VAL;
+    zmax = -HUGE_VAL;
+    for (i = 0; i < n; i++) {
+        w[i] = (w[i] - mean) / sd;
+        if (w[i] < zmin) zmin = w[i];
+        if (w[i] > zmax) zmax = w[i];
+    }
+    /* 3. (x - min) / (max - min + 1e-5), uint8 = trunc(255·v) */
+    den = (zmax - zmin) + 1e-5;
+    for (i = 0; i < n; i++) {
+        double t = (w[i] - zmin) / den;
+        double s = 255.0 * t;
+        out[i] = (unsigned char)(int)s;
+    }
+    MSX_FREE(w);
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_label_mask(const msx_volume *label, const int *fg, int n_fg, unsigned char *out) {
+    size_t n, i;
+    int k;
+    if (!label || !label->data || !out) return msx__err(MSX_E_ARG, "msx_volume_label_mask: empty label or NULL output");
+    if (!fg || n_fg < 1) return msx__err(MSX_E_ARG, "msx_volume_label_mask: empty foreground set; give at least one label value");
+    n = (size_t)label->nx * (size_t)label->ny * (size_t)label->nz;
+    for (i = 0; i < n; i++) {
+        double r = nearbyint(label->data[i]); /* np.round: half to even */
+        unsigned char m = 0;
+        for (k = 0; k < n_fg && !m; k++) m = r == (double)fg[k];
+        out[i] = m;
+    }
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_slice_image(const unsigned char *vol, int nx, int ny, int nz, int k, msx_image *out) {
+    msx_result r;
+    int i, j;
+    if (!vol || !out || k < 0 || k >= nz) return msx__err(MSX_E_ARG, "msx_volume_slice_image: slice %d not in [0, %d)", k, nz);
+    if ((r = msx_image_init(out, ny, nx, NULL)) != MSX_OK) return r;
+    for (i = 0; i < nx; i++)
+        for (j = 0; j < ny; j++) {
+            unsigned char g = vol[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * (size_t)k)];
+            unsigned char *p = out->data + ((size_t)i * ny + j) * 3;
+            p[0] = p[1] = p[2] = g;
+        }
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_slice_mask(const unsigned char *vol, int nx, int ny, int nz, int k, msx_mask *out) {
+    msx_result r;
+    int i, j;
+    if (!vol || !out || k < 0 || k >= nz) return msx__err(MSX_E_ARG, "msx_volume_slice_mask: slice %d not in [0, %d)", k, nz);
+    if ((r = msx_mask_init(out, ny, nx)) != MSX_OK) return r;
+    for (i = 0; i < nx; i++)
+        for (j = 0; j < ny; j++)
+            out->data[(size_t)i * ny + j] = vol[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * (size_t)k)] != 0;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsigned char *grey) {
+#ifdef MSX_NO_STB_IMAGE
+    (void)w; (void)h; (void)grey;
+    return msx__err(MSX_E_UNSUPPORTED, "%s: built with MSX_NO_STB_IMAGE, cannot write PNG", path ? path : "");
+#else
+    if (!path || !grey || w <= 0 || h <= 0) return msx__err(MSX_E_ARG, "msx_grey_save_png: NULL path or empty image");
+    return msx__img_write_png(path, w, h, 1, grey);
+#endif
+}
+
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *f, *bx;
+    int i, k;
+    msx_result r;
+    if (!path || nz < 1 || !has || !boxes) return msx__err(MSX_E_ARG, "msx_volume_boxes_load: bad arguments");
+    memset(has, 0, (size_t)nz);
+    if ((r = msx_read_file(path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, path);
+    msx_free(buf);
+    if (!j) return MSX_E_FORMAT;
+    f = msx__json_get(j, "format");
+    bx = msx__json_get(j, "boxes");
+    r = MSX_OK;
+    if (!f || f->type != MSX__JSTR || strcmp(f->str, "medsamix-boxes-v1") != 0)
+        r = msx__err(MSX_E_FORMAT, "%s: \"format\" must be \"medsamix-boxes-v1\"", path);
+    else if (!bx || bx->type != MSX__JARR)
+        r = msx__err(MSX_E_FORMAT, "%s: \"boxes\" must be a list of {\"z\": k, \"box\": [x0, y0, x1, y1]}", path);
+    for (i = 0; r == MSX_OK && i < bx->n; i++) {
+        const msx__json *z = msx__json_get(&bx->kids[i], "z"), *b = msx__json_get(&bx->kids[i], "box");
+        int zi;
+        if (!z || z->type != MSX__JNUM || z->num != floor(z->num) || z->num < 0 || z->num >= nz) {
+            r = msx__err(MSX_E_ARG, "%s: boxes[%d]: \"z\" must be an integer slice index in [0, %d)", path, i, nz);
+            break;
+        }
+        zi = (int)z->num;
+        if (has[zi]) { r = msx__err(MSX_E_ARG, "%s: slice z = %d has two boxes", path, zi); break; }
+        if (!b || b->type != MSX__JARR || b->n != 4) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: \"box\" must be [x0, y0, x1, y1]", path, i); break; }
+        for (k = 0; k < 4; k++) {
+            if (b->kids[k].type != MSX__JNUM || !isfinite(b->kids[k].num)) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: box values must be numbers", path, i); break; }
+            boxes[4 * zi + k] = (float)b->kids[k].num;
+        }
+        has[zi] = 1;
+    }
+    msx__json_free(j);
+    return r;
+}
+
+/* ---- nnU-Net datasets and task tables ------------------------------------------ */
+
+static char *msx__vol_join(const char *a, const char *b) {
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s%s%s", a, (a[0] && a[strlen(a) - 1] == '/') ? "" : "/", b);
+    return s;
+}
+
+static int msx__vol_isdir(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int msx__vol_isfile(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int msx__vol_cmpstr(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+MSXDEF void msx_nnunet_names_free(char **names, int n) {
+    int i;
+    if (!names) return;
+    for (i = 0; i < n; i++) MSX_FREE(names[i]);
+    MSX_FREE(names);
+}
+
+static msx_result msx__vol_table_read(const char *table, msx__json **out) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *f, *t;
+    msx_result r;
+    *out = NULL;
+    if (!table) return msx__err(MSX_E_ARG, "no task table given (--task-table TASKS.json)");
+    if ((r = msx_read_file(table, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, table);
+    msx_free(buf);
+    if (!j) return MSX_E_FORMAT;
+    f = msx__json_get(j, "format");
+    t = msx__json_get(j, "tasks");
+    if (!f || f->type != MSX__JSTR || strcmp(f->str, "medsamix-nnunet-tasks-v1") != 0) {
+        msx__json_free(j);
+        return msx__err(MSX_E_FORMAT, "%s: \"format\" must be \"medsamix-nnunet-tasks-v1\"", table);
+    }
+    if (!t || t->type != MSX__JOBJ || t->n < 1) {
+        msx__json_free(j);
+        return msx__err(MSX_E_FORMAT, "%s: \"tasks\" must be a non-empty object {\"<task>\": [entries]}", table);
+    }
+    *out = j;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_nnunet_task_names(const char *table, char ***names, int *n) {
+    msx__json *j;
+    const msx__json *t;
+    char **v;
+    int i;
+    msx_result r;
+    *names = NULL;
+    *n = 0;
+    if ((r = msx__vol_table_read(table, &j)) != MSX_OK) return r;
+    t = msx__json_get(j, "tasks");
+    v = (char **)msx__calloc((size_t)t->n, sizeof *v);
+    if (!v) { msx__json_free(j); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    for (i = 0; i < t->n; i++)
+        if (!(v[i] = msx__strdup(t->keys[i]))) {
+            msx_nnunet_names_free(v, i);
+            msx__json_free(j);
+            return msx__err(MSX_E_NOMEM, "out of memory");
+        }
+    *names = v;
+    *n = t->n;
+    msx__json_free(j);
+    return MSX_OK;
+}
+
+MSXDEF void msx_nnunet_task_free(msx_nnunet_task *t) {
+    int e, s, i;
+    if (!t) return;
+    for (e = 0; e < t->n_entries; e++) {
+        msx_nnunet_entry *en = &t->entries[e];
+        MSX_FREE(en->dataset);
+        MSX_FREE(en->fg);
+        for (s = 0; s < 2; s++) msx_nnunet_names_free(en->cases[s], en->n_cases[s]);
+    }
+    MSX_FREE(t->entries);
+    for (s = 0; s < 2; s++) {
+        for (i = 0; i < t->n[s]; i++) {
+            MSX_FREE(t->slices[s][i].name);
+            MSX_FREE(t->slices[s][i].image);
+            MSX_FREE(t->slices[s][i].mask);
+        }
+        MSX_FREE(t->slices[s]);
+    }
+    MSX_FREE(t->name);
+    MSX_FREE(t);
+}
+
+/* The reference's case list: sorted, de-duplicated names of the imagesTr
+   files containing "0000", each cut before its last '_'. */
+static msx_result msx__vol_cases(const char *dir, char ***out, int *n_out) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char **v = NULL;
+    int n = 0, cap = 0, i, k;
+    *out = NULL;
+    *n_out = 0;
+    if (!d) return msx__err(MSX_E_IO, "%s: cannot open folder (%s)", dir, strerror(errno));
+    while ((e = readdir(d)) != NULL) {
+        const char *us;
+        if (e->d_name[0] == '.' || !strstr(e->d_name, "0000") || !(us = strrchr(e->d_name, '_'))) continue;
+        if (n == cap) {
+            char **nv;
+            cap = cap ? cap * 2 : 64;
+            nv = (char **)MSX_REALLOC(v, (size_t)cap * sizeof *v);
+            if (!nv) { closedir(d); msx_nnunet_names_free(v, n); return msx__err(MSX_E_NOMEM, "out of memory"); }
+            v = nv;
+        }
+        if (!(v[n] = (char *)MSX_MALLOC((size_t)(us - e->d_name) + 1))) {
+            closedir(d);
+            msx_nnunet_names_free(v, n);
+            return msx__err(MSX_E_NOMEM, "out of memory");
+        }
+        memcpy(v[n], e->d_name, (size_t)(us - e->d_name));
+        v[n][us - e->d_name] = 0;
+        n++;
+    }
+    closedir(d);
+    if (n) qsort(v, (size_t)n, sizeof *v, msx__vol_cmpstr);
+    for (i = k = 0; i < n; i++) {
+        if (k && !strcmp(v[k - 1], v[i])) { MSX_FREE(v[i]); continue; }
+        v[k++] = v[i];
+    }
+    *out = v;
+    *n_out = k;
+    return MSX_OK;
+}
+
+/* One table entry resolved on disk. */
+typedef struct msx__vol_ent {
+    char *dir;      /* ROOT/<dataset> */
+    char *ending;   /* dataset.json file_ending */
+    char **all;     /* every case, sorted */
+    int n_all, split;
+} msx__vol_ent;
+
+static char *msx__vol_image_path(const msx__vol_ent *e, const char *c, int ch) {
+    size_t n = strlen(e->dir) + strlen(c) + strlen(e->ending) + 32;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s/imagesTr/%s_%04d%s", e->dir, c, ch, e->ending);
+    return s;
+}
+
+static char *msx__vol_label_path(const msx__vol_ent *e, const char *c) {
+    size_t n = strlen(e->dir) + strlen(c) + strlen(e->ending) + 32;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s/labelsTr/%s%s", e->dir, c, e->ending);
+    return s;
+}
+
+/* Reads ROOT/<dataset>/dataset.json and lists the cases. */
+static msx_result msx__vol_dataset(const char *root, const char *table, const char *ds, msx__vol_ent *e) {
+    char *js = NULL, *img = NULL;
+    void *buf = NULL;
+    size_t len;
+    msx__json *j = NULL;
+    const char *fe;
+    msx_result r = MSX_OK;
+    memset(e, 0, sizeof *e);
+    if (!ds[0] || strchr(ds, '/') || !strcmp(ds, "..") || !strcmp(ds, "."))
+        return msx__err(MSX_E_ARG, "%s: dataset name '%s' must be a folder name under the nnU-Net root", table, ds);
+    if (!(e->dir = msx__vol_join(root, ds))) return msx__err(MSX_E_NOMEM, "out of memory");
+    if (!msx__vol_isdir(e->dir))
+        return msx__err(MSX_E_ARG, "%s names an unknown dataset '%s': no folder %s (nnU-Net raw root: %s)", table, ds, e->dir, root);
+    if (!(js = msx__vol_join(e->dir, "dataset.json")) || !(img = msx__vol_join(e->dir, "imagesTr"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if (!msx__vol_isfile(js)) { r = msx__err(MSX_E_ARG, "%s: dataset without dataset.json (nnU-Net raw layout needs it for file_ending)", e->dir); goto done; }
+    if ((r = msx_read_file(js, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) goto done;
+    if (!(j = msx__json_parse((const char *)buf, len, js))) { r = MSX_E_FORMAT; goto done; }
+    fe = msx__json_str(j, "file_ending");
+    if (!fe || (strcmp(fe, ".nii.gz") != 0 && strcmp(fe, ".nii") != 0)) {
+        r = msx__err(fe ? MSX_E_UNSUPPORTED : MSX_E_FORMAT, "%s: \"file_ending\" %s%s%s; NIfTI datasets use \".nii.gz\" or \".nii\"", js,
+                     fe ? "is \"" : "is missing", fe ? fe : "", fe ? "\"" : "");
+        goto done;
+    }
+    if (!(e->ending = msx__strdup(fe))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if (!msx__vol_isdir(img)) { r = msx__err(MSX_E_ARG, "%s: no imagesTr folder", e->dir); goto done; }
+    if ((r = msx__vol_cases(img, &e->all, &e->n_all)) != MSX_OK) goto done;
+    if (!e->n_all) r = msx__err(MSX_E_ARG, "%s: no image files with \"0000\" in their name (nnU-Net names them <case>_0000%s)", img, fe);
+done:
+    msx__json_free(j);
+    msx_free(buf);
+    MSX_FREE(js);
+    MSX_FREE(img);
+    return r;
+}
+
+static void msx__vol_ent_free(msx__vol_ent *e) {
+    MSX_FREE(e->dir);
+    MSX_FREE(e->ending);
+    msx_nnunet_names_free(e->all, e->n_all);
+    memset(e, 0, sizeof *e);
+}
+
+/* One (entry, case) of a split with the z of its foreground slices. */
+typedef struct msx__vol_unit {
+    int entry, ci;       /* entry index, case index in the entry's split list */
+    int n_z, n_pick;
+    int *z;              /* foreground slices, ascending */
+    unsigned char *pick; /* 1 = selected */
+} msx__vol_unit;
+
+/* --max-slices: a seeded, case-stratified subset. Cases take one slice each
+   in a seeded random order, round after round, until `max` are taken (so
+   every case is represented before any gets a second slice); within a case
+   the slices are a seeded random sample. The kept slices stay in the
+   reference's order. */
+static msx_result msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed) {
+    msx_rng g;
+    int *ord, i, total = 0, left, progress;
+    for (i = 0; i < nu; i++) total += u[i].n_z;
+    if (!(max > 0 && total > max)) { /* all of them, as the reference */
+        for (i = 0; i < nu; i++) {
+            u[i].n_pick = u[i].n_z;
+            memset(u[i].pick, 1, (size_t)u[i].n_z);
+        }
+        return MSX_OK;
+    }
+    for (i = 0; i < nu; i++) u[i].n_pick = 0;
+    msx_rng_seed(&g, seed);
+    ord = (int *)MSX_MALLOC((size_t)(nu ? nu : 1) * sizeof(int));
+    if (!ord) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < nu; i++) ord[i] = i;
+    for (i = nu - 1; i > 0; i--) {
+        int j = (int)msx_rng_below(&g, (uint64_t)i + 1), t = ord[i];
+        ord[i] = ord[j];
+        ord[j] = t;
+    }
+    left = max;
+    do {
+        progress = 0;
+        for (i = 0; i < nu && left; i++) {
+            msx__vol_unit *x = &u[ord[i]];
+            if (x->n_pick < x->n_z) { x->n_pick++; left--; progress = 1; }
+        }
+    } while (left && progress);
+    MSX_FREE(ord);
+    for (i = 0; i < nu; i++) { /* partial Fisher-Yates over the slice indices */
+        msx__vol_unit *x = &u[i];
+        int k, *idx = (int *)MSX_MALLOC((size_t)(x->n_z ? x->n_z : 1) * sizeof(int));
+        if (!idx) return msx__err(MSX_E_NOMEM, "out of memory");
+        for (k = 0; k < x->n_z; k++) idx[k] = k;
+        for (k = 0; k < x->n_pick; k++) {
+            int j = k + (int)msx_rng_below(&g, (uint64_t)(x->n_z - k)), t = idx[k];
+            idx[k] = idx[j];
+            idx[j] = t;
+            x->pick[idx[k]] = 1;
+        }
+        MSX_FREE(idx);
+    }
+    return MSX_OK;
+}
+
+static msx_result msx__vol_parse_entry(const char *table, const char *task, int k, const msx__json *en,
+                                       msx_nnunet_entry *out) {
+    const msx__json *ds = msx__json_get(en, "dataset"), *ch = msx__json_get(en, "channel"), *fg = msx__json_get(en, "foreground");
+    int i;
+    if (en->type != MSX__JOBJ) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d is not an object", table, task, k);
+    if (!ds || ds->type != MSX__JSTR) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"dataset\" must be a string", table, task, k);
+    if (!ch || ch->type != MSX__JNUM || ch->num != floor(ch->num) || ch->num < 0 || ch->num > 9999)
+        return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"channel\" must be an integer 0..9999", table, task, k);
+    if (!fg || fg->type != MSX__JARR) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"foreground\" must be a list of label values", table, task, k);
+    if (fg->n < 1) return msx__err(MSX_E_ARG, "%s: task '%s' entry %d: empty foreground set; list the label values that make the object", table, task, k);
+    out->channel = (int)ch->num;
+    out->n_fg = fg->n;
+    out->fg = (int *)MSX_MALLOC((size_t)fg->n * sizeof(int));
+    out->dataset = msx__strdup(ds->str);
+    if (!out->fg || !out->dataset) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < fg->n; i++) {
+        const msx__json *v = &fg->kids[i];
+        if (v->type != MSX__JNUM || v->num != floor(v->num) || fabs(v->num) > 1e9)
+            return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: foreground value %d is not an integer", table, task, k, i);
+        out->fg[i] = (int)v->num;
+    }
+    return MSX_OK;
+}
+
+/* Loads one volume pair's u8 image (if want_image) and 0/1 mask. */
+static msx_result msx__vol_load_pair(const msx__vol_ent *e, const msx_nnunet_entry *en, const char *c, int want_image,
+                                     unsigned char **img, unsigned char **mask, int dims[3]) {
+    char *ip = NULL, *lp = NULL;
+    msx_volume v;
+    size_t n;
+    msx_result r = MSX_OK;
+    memset(&v, 0, sizeof v);
+    *img = *mask = NULL;
+    if (!(ip = msx__vol_image_path(e, c, en->channel)) || !(lp = msx__vol_label_path(e, c))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if ((r = msx_volume_load(lp, &v)) != MSX_OK) goto done;
+    dims[0] = v.nx;
+    dims[1] = v.ny;
+    dims[2] = v.nz;
+    n = (size_t)v.nx * v.ny * v.nz;
+    if (!(*mask = (unsigned char *)MSX_MALLOC(n))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if ((r = msx_volume_label_mask(&v, en->fg, en->n_fg, *mask)) != MSX_OK) goto done;
+    if (want_image) {
+        if ((r = msx_volume_load(ip, &v)) != MSX_OK) goto done;
+        if (v.nx != dims[0] || v.ny != dims[1] || v.nz != dims[2]) {
+            r = msx__err(MSX_E_SHAPE, "%s is %dx%dx%d but its label %s is %dx%dx%d", ip, v.nx, v.ny, v.nz, lp, dims[0], dims[1], dims[2]);
+            goto done;
+        }
+        if (!(*img = (unsigned char *)MSX_MALLOC(n))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        r = msx_volume_to_u8(&v, *img);
+    }
+done:
+    if (r != MSX_OK) {
+        MSX_FREE(*img);
+        MSX_FREE(*mask);
+        *img = *mask = NULL;
+    }
+    msx_volume_free(&v);
+    MSX_FREE(ip);
+    MSX_FREE(lp);
+    return r;
+}
+
+/* Tight box of slice k of a 0/1 volume: col_min, row_min, col_max, row_max
+   (maxima inclusive); 0 when the slice is empty. */
+static int msx__vol_slice_box(const unsigned char *m, int nx, int ny, int k, int box[4]) {
+    int i, j, any = 0;
+    box[0] = ny; box[1] = nx; box[2] = -1; box[3] = -1;
+    for (j = 0; j < ny; j++)
+        for (i = 0; i < nx; i++)
+            if (m[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * k)]) {
+                any = 1;
+                if (j < box[0]) box[0] = j;
+                if (j > box[2]) box[2] = j;
+                if (i < box[1]) box[1] = i;
+                if (i > box[3]) box[3] = i;
+            }
+    return any;
+}
+
+/* Whether another dataset of the task has a case named c (then file names
+   carry the dataset). */
+static int msx__vol_collides(const msx_nnunet_task *t, int e, const char *c) {
+    int e2, s, i;
+    for (e2 = 0; e2 < t->n_entries; e2++) {
+        if (!strcmp(t->entries[e2].dataset, t->entries[e].dataset)) continue;
+        for (s = 0; s < 2; s++)
+            for (i = 0; i < t->entries[e2].n_cases[s]; i++)
+                if (!strcmp(t->entries[e2].cases[s][i], c)) return 1;
+    }
+    return 0;
+}
+
+MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, const char *task,
+                                       const msx_nnunet_options *opt,
+                                       void (*on_case)(int done, int total, void *user), void *user,
+                                       msx_nnunet_task **out) {
+    msx__json *j = NULL;
+    const msx__json *tasks, *ents;
+    msx_nnunet_task *t = NULL;
+    msx__vol_ent *ve = NULL;
+    msx__vol_unit *u[2] = {NULL, NULL};
+    int nu[2] = {0, 0}, e, s, i, k, done = 0, total = 0;
+    double frac = opt && opt->calib_fraction > 0 ? opt->calib_fraction : 0.2;
+    unsigned char *img = NULL, *msk = NULL;
+    uint64_t h = 1469598103934665603ULL;
+    const char *p;
+    msx__sb names = {NULL, 0, 0, 0};
+    msx_result r = MSX_OK;
+    if (!out) return msx__err(MSX_E_ARG, "msx_nnunet_task_load: out is NULL");
+    *out = NULL;
+    if (!root || !msx__vol_isdir(root)) return msx__err(MSX_E_IO, "%s: the nnU-Net raw root is not a folder", root ? root : "(null)");
+    if (!task || !task[0] || strchr(task, '/') || !strcmp(task, ".") || !strcmp(task, ".."))
+        return msx__err(MSX_E_ARG, "task name '%s' must be a plain folder name (prepare writes DIR/<task>/)", task ? task : "");
+    if (!(frac > 0 && frac < 1)) return msx__err(MSX_E_ARG, "calib fraction %g must be in (0, 1)", frac);
+    if ((r = msx__vol_table_read(table, &j)) != MSX_OK) return r;
+    tasks = msx__json_get(j, "tasks");
+    if (!(ents = msx__json_get(tasks, task))) {
+        for (i = 0; i < tasks->n; i++) msx__sb_printf(&names, "%s%s", i ? ", " : "", tasks->keys[i]);
+        r = msx__err(MSX_E_ARG, "%s: no task '%s' (tasks: %.400s)", table, task, names.s ? names.s : "");
+        goto done;
+    }
+    if (ents->type != MSX__JARR || ents->n < 1) { r = msx__err(MSX_E_FORMAT, "%s: task '%s' must be a non-empty list of entries", table, task); goto done; }
+    t = (msx_nnunet_task *)msx__calloc(1, sizeof *t);
+    ve = (msx__vol_ent *)msx__calloc((size_t)ents->n, sizeof *ve);
+    if (!t || !ve || !(t->name = msx__strdup(task)) ||
+        !(t->entries = (msx_nnunet_entry *)msx__calloc((size_t)ents->n, sizeof *t->entries))) {
+        r = msx__err(MSX_E_NOMEM, "out of memory");
+        goto done;
+    }
+    t->n_entries = ents->n;
+    /* 1. the table and the datasets: names, dataset.json, case lists, splits */
+    for (e = 0; e < ents->n; e++) {
+        msx_nnunet_entry *en = &t->entries[e];
+        int n, sp;
+        if ((r = msx__vol_parse_entry(table, task, e, &ents->kids[e], en)) != MSX_OK) goto done;
+        for (k = 0; k < e; k++)
+            if (!strcmp(t->entries[k].dataset, en->dataset) && t->entries[k].channel == en->channel) {
+                r = msx__err(MSX_E_ARG, "%s: task '%s' lists dataset %s channel %d twice", table, task, en->dataset, en->channel);
+                goto done;
+            }
+        if ((r = msx__vol_dataset(root, table, en->dataset, &ve[e])) != MSX_OK) goto done;
+        n = ve[e].n_all;
+        sp = (int)((double)n - (double)n * (1.0 - frac)); /* ref: int(N - N * 0.8) */
+        if (sp < 0) sp = 0;
+        if (sp > n) sp = n;
+        ve[e].split = sp;
+        for (s = 0; s < 2; s++) {
+            int a = s ? sp : 0, b = s ? n : sp;
+            en->n_cases[s] = b - a;
+            en->cases[s] = (char **)msx__calloc((size_t)(b - a ? b - a : 1), sizeof(char *));
+            if (!en->cases[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+            for (i = a; i < b; i++)
+                if (!(en->cases[s][i - a] = msx__strdup(ve[e].all[i]))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        }
+    }
+    /* 2. every file present with matching image/label headers, before any
+       voxel is read */
+    for (e = 0; e < t->n_entries; e++)
+        for (s = 0; s < 2; s++)
+            for (i = 0; i < t->entries[e].n_cases[s]; i++) {
+                const char *c = t->entries[e].cases[s][i];
+                char *ip = msx__vol_image_path(&ve[e], c, t->entries[e].channel), *lp = msx__vol_label_path(&ve[e], c);
+                int di[3], dl[3];
+                if (!ip || !lp) r = msx__err(MSX_E_NOMEM, "out of memory");
+                else if (!msx__vol_isfile(ip))
+                    r = msx__err(MSX_E_ARG, "%s: channel %d is missing for case %s (no file %s)", t->entries[e].dataset, t->entries[e].channel, c, ip);
+                else if (!msx__vol_isfile(lp))
+                    r = msx__err(MSX_E_ARG, "%s: case %s has no label (no file %s)", t->entries[e].dataset, c, lp);
+                else if ((r = msx_volume_probe(ip, di, NULL)) == MSX_OK && (r = msx_volume_probe(lp, dl, NULL)) == MSX_OK &&
+                         (di[0] != dl[0] || di[1] != dl[1] || di[2] != dl[2]))
+                    r = msx__err(MSX_E_SHAPE, "%s is %dx%dx%d but its label %s is %dx%dx%d; image and label must share the grid", ip, di[0], di[1], di[2], lp, dl[0], dl[1], dl[2]);
+                MSX_FREE(ip);
+                MSX_FREE(lp);
+                if (r != MSX_OK) goto done;
+                total += 2;
+            }
+    /* 3. labels: the foreground slices of every case */
+    for (s = 0; s < 2; s++) {
+        int m = 0;
+        for (e = 0; e < t->n_entries; e++) m += t->entries[e].n_cases[s];
+        u[s] = (msx__vol_unit *)msx__calloc((size_t)(m ? m : 1), sizeof(msx__vol_unit));
+        if (!u[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        for (e = 0; e < t->n_entries; e++)
+            for (i = 0; i < t->entries[e].n_cases[s]; i++) {
+                msx__vol_unit *x = &u[s][nu[s]++];
+                int d[3], z, box[4];
+                x->entry = e;
+                x->ci = i;
+                if ((r = msx__vol_load_pair(&ve[e], &t->entries[e], t->entries[e].cases[s][i], 0, &img, &msk, d)) != MSX_OK) goto done;
+                x->z = (int *)MSX_MALLOC((size_t)d[2] * sizeof(int));
+                x->pick = (unsigned char *)msx__calloc((size_t)d[2], 1);
+                if (!x->z || !x->pick) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+                for (z = 0; z < d[2]; z++)
+                    if (msx__vol_slice_box(msk, d[0], d[1], z, box)) x->z[x->n_z++] = z;
+                MSX_FREE(msk);
+                msk = NULL;
+                if (on_case) on_case(++done, total, user);
+            }
+    }
+    /* 4. --max-slices subset, then images: the chosen slices */
+    for (p = task; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    for (s = 0; s < 2; s++) {
+        int m = 0, q;
+        if ((r = msx__vol_subsample(u[s], nu[s], opt ? opt->max_slices : 0, (opt ? opt->seed : 0) ^ h ^ (uint64_t)s)) != MSX_OK) goto done;
+        for (q = 0; q < nu[s]; q++) m += u[s][q].n_pick;
+        t->slices[s] = (msx_nnunet_slice *)msx__calloc((size_t)(m ? m : 1), sizeof(msx_nnunet_slice));
+        if (!t->slices[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        for (q = 0; q < nu[s]; q++) {
+            msx__vol_unit *x = &u[s][q];
+            msx_nnunet_entry *en = &t->entries[x->entry];
+            const char *c = en->cases[s][x->ci];
+            int d[3], pre = msx__vol_collides(t, x->entry, c);
+            if (x->n_pick) {
+                if ((r = msx__vol_load_pair(&ve[x->entry], en, c, 1, &img, &msk, d)) != MSX_OK) goto done;
+                for (k = 0; k < x->n_z; k++) {
+                    msx_nnunet_slice *sl;
+                    int z = x->z[k], row, col;
+                    size_t nn = (size_t)d[0] * d[1], nl;
+                    if (!x->pick[k]) continue;
+                    sl = &t->slices[s][t->n[s]++];
+                    sl->dataset = en->dataset;
+                    sl->case_id = c;
+                    sl->entry = x->entry;
+                    sl->channel = en->channel;
+                    sl->z = z;
+                    sl->rows = d[0];
+                    sl->cols = d[1];
+                    msx__vol_slice_box(msk, d[0], d[1], z, sl->box);
+                    nl = strlen(c) + strlen(en->dataset) + 48;
+                    sl->name = (char *)MSX_MALLOC(nl);
+                    sl->image = (unsigned char *)MSX_MALLOC(nn);
+                    sl->mask = (unsigned char *)MSX_MALLOC(nn);
+                    if (!sl->name || !sl->image || !sl->mask) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+                    snprintf(sl->name, nl, "%s%s%s_c%d_z%d", pre ? en->dataset : "", pre ? "_" : "", c, en->channel, z);
+                    for (row = 0; row < d[0]; row++)
+                        for (col = 0; col < d[1]; col++) {
+                            size_t v = (size_t)row + (size_t)d[0] * ((size_t)col + (size_t)d[1] * z);
+                            sl->image[(size_t)row * d[1] + col] = img[v];
+                            sl->mask[(size_t)row * d[1] + col] = msk[v];
+                        }
+                }
+                MSX_FREE(img);
+                MSX_FREE(msk);
+                img = msk = NULL;
+            }
+            if (on_case) on_case(++done, total, user);
+        }
+    }
+done:
+    MSX_FREE(img);
+    MSX_FREE(msk);
+    msx__sb_free(&names);
+    for (s = 0; s < 2; s++) {
+        for (i = 0; i < nu[s]; i++) { MSX_FREE(u[s][i].z); MSX_FREE(u[s][i].pick); }
+        MSX_FREE(u[s]);
+    }
+    if (ve)
+        for (e = 0; e < (t ? t->n_entries : 0); e++) msx__vol_ent_free(&ve[e]);
+    MSX_FREE(ve);
+    msx__json_free(j);
+    if (r != MSX_OK) { msx_nnunet_task_free(t); return r; }
+    *out = t;
+    return MSX_OK;
+}
+
+static msx_result msx__vol_mkdir(const char *path) {
+    if (mkdir(path, 0755) == 0 || (errno == EEXIST && msx__vol_isdir(path))) return MSX_OK;
+    return msx__err(MSX_E_IO, "%s: cannot create folder (%s)", path, errno == EEXIST ? "a file has that name" : strerror(errno));
+}
+
+MSXDEF msx_result msx_nnunet_task_write(const msx_nnunet_task *t, const char *out_dir) {
+    static const char *const split_name[2] = {"calib", "test"};
+    msx__sb js = {NULL, 0, 0, 0};
+    char *path = NULL;
+    int s, i, k;
+    msx_result r;
+    if (!t || !out_dir) return msx__err(MSX_E_ARG, "msx_nnunet_task_write: NULL task or folder");
+    if ((r = msx__vol_mkdir(out_dir)) != MSX_OK) return r;
+    /* a folder written before with other slices keeps no stale pair: PNGs
+       of our four folders that are not in this task are removed, but only
+       when slices.json says the folder is prepare's own */
+    for (s = 0; s < 2 && r == MSX_OK; s++)
+        for (k = 0; k < 2 && r == MSX_OK; k++) {
+            char sub[64];
+            DIR *d;
+            struct dirent *de;
+            snprintf(sub, sizeof sub, "%s/%s", split_name[s], k ? "masks" : "images");
+            MSX_FREE(path);
+            if (!(path = msx__vol_join(out_dir, sub))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            if (!(d = opendir(path))) continue;
+            while (r == MSX_OK && (de = readdir(d)) != NULL) {
+                int keep = 0;
+                char *fp;
+                if (de->d_name[0] == '.') continue;
+                for (i = 0; i < t->n[s] && !keep; i++) {
+                    size_t ln = strlen(t->slices[s][i].name);
+                    keep = !strncmp(de->d_name, t->slices[s][i].name, ln) && !strcmp(de->d_name + ln, ".png");
+                }
+                if (keep) continue;
+                {
+                    char *sj = msx__vol_join(out_dir, "slices.json");
+                    int ours = sj && msx__vol_isfile(sj);
+                    MSX_FREE(sj);
+                    if (!ours) {
+                        r = msx__err(MSX_E_ARG, "%s holds %s, which prepare did not write (no slices.json); use an empty --out folder", path, de->d_name);
+                        break;
+                    }
+                }
+                if ((fp = msx__vol_join(path, de->d_name)) != NULL) {
+                    if (remove(fp) != 0) r = msx__err(MSX_E_IO, "%s: cannot remove stale file (%s)", fp, strerror(errno));
+                    MSX_FREE(fp);
+                }
+            }
+            closedir(d);
+        }
+    msx__sb_printf(&js, "{\"format\": \"medsamix-slices-v1\",\n \"task\": ");
+    msx__sb_json_str(&js, t->name);
+    for (s = 0; s < 2 && r == MSX_OK; s++) {
+        char sub[64];
+        msx__sb_printf(&js, ",\n \"%s\": [", split_name[s]);
+        MSX_FREE(path);
+        if (!(path = msx__vol_join(out_dir, split_name[s]))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+        if ((r = msx__vol_mkdir(path)) != MSX_OK) break;
+        for (k = 0; k < 2 && r == MSX_OK; k++) {
+            snprintf(sub, sizeof sub, "%s/%s", split_name[s], k ? "masks" : "images");
+            MSX_FREE(path);
+            if (!(path = msx__vol_join(out_dir, sub))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            r = msx__vol_mkdir(path);
+        }
+        for (i = 0; i < t->n[s] && r == MSX_OK; i++) {
+            const msx_nnunet_slice *sl = &t->slices[s][i];
+            size_t nn = (size_t)sl->rows * sl->cols, q;
+            size_t pl = strlen(out_dir) + strlen(sl->name) + 64;
+            unsigned char *m255;
+            char rel_i[512], rel_m[512];
+            snprintf(rel_i, sizeof rel_i, "%s/images/%s.png", split_name[s], sl->name);
+            snprintf(rel_m, sizeof rel_m, "%s/masks/%s.png", split_name[s], sl->name);
+            MSX_FREE(path);
+            if (!(path = (char *)MSX_MALLOC(pl))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            snprintf(path, pl, "%s/%s", out_dir, rel_i);
+            if ((r = msx_grey_save_png(path, sl->cols, sl->rows, sl->image)) != MSX_OK) break;
+            if (!(m255 = (unsigned char *)MSX_MALLOC(nn))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            for (q = 0; q < nn; q++) m255[q] = sl->mask[q] ? 255 : 0;
+            snprintf(path, pl, "%s/%s", out_dir, rel_m);
+            r = msx_grey_save_png(path, sl->cols, sl->rows, m255);
+            MSX_FREE(m255);
+            if (r != MSX_OK) break;
+            msx__sb_printf(&js, "%s\n  {\"dataset\": ", i ? "," : "");
+            msx__sb_json_str(&js, sl->dataset);
+            msx__sb_printf(&js, ", \"case\": ");
+            msx__sb_json_str(&js, sl->case_id);
+            msx__sb_printf(&js, ", \"channel\": %d, \"z\": %d, \"box\": [%d, %d, %d, %d], \"image\": ", sl->channel, sl->z,
+                           sl->box[0], sl->box[1], sl->box[2], sl->box[3]);
+            msx__sb_json_str(&js, rel_i);
+            msx__sb_printf(&js, ", \"mask\": ");
+            msx__sb_json_str(&js, rel_m);
+            msx__sb_printf(&js, "}");
+        }
+        msx__sb_printf(&js, "%s]", t->n[s] ? "\n " : "");
+    }
+    msx__sb_printf(&js, "\n}\n");
+    if (r == MSX_OK) {
+        MSX_FREE(path);
+        if (!(path = msx__vol_join(out_dir, "slices.json"))) r = msx__err(MSX_E_NOMEM, "out of memory");
+        else if (js.oom) r = msx__err(MSX_E_NOMEM, "out of memory");
+        else r = msx_write_file_atomic(path, js.s, js.n);
+    }
+    MSX_FREE(path);
+    msx__sb_free(&js);
+    return r;
+}
+#endif /* MSX_NO_NIFTI */
+/* ======================================================================== */
 /* IMPLEMENTATION: merge. Owns the four merge methods (bit-compatible with   */
 /* the official MedSAMix code: docs/semantics.md §2), the key -> group      */
 /* mapping (docs/semantics.md §3), merge plans and their JSON, the         */
@@ -10757,6 +12191,7 @@ typedef struct msx__simg {
     char *stem;
     int w, h;
     float box[4];
+    unsigned char *px, *mpx; /* nnU-Net tasks: h×w grey slice and 0/1 mask in memory (paths are names) */
 } msx__simg;
 
 struct msx_task {
@@ -10839,10 +12274,31 @@ static void msx__search_mask_opts(const msx_task_options *o, msx_mask_load_optio
     else if (o->mask_rule == MSX_MASK_LABEL) { m->use_label = 1; m->label = o->mask_value; }
 }
 
+/* An item's image: from its file, or an nnU-Net slice held in memory. */
+static msx_result msx__search_load_image(const msx_task *t, const msx__simg *s, msx_image *out, msx_image_info *info) {
+    size_t i, n;
+    msx_result r;
+    if (!s->px) return msx_image_load_ex(s->image, &t->opt.intensity, out, info);
+    if (info) { /* an 8-bit slice made by the volumes section */
+        info->bits = 8;
+        info->lo = 0;
+        info->hi = 255;
+    }
+    if ((r = msx_image_init(out, s->w, s->h, NULL)) != MSX_OK) return r;
+    n = (size_t)s->w * (size_t)s->h;
+    for (i = 0; i < n; i++) out->data[3 * i] = out->data[3 * i + 1] = out->data[3 * i + 2] = s->px[i];
+    return MSX_OK;
+}
+
 /* Loads a mask as 0/1 under the task's foreground rule (image section). */
 static msx_result msx__search_load_mask(const msx_task *t, const msx__simg *s, msx_mask *out) {
     msx_mask_load_options mo;
     msx_result r;
+    if (s->mpx) {
+        if ((r = msx_mask_init(out, s->w, s->h)) != MSX_OK) return r;
+        memcpy(out->data, s->mpx, (size_t)s->w * (size_t)s->h);
+        return MSX_OK;
+    }
     msx__search_mask_opts(&t->opt, &mo);
     if ((r = msx_mask_load(s->mask, &mo, out)) != MSX_OK) return r;
     if (out->w != s->w || out->h != s->h)
@@ -10887,6 +12343,8 @@ MSXDEF void msx_task_free(msx_task *t) {
             MSX_FREE(t->img[s][i].image);
             MSX_FREE(t->img[s][i].mask);
             MSX_FREE(t->img[s][i].stem);
+            MSX_FREE(t->img[s][i].px);
+            MSX_FREE(t->img[s][i].mpx);
         }
         MSX_FREE(t->img[s]);
     }
@@ -10973,7 +12431,7 @@ static msx_result msx__search_validate(msx_task *t, int split) {
         msx_image_info info;
         msx_image_free(&img);
         /* the message names the file already */
-        if ((r = msx_image_load_ex(s->image, &t->opt.intensity, &img, &info)) != MSX_OK) break;
+        if ((r = msx__search_load_image(t, s, &img, &info)) != MSX_OK) break;
         t->n16 += info.bits == 16;
         s->w = img.w;
         s->h = img.h;
@@ -11080,6 +12538,89 @@ MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
 }
 
+/* Folder order of two slices: their file names "<stem>.png" compared as
+   strcmp would (the folder lister sorts full names). */
+static MSX__UNUSED int msx__search_cmp_png(const void *pa, const void *pb) {
+    const char *a = ((const msx__simg *)pa)->stem, *b = ((const msx__simg *)pb)->stem;
+    size_t la = strlen(a), lb = strlen(b), i;
+    for (i = 0;; i++) {
+        int ca = i < la ? (unsigned char)a[i] : i < la + 4 ? (unsigned char)".png"[i - la] : 0;
+        int cb = i < lb ? (unsigned char)b[i] : i < lb + 4 ? (unsigned char)".png"[i - lb] : 0;
+        if (ca != cb || !ca) return ca - cb;
+    }
+}
+
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out) {
+#ifdef MSX_NO_NIFTI
+    (void)root; (void)table; (void)task; (void)opt;
+    *out = NULL;
+    return msx__err(MSX_E_UNSUPPORTED, "built with MSX_NO_NIFTI: nnU-Net tasks need nifti_clib");
+#else
+    msx_nnunet_options no;
+    msx_nnunet_task *nt = NULL;
+    msx_task *t;
+    msx_result r;
+    int s, i;
+    *out = NULL;
+    memset(&no, 0, sizeof no);
+    if (opt) {
+        no.calib_fraction = opt->calib_fraction;
+        no.max_slices = opt->max_slices;
+        no.seed = opt->split_seed;
+    }
+    if ((r = msx_nnunet_task_load(root, table, task, &no, NULL, NULL, &nt)) != MSX_OK) return r;
+    t = (msx_task *)msx__calloc(1, sizeof *t);
+    if (!t) { msx_nnunet_task_free(nt); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    if (opt) t->opt = *opt;
+    t->opt.mask_rule = MSX_MASK_NONZERO;
+    if (t->opt.calib_fraction <= 0) t->opt.calib_fraction = 0.2;
+    t->name = msx__strdup(task);
+    t->dir = msx__strdup(root);
+    r = t->name && t->dir ? MSX_OK : msx__err(MSX_E_NOMEM, "out of memory");
+    for (s = 0; r == MSX_OK && s < 2; s++) {
+        if (!nt->n[s]) {
+            r = msx__err(MSX_E_ARG, "%s: task '%s' has no %s slice (%s cases with foreground); change --calib-fraction or the table",
+                         table, task, s ? "test" : "calib", s ? "test" : "calib");
+            break;
+        }
+        t->img[s] = (msx__simg *)msx__calloc((size_t)nt->n[s], sizeof(msx__simg));
+        if (!t->img[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+        t->n[s] = nt->n[s];
+        for (i = 0; i < nt->n[s]; i++) {
+            msx_nnunet_slice *sl = &nt->slices[s][i];
+            msx__simg *si = &t->img[s][i];
+            size_t nl = strlen(sl->dataset) + strlen(sl->name) + 2;
+            si->w = sl->cols;
+            si->h = sl->rows;
+            si->px = sl->image;
+            si->mpx = sl->mask;
+            sl->image = sl->mask = NULL; /* ownership moves to the task */
+            si->stem = msx__strdup(sl->name);
+            si->image = (char *)MSX_MALLOC(nl);
+            si->mask = (char *)MSX_MALLOC(nl);
+            if (!si->stem || !si->image || !si->mask) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            snprintf(si->image, nl, "%s/%s", sl->dataset, sl->name);
+            memcpy(si->mask, si->image, nl);
+        }
+    }
+    msx_nnunet_task_free(nt);
+    /* the order of the folder `prepare` writes (file names sorted), so that
+       --max-images and the mean Dice agree with it bit for bit */
+    for (s = 0; r == MSX_OK && s < 2; s++) qsort(t->img[s], (size_t)t->n[s], sizeof(msx__simg), msx__search_cmp_png);
+    if (r == MSX_OK && t->opt.max_images > 0)
+        for (s = 0; s < 2; s++)
+            while (t->n[s] > t->opt.max_images) {
+                msx__simg *si = &t->img[s][--t->n[s]];
+                MSX_FREE(si->image); MSX_FREE(si->mask); MSX_FREE(si->stem); MSX_FREE(si->px); MSX_FREE(si->mpx);
+            }
+    for (s = 0; r == MSX_OK && s < 2; s++) r = msx__search_validate(t, s); /* boxes (margin/jitter options) */
+    if (r != MSX_OK) { msx_task_free(t); return r; }
+    *out = t;
+    return MSX_OK;
+#endif
+}
+
 /* ---- hashing (fingerprints of models, tasks and the search space) ---------- */
 
 static uint64_t msx__search_hash(uint64_t h, const void *data, size_t n) {
@@ -11166,6 +12707,7 @@ static uint64_t msx__search_task_digest(const msx_task *t, int split) {
         if (stat(s->mask, &st) == 0) sz[1] = (int64_t)st.st_size;
         h = msx__search_hash_str(h, s->stem);
         h = msx__search_hash(h, s->box, sizeof s->box);
+        if (s->px) h = msx__search_hash(h, s->px, (size_t)s->w * (size_t)s->h);
         h = msx__search_hash(h, sz, sizeof sz);
     }
     return h;
@@ -11473,7 +13015,7 @@ static msx_result msx__sset_build(msx__sset *s, msx_task *const *tasks, int n_ta
             msx__sitem *it = &s->it[k];
             const msx__simg *si = &t->img[sp][i];
             memcpy(it->box, si->box, sizeof it->box);
-            if ((r = msx_image_load_ex(si->image, &t->opt.intensity, &it->img, NULL)) != MSX_OK) break;
+            if ((r = msx__search_load_image(t, si, &it->img, NULL)) != MSX_OK) break;
             if ((r = msx__search_load_mask(t, si, &it->gt)) != MSX_OK) break;
             if (cache) {
                 if ((r = msx_sam_preprocess(&it->img, arch->img_size, arch->pixel_mean, arch->pixel_std, mode, &it->in)) != MSX_OK) break;
@@ -12626,7 +14168,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
             char *op, fn[512];
             memset(&img, 0, sizeof img);
             if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
-            if ((r = msx_image_load_ex(si->image, &R->tasks[k]->opt.intensity, &img, NULL)) != MSX_OK) break;
+            if ((r = msx__search_load_image(R->tasks[k], si, &img, NULL)) != MSX_OK) break;
             snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
             if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
             r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
@@ -12761,7 +14303,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     /* 1. cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
-        if ((r = msx_task_open(o->tasks[i], &o->task, &R.tasks[i])) != MSX_OK) goto done;
+        if (o->nnunet_root) r = msx_task_open_nnunet(o->nnunet_root, o->nnunet_table, o->tasks[i], &o->task, &R.tasks[i]);
+        else r = msx_task_open(o->tasks[i], &o->task, &R.tasks[i]);
+        if (r != MSX_OK) goto done;
         for (j = 0; j < i; j++)
             if (!strcmp(R.tasks[j]->name, R.tasks[i]->name)) {
                 r = msx__err(MSX_E_ARG, "tasks %s and %s have the same name '%s'; rename one folder", o->tasks[j], o->tasks[i], R.tasks[i]->name);

@@ -12,6 +12,9 @@ int msx_cmd_bench_merge(int argc, char **argv); /* cmd_merge.c */
 int msx_cmd_bench_opt(int argc, char **argv);   /* cmd_opt.c */
 int msx_cmd_search(int argc, char **argv);      /* cmd_search.c */
 int msx_cmd_eval(int argc, char **argv);        /* cmd_search.c */
+int msx_cmd_prepare(int argc, char **argv);     /* cmd_prepare.c */
+/* segment --volume: called by msx_cmd_segment when --volume is given */
+int msx_cmd_segment_volume(int argc, char **argv); /* cmd_volume.c */
 
 /* Option helpers shared by the commands (tools/medsamix.c). Each prints
    "CMD: OPTION: ..." naming the offending value and returns 0 on failure. */

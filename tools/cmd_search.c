@@ -46,6 +46,8 @@ static const char *const search_usage =
     "  --box-margin PX --box-jitter F --box-seed S   prompt boxes (default: tight GT box)\n"
     "  --max-images N       at most N images per split\n"
     "  --intensity RULE     16-bit images -> 8 bits: minmax (default), percentile, window:C,W, high-byte\n"
+    "  --nnunet ROOT --task-table T.json   tasks from nnU-Net NIfTI datasets (--tasks = task names, default all);\n"
+    "                       the slices `medsamix prepare` writes; --calib-fraction F, --max-slices N (seed: --split-seed)\n"
     "  --overlays N         overlay PNGs per task (default 3, 0 = none)\n"
     "  --no-report          skip the final calib/test report\n"
     "  --plain / --quiet    progress as plain lines / no progress\n";
@@ -58,6 +60,8 @@ static const char *const eval_usage =
     "  --threads T          --config FILE   --preprocess sam|medsam\n"
     "  --mask-threshold T   --mask-label L  --max-images N\n"
     "  --intensity RULE     16-bit images -> 8 bits: minmax (default), percentile, window:C,W, high-byte\n"
+    "  --nnunet ROOT --task-table T.json   tasks from nnU-Net NIfTI datasets (--tasks = task names, default all)\n"
+    "  --calib-fraction F --max-slices N --split-seed S   nnU-Net split and seeded slice subset\n"
     "  --split-mode first|random --calib-fraction F --split-seed S   flat task folders\n"
     "  --json               one JSON object instead of a table\n";
 
@@ -93,6 +97,27 @@ static int cmd_seed(const char *opt, const char *s, uint64_t *out) {
     return 1;
 }
 
+/* --nnunet ROOT --task-table T.json: --tasks then names tasks of the table
+   (default: all of them), read from the NIfTI volumes (no PNG files). */
+static const char *cmd_nnunet_root, *cmd_nnunet_table;
+
+/* The tasks of the table when --tasks was not given; names are kept for the
+   process's life. */
+static int cmd_nnunet_all(const char **tasks, int *n) {
+#ifdef MSX_NO_NIFTI
+    (void)tasks; (void)n;
+    fprintf(stderr, "built with MSX_NO_NIFTI: no nnU-Net datasets\n");
+    return 0;
+#else
+    char **names;
+    int k;
+    if (msx_nnunet_task_names(cmd_nnunet_table, &names, &k) != MSX_OK) { fprintf(stderr, "%s\n", msx_last_error()); return 0; }
+    if (k > MSX_SEARCH_MAX_TASKS) k = MSX_SEARCH_MAX_TASKS;
+    for (*n = 0; *n < k; ++*n) tasks[*n] = names[*n];
+    return 1;
+#endif
+}
+
 /* Task/mask options shared by search and eval; returns 1 if argv[*i] was one, -1 on error. */
 static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_preprocess_mode *pre, const char *split_name) {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
@@ -121,6 +146,13 @@ static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_
     } else if (!strcmp(a, "--max-images")) {
         if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
         t->max_images = (int)x;
+    } else if (!strcmp(a, "--max-slices")) {
+        if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
+        t->max_slices = (int)x;
+    } else if (!strcmp(a, "--nnunet") && v) {
+        cmd_nnunet_root = v;
+    } else if (!strcmp(a, "--task-table") && v) {
+        cmd_nnunet_table = v;
     } else if (!strcmp(a, "--preprocess")) {
         if (v && !strcmp(v, "sam")) *pre = MSX_PREPROCESS_SAM;
         else if (v && !strcmp(v, "medsam")) *pre = MSX_PREPROCESS_MEDSAM;
@@ -185,6 +217,12 @@ int msx_cmd_search(int argc, char **argv) {
             fprintf(stderr, "search: %s needs a value\n", a);
             return 2;
         } else { fprintf(stderr, "search: unknown option '%s'\n\n%s", a, search_usage); return 2; }
+    }
+    if (cmd_nnunet_root || cmd_nnunet_table) {
+        if (!cmd_nnunet_root || !cmd_nnunet_table) { fprintf(stderr, "search: --nnunet and --task-table go together\n"); return 2; }
+        o.nnunet_root = cmd_nnunet_root;
+        o.nnunet_table = cmd_nnunet_table;
+        if (o.n_tasks < 1 && !cmd_nnunet_all(tasks, &o.n_tasks)) return 1;
     }
     if (!o.base || o.n_models < 1 || o.n_tasks < 1) {
         fprintf(stderr, "search: --base, --models and --tasks are required\n\n%s", search_usage);
@@ -254,9 +292,14 @@ int msx_cmd_eval(int argc, char **argv) {
         else if (!v && (!strcmp(a, "--model") || !strcmp(a, "--config"))) { fprintf(stderr, "eval: %s needs a value\n", a); return 2; }
         else { fprintf(stderr, "eval: unknown option '%s'\n\n%s", a, eval_usage); return 2; }
     }
+    if (cmd_nnunet_root || cmd_nnunet_table) {
+        if (!cmd_nnunet_root || !cmd_nnunet_table) { fprintf(stderr, "eval: --nnunet and --task-table go together\n"); return 2; }
+        if (n < 1 && !cmd_nnunet_all(tdirs, &n)) return 1;
+    }
     if (!model || n < 1) { fprintf(stderr, "eval: --model and --tasks are required\n\n%s", eval_usage); return 2; }
     for (nt = 0; nt < n; nt++)
-        if ((r = msx_task_open(tdirs[nt], &to, &tasks[nt])) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
+        if ((r = cmd_nnunet_root ? msx_task_open_nnunet(cmd_nnunet_root, cmd_nnunet_table, tdirs[nt], &to, &tasks[nt])
+                                 : msx_task_open(tdirs[nt], &to, &tasks[nt])) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
     {
         int n16 = 0;
         char rule[64];

@@ -23,7 +23,8 @@ static void segment_usage(FILE *f) {
             "  --preprocess M    sam (default: ResizeLongestSide + mean/std) or medsam\n"
             "                    (bicubic resize to S x S, min-max to [0,1]); never guessed\n"
             "  --precision P     fp32 (default) or bf16\n"
-            "  --threads N       threads for the forward pass (default: all)\n");
+            "  --threads N       threads for the forward pass (default: all)\n"
+            "       medsamix segment --model M --volume IMG.nii.gz ... : NIfTI volumes (segment --volume --help)\n");
 }
 
 static int parse_box(const char *s, float box[4]) {
@@ -65,6 +66,8 @@ int msx_cmd_segment(int argc, char **argv) {
     memset(&it, 0, sizeof it);
     memset(&img, 0, sizeof img);
     memset(&mask, 0, sizeof mask);
+    for (a = 1; a < argc; a++) /* NIfTI volumes: tools/cmd_volume.c */
+        if (!strcmp(argv[a], "--volume")) return msx_cmd_segment_volume(argc, argv);
     for (a = 1; a < argc; a++) {
         const char *o = argv[a];
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { segment_usage(stdout); return 0; }

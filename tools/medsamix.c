@@ -107,6 +107,7 @@ static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[]
     {"bench-opt", "bench-opt                         optimiser vs random search on test functions", msx_cmd_bench_opt},
     {"search", "search --base B --models A .. --tasks DIR ..   MedSAMix search", msx_cmd_search},
     {"eval", "eval --model M --tasks DIR .. [--split test]   Dice of one model", msx_cmd_eval},
+    {"prepare", "prepare --nnunet ROOT --task-table T.json --out DIR   nnU-Net volumes -> task folders", msx_cmd_prepare},
 };
 
 static void usage(FILE *f) {
