@@ -4224,19 +4224,64 @@ static float msx__sam_bf2f(uint16_t h) {
     return f;
 }
 
+#ifdef MSX__SAM_AVX2
+/* msx__sam_f2bf on 8 lanes (same bits), as 32-bit lanes holding the bf16 */
+static __m256i msx__sam_f2bf8(__m256 x) {
+    __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+
+/* stores 8 values rounded to bf16 at d (esz 2: bf16, esz 4: f32) */
+static void msx__sam_lp_store8(void *d, __m256 x, int esz) {
+    __m256i r = msx__sam_f2bf8(x);
+    if (esz == 2)
+        _mm_storeu_si128((__m128i *)d, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    else
+        _mm256_storeu_si256((__m256i *)d, _mm256_slli_epi32(r, 16));
+}
+#endif
+
 /* dst[i] = bf16(src[i]·scale), stored as bf16 (esz 2, the bf16 path) or as
    the bf16 value in an f32 (esz 4, the emulation). dst may equal src. */
 static void msx__sam_lp_store(void *dst, const float *src, size_t n, float scale, int esz) {
-    size_t i;
+    size_t i = 0;
+#ifdef MSX__SAM_AVX2
+    __m256 vs = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8)
+        msx__sam_lp_store8((unsigned char *)dst + i * (size_t)esz, _mm256_mul_ps(_mm256_loadu_ps(src + i), vs), esz);
+#endif
     if (esz == 2) {
         uint16_t *d = (uint16_t *)dst;
-#pragma omp simd
-        for (i = 0; i < n; i++) d[i] = msx__sam_f2bf(src[i] * scale);
+        for (; i < n; i++) d[i] = msx__sam_f2bf(src[i] * scale);
     } else {
         float *d = (float *)dst;
-#pragma omp simd
-        for (i = 0; i < n; i++) d[i] = msx__sam_bf2f(msx__sam_f2bf(src[i] * scale));
+        for (; i < n; i++) d[i] = msx__sam_bf2f(msx__sam_f2bf(src[i] * scale));
     }
+}
+
+/* msx__sam_row_expsum that also stores the numerators rounded to bf16 in P
+   (esz as msx__sam_lp_store): the same f32 values and the same sum. */
+static float msx__sam_row_expsum_lp(float *s, int n, float mx, void *P, int esz) {
+    int j = 0;
+    float sum = 0;
+    unsigned char *p = (unsigned char *)P;
+#ifdef MSX__SAM_AVX2
+    __m256 vm = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = msx__sam_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        msx__sam_lp_store8(p + (size_t)j * (size_t)esz, e, esz);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = msx__sam_hsum8(acc);
+#endif
+    for (; j < n; j++) {
+        float e = msx__sam_exp(s[j] - mx);
+        msx__sam_lp_store(p + (size_t)j * (size_t)esz, &e, 1, 1.0f, esz);
+        sum += e;
+    }
+    return sum;
 }
 
 /* Rounds n f32 values to bf16 in place (the emulation's stand-in for a
@@ -4270,14 +4315,12 @@ static void msx__sam_ln_lp(const float *x, int ldx, void *y, int rows, int C, co
             ss += d * d;
         }
         rstd = (float)(1.0 / sqrt(ss / C + (double)eps));
-        if (esz == 2) {
-            uint16_t *yi = (uint16_t *)y + (size_t)i * C;
+        for (c = 0; c < C; c += 64) { /* f32 in chunks, then rounded */
+            float t[64];
+            int k, L = C - c < 64 ? C - c : 64;
 #pragma omp simd
-            for (c = 0; c < C; c++) yi[c] = msx__sam_f2bf((xi[c] - mean) * rstd * w[c] + b[c]);
-        } else {
-            float *yi = (float *)y + (size_t)i * C;
-#pragma omp simd
-            for (c = 0; c < C; c++) yi[c] = msx__sam_bf2f(msx__sam_f2bf((xi[c] - mean) * rstd * w[c] + b[c]));
+            for (k = 0; k < L; k++) t[k] = (xi[c + k] - mean) * rstd * w[c + k] + b[c + k];
+            msx__sam_lp_store((unsigned char *)y + ((size_t)i * C + (size_t)c) * (size_t)esz, t, (size_t)L, 1.0f, esz);
         }
     }
 }
@@ -5228,6 +5271,26 @@ static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, int gh, in
     }
 }
 
+/* msx__sam_softmax_rel writing the numerators rounded to bf16 into P
+   (rows × nk, esz-byte elements) instead of back into S. */
+static void msx__sam_softmax_rel_lp(float *S, int ldS, int rows, int i0, int gh, int gw, const float *RH, const float *RW,
+                                    float scale, float *rw, float *inv, void *P, int esz) {
+    int i, kh, kw, nk = gh * gw;
+    for (i = 0; i < rows; i++) {
+        float *s = S + (size_t)i * ldS;
+        float mx = -INFINITY;
+        if (RH) {
+            int pos = i0 + i, qh = pos / gw, qw = pos % gw;
+            const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
+            for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
+            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
+        } else {
+            mx = msx__sam_row_affine_max(s, nk, scale, 0.0f, NULL, mx);
+        }
+        inv[i] = 1.0f / msx__sam_row_expsum_lp(s, nk, mx, (unsigned char *)P + (size_t)i * nk * (size_t)esz, esz);
+    }
+}
+
 /* Attention of block b: ws->big holds qkv (T × 3C, [q|k|v] head-major),
    result (before proj) goes to ws->xn (T × C). Work items: (head, block of
    query rows) for global attention, (window, head) for windowed attention;
@@ -5329,8 +5392,7 @@ static void msx__sam_attention_lp(const msx_sam *m, msx_sam_ws *ws, const msx__s
                 msx__sam_mm_run(m, ws, slot, full ? m->op_grh : m->op_grh_r, q, b->rph_l, NULL, RH);
                 msx__sam_mm_run(m, ws, slot, full ? m->op_grw : m->op_grw_r, q, b->rpw_l, NULL, RW);
             }
-            msx__sam_softmax_rel(S, T, rows, r0, m->H, m->W, rel ? RH : NULL, RW, scale, rw, inv);
-            for (i = 0; i < rows; i++) msx__sam_lp_store(P + (size_t)i * T * ez, S + (size_t)i * T, (size_t)T, 1.0f, esz);
+            msx__sam_softmax_rel_lp(S, T, rows, r0, m->H, m->W, rel ? RH : NULL, RW, scale, rw, inv, P, esz);
             msx__sam_mm_run(m, ws, slot, full ? m->op_gav : m->op_gav_r, P, qkv + (2 * (size_t)C + (size_t)h * hd) * ez,
                             NULL, O);
             for (i = 0; i < rows; i++)
@@ -5368,8 +5430,7 @@ static void msx__sam_attention_lp(const msx_sam *m, msx_sam_ws *ws, const msx__s
                 msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rph_l, NULL, RH);
                 msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rpw_l, NULL, RW);
             }
-            msx__sam_softmax_rel(S, n, n, 0, w, w, rel ? RH : NULL, RW, scale, rw, inv);
-            msx__sam_lp_store(P, S, (size_t)n * n, 1.0f, esz);
+            msx__sam_softmax_rel_lp(S, n, n, 0, w, w, rel ? RH : NULL, RW, scale, rw, inv, P, esz);
             msx__sam_mm_run(m, ws, slot, m->op_wav, P, vg, NULL, og);
             for (t = 0; t < n; t++) {
                 int gy = wy * w + t / w, gx = wx * w + t % w;
