@@ -1177,6 +1177,11 @@ MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
 MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_arch *arch,
                                       msx_task *const *tasks, int n_tasks, int split,
                                       msx_preprocess_mode preprocess, int n_threads, double *dice);
+/* msx_eval_checkpoint with the encoder in `precision` (msx_eval_checkpoint = FP32). */
+MSXDEF msx_result msx_eval_checkpoint_prec(const msx_checkpoint *ck, const msx_sam_arch *arch,
+                                           msx_task *const *tasks, int n_tasks, int split,
+                                           msx_preprocess_mode preprocess, int n_threads, msx_precision precision,
+                                           double *dice);
 
 /* --- search ----------------------------------------------------------------- */
 typedef struct msx_trial_info {
@@ -1213,6 +1218,8 @@ typedef struct msx_search_options {
     int no_report;                    /* 1: skip the final test evaluation and report */
     msx_task_options task;
     msx_preprocess_mode preprocess;   /* MSX_PREPROCESS_SAM (default) or _MEDSAM, the same for every model */
+    msx_precision precision;          /* encoder precision of every evaluation (default FP32; AUTO resolved at start);
+                                         logged in the trial log header, stated in the report */
     const volatile sig_atomic_t *cancel; /* set non-zero (e.g. from SIGINT) to stop */
     void (*on_trial)(const msx_trial_info *info, void *user);
     void *user;
@@ -11547,9 +11554,9 @@ static double *msx__search_cell(const msx__search_table *t, int label, int split
     return &t->dice[((size_t)label * 2 + (size_t)split) * (size_t)t->n_tasks + (size_t)task];
 }
 
-static void msx__search_report_json(const msx__search_table *t, msx__sb *b) {
+static void msx__search_report_json(const msx__search_table *t, const char *precision, msx__sb *b) {
     int k, s, l;
-    msx__sb_puts(b, "{\"format\": \"medsamix-report-v1\", \"tasks\": {");
+    msx__sb_printf(b, "{\"format\": \"medsamix-report-v1\", \"precision\": \"%s\", \"tasks\": {", precision);
     for (k = 0; k < t->n_tasks; k++) {
         msx__sb_puts(b, k ? ", " : "");
         msx__sb_json_str(b, t->tasks[k]);
@@ -11715,15 +11722,22 @@ static void msx__swork_free(msx__swork *w) {
     memset(w, 0, sizeof *w);
 }
 
+/* The encoder precision of a search (AUTO resolved: bf16 where native). */
+static msx_precision msx__search_precision(const msx_search_options *o) {
+    if (o->precision != MSX_PREC_AUTO) return o->precision;
+    return msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+}
+
 /* base/ft/n_ft: a merging worker (own copy of the base); otherwise ck is
    borrowed as is. */
 static msx_result msx__swork_init(msx__swork *w, const msx_checkpoint *ck, const msx_checkpoint *const *ft, int n_ft,
-                                  int granularity, const msx_sam_arch *arch, int n_threads) {
+                                  int granularity, const msx_sam_arch *arch, int n_threads, msx_precision prec) {
     msx_sam_options so;
     msx_result r;
     memset(w, 0, sizeof *w);
     memset(&so, 0, sizeof so);
     so.n_threads = n_threads;
+    so.precision = prec;
     if (n_ft > 0) {
         msx_merge_options mo;
         if ((r = msx_ckpt_clone(ck, &w->ck)) != MSX_OK) return r;
@@ -11805,6 +11819,12 @@ static int msx__search_default_threads(int threads) {
 MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_arch *arch, msx_task *const *tasks,
                                       int n_tasks, int split, msx_preprocess_mode preprocess, int n_threads,
                                       double *dice) {
+    return msx_eval_checkpoint_prec(ck, arch, tasks, n_tasks, split, preprocess, n_threads, MSX_PREC_FP32, dice);
+}
+
+MSXDEF msx_result msx_eval_checkpoint_prec(const msx_checkpoint *ck, const msx_sam_arch *arch, msx_task *const *tasks,
+                                           int n_tasks, int split, msx_preprocess_mode preprocess, int n_threads,
+                                           msx_precision precision, double *dice) {
     msx__sset set;
     msx__swork w[64];
     msx_seg_options so;
@@ -11821,7 +11841,7 @@ MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_ar
     if ((r = msx__sset_build(&set, tasks, n_tasks, &sp, 1, arch, preprocess)) != MSX_OK) return r;
     if (nw > set.n) nw = set.n > 0 ? set.n : 1;
     memset(w, 0, sizeof w);
-    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, 1);
+    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, 1, precision);
     if (r == MSX_OK) r = msx__sset_eval(&set, w, nw, &so, NULL, dice);
     for (i = 0; i < nw; i++) msx__swork_free(&w[i]);
     msx__sset_free(&set);
@@ -12123,10 +12143,12 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sd);
     msx__sb_printf(b, "], \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
-                      "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"version\": \"%s\"}\n",
+                      "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"precision\": \"%s\", "
+                      "\"version\": \"%s\"}\n",
                    R->o->multi ? "true" : "false", R->granularity, R->prune ? "true" : "false",
                    (unsigned long long)R->o->seed, R->batch, R->dim, hex,
-                   R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam", MSX_VERSION_STRING);
+                   R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam",
+                   msx_precision_name(msx__search_precision(R->o)), MSX_VERSION_STRING);
 }
 
 /* Explains how a log header differs from this run (the first difference). */
@@ -12168,6 +12190,12 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
                         R->o->multi ? "multi-task" : "single-task");
     if (!msx__json_num(h, "seed", &v, -1) || (uint64_t)v != R->o->seed)
         return msx__err(MSX_E_STATE, "%s: the log used --seed %.0f, this run %llu", p, v, (unsigned long long)R->o->seed);
+    { /* logs from before the precision key are fp32 */
+        const char *lp = msx__json_str(h, "precision"), *now = msx_precision_name(msx__search_precision(R->o));
+        if (strcmp(lp ? lp : "fp32", now))
+            return msx__err(MSX_E_STATE, "%s: the log was written with --precision %s, this run uses %s; resume with the same "
+                            "precision or use another --out", p, lp ? lp : "fp32", now);
+    }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->fingerprint);
     if (!fp || strcmp(fp, hex))
         return msx__err(MSX_E_STATE, "%s: search setup fingerprint %s differs from this run's %s (different search space or preprocessing); use another --out",
@@ -12707,7 +12735,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
     }
     if (r != MSX_OK) goto done;
     /* report.json */
-    msx__search_report_json(&tab, &b);
+    msx__search_report_json(&tab, msx_precision_name(msx__search_precision(R->o)), &b);
     if (!(path = msx__search_join(R->out, "report.json"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     if ((r = msx__search_write_sb(path, &b)) != MSX_OK) goto done;
     MSX_FREE(path);
@@ -12730,6 +12758,9 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, msx_searc
                      "task_arithmetic = base + 0.5 x sum of task vectors; ties = drop rate 0.5, scale 1.0; "
                      "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (reference §2.5)\n");
     msx__sb_puts(&b, "- Dice per image = 2|P∩G|/(|P|+|G|), box prompt = tight ground-truth box, mask token 0; task score = mean over images\n");
+    msx__sb_printf(&b, "- precision: every Dice in this report (search trials, inputs, uniform merges, result) comes from the "
+                       "image encoder in %s%s\n", msx_precision_name(msx__search_precision(R->o)),
+                   msx__search_precision(R->o) == MSX_PREC_FP32 ? "" : " (matmul weights and inputs rounded to bf16, fp32 accumulation; prompt encoder and mask decoder fp32)");
     msx__search_report_md_table(&tab, 0, &b);
     msx__search_report_md_table(&tab, 1, &b);
     if (n_ov > 0) msx__sb_printf(&b, "\nOverlays of the first %d test images per task (result model): `overlays/`\n", n_ov);
@@ -12893,7 +12924,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (!R.w) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     for (i = 0; i < R.n_w; i++)
         if ((r = msx__swork_init(&R.w[i], R.ck[0], (const msx_checkpoint *const *)(R.ck + 1), o->n_models,
-                                 R.granularity, &R.arch, R.tpj)) != MSX_OK) goto done;
+                                 R.granularity, &R.arch, R.tpj, msx__search_precision(o))) != MSX_OK) goto done;
 #ifdef _OPENMP
     /* J workers of T threads: nested regions only when both exceed 1
        (restored at the end) */
