@@ -10,6 +10,8 @@
    4. Real bf16 against its emulation: Dice means within 0.1 points, golden
       outputs within the bound measured when this test was written.
    5. msx_sam_refresh re-converts the bf16 weights; names, parsing, auto.
+   6. Search: the trial log header and the report record the precision;
+      --resume refuses a log written with another one.
    Emulated checks run on every CPU; checks of the real path print one SKIP
    line and pass where oneDNN has no native bf16 matmul. */
 #define MEDSAMIX_IMPLEMENTATION
@@ -514,6 +516,73 @@ out:
     msx_free(jbuf);
 }
 
+/* ---- 6. search: the log header records the precision, --resume refuses another ---- */
+
+static char *slurp(const char *dir, const char *name) {
+    char p[400];
+    void *txt = NULL;
+    size_t len;
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    if (msx_read_file(p, 0, &txt, &len) != MSX_OK) return NULL;
+    return (char *)txt;
+}
+
+static void test_search_precision(void) {
+    static const char *const mods[2] = {DEMO "/models/spec_ct.pth", DEMO "/models/spec_mri.pth"};
+    const char *tasks[1] = {DEMO "/tasks/mri_ring"};
+    char dir[64] = "/tmp/msx_test_bf16_XXXXXX", out[128], *txt;
+    msx_search_options o;
+    msx_search_summary s;
+    msx__json *rj = NULL;
+    if (!mkdtemp(dir)) { MSX_CHECK(0, "mkdtemp failed"); return; }
+    snprintf(out, sizeof out, "%s/run", dir);
+    memset(&o, 0, sizeof o);
+    o.base = DEMO "/models/base.pth";
+    o.models = mods;
+    o.n_models = 2;
+    o.tasks = tasks;
+    o.n_tasks = 1;
+    o.out_dir = out;
+    o.n_trials = msx_search_n_initial(1) + 1;
+    o.jobs = 1;
+    o.threads = 1;
+    o.seed = 5;
+    o.progress = -1;
+    o.n_overlays = -1;
+    o.task.max_images = 3;
+    o.precision = MSX_PREC_BF16_EMU;
+    MSX_CHECK_OK(msx_search_run(&o, &s));
+    txt = slurp(out, "trials.jsonl");
+    MSX_CHECK(txt && strstr(txt, "\"precision\": \"bf16-emu\"") && strstr(txt, "\"precision\": \"bf16-emu\"") < strchr(txt, '\n'),
+              "the log header records the precision");
+    msx_free(txt);
+    txt = slurp(out, "report.md");
+    MSX_CHECK(txt && strstr(txt, "comes from the image encoder in bf16-emu"), "report.md states the precision");
+    msx_free(txt);
+    txt = slurp(out, "report.json");
+    if (txt) rj = msx__json_parse(txt, strlen(txt), "report.json");
+    MSX_CHECK(rj && msx__json_str(rj, "precision") && !strcmp(msx__json_str(rj, "precision"), "bf16-emu"),
+              "report.json precision");
+    msx__json_free(rj);
+    msx_free(txt);
+    /* resuming with another precision is refused, naming both */
+    o.resume = 1;
+    o.n_trials++;
+    o.precision = MSX_PREC_FP32;
+    MSX_CHECK(msx_search_run(&o, &s) == MSX_E_STATE && strstr(msx_last_error(), "--precision bf16-emu") &&
+                  strstr(msx_last_error(), "fp32"),
+              "resume in fp32: %s", msx_last_error());
+    /* the same precision resumes */
+    o.precision = MSX_PREC_BF16_EMU;
+    o.no_report = 1;
+    MSX_CHECK(msx_search_run(&o, &s) == MSX_OK && s.n_trials_done == o.n_trials, "resume bf16-emu: %s", msx_last_error());
+    if (msx_test_fail == 0) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+        if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
+    }
+}
+
 int main(void) {
     char isa[96];
     have_bf16 = msx_sam_bf16_supported(isa, sizeof isa);
@@ -532,6 +601,7 @@ int main(void) {
     test_golden("tiny_b");
     test_refresh(MSX_PREC_BF16_EMU);
     if (have_bf16) test_refresh(MSX_PREC_BF16);
+    test_search_precision();
     test_demo();
     return msx_test_summary("test_bf16");
 }
