@@ -354,6 +354,68 @@ out:
     msx_ckpt_free(g);
 }
 
+/* msx_sam_ckpt_to_bf16: models on the converted checkpoint equal models on
+   the fp32 one (bit for bit); fp32 refuses it. */
+static void test_ckpt_bf16(void) {
+    msx_checkpoint *ck = NULL, *ck16 = NULL, *g = NULL;
+    msx_sam_arch arch;
+    msx_sam_options so;
+    msx_precision ps[2] = {MSX_PREC_BF16_EMU, MSX_PREC_BF16};
+    int k, i;
+    MSX_CHECK_OK(msx_sam_load(msx_test_path("golden/sam/tiny_a/model.pth"), msx_test_path("golden/sam/tiny_a/config.json"),
+                              &ck, &arch));
+    MSX_CHECK_OK(msx_safetensors_load(msx_test_path("golden/sam/tiny_a/cases.safetensors"), &g));
+    if (!ck || !g) goto out;
+    MSX_CHECK_OK(msx_ckpt_clone(ck, &ck16));
+    if (!ck16) goto out;
+    MSX_CHECK_OK(msx_sam_ckpt_to_bf16(ck16, &arch));
+    MSX_CHECK(msx_ckpt_find(ck16, "image_encoder.blocks.2.mlp.lin1.weight")->dtype == MSX_BF16 &&
+                  msx_ckpt_find(ck16, "image_encoder.blocks.2.mlp.lin1.bias")->dtype == MSX_F32,
+              "weights converted, biases kept");
+    {
+        const msx_tensor *a = msx_ckpt_find(ck, "image_encoder.blocks.0.attn.qkv.weight"),
+                         *b = msx_ckpt_find(ck16, "image_encoder.blocks.0.attn.qkv.weight");
+        int bad = 0;
+        for (i = 0; i < (int)a->numel; i++) bad += msx__sam_f2bf(((const float *)a->data)[i]) != ((const uint16_t *)b->data)[i];
+        MSX_CHECK(bad == 0, "%d converted elements differ from f2bf", bad);
+    }
+    for (k = 0; k < 2; k++) {
+        msx_sam *m1 = NULL, *m2 = NULL;
+        msx_sam_ws *w1 = NULL, *w2 = NULL;
+        size_t n = (size_t)msx_ckpt_find(g, "case0.image_embeddings")->numel;
+        float *e1 = (float *)calloc(n, 4), *e2 = (float *)calloc(n, 4);
+        if (ps[k] == MSX_PREC_BF16 && !have_bf16) { free(e1); free(e2); continue; }
+        memset(&so, 0, sizeof so);
+        so.precision = ps[k];
+        MSX_CHECK_OK(msx_sam_create(ck, &arch, &so, &m1));
+        MSX_CHECK_OK(msx_sam_create(ck16, &arch, &so, &m2));
+        if (m1) MSX_CHECK_OK(msx_sam_ws_create(m1, &w1));
+        if (m2) MSX_CHECK_OK(msx_sam_ws_create(m2, &w2));
+        if (w1 && w2) {
+            MSX_CHECK_OK(msx_sam_encode(m1, w1, (const float *)need(g, "input", 1)->data, e1));
+            MSX_CHECK_OK(msx_sam_encode(m2, w2, (const float *)need(g, "input", 1)->data, e2));
+            MSX_CHECK(!memcmp(e1, e2, n * 4), "%s: bf16 checkpoint gives the same embedding", msx_precision_name(ps[k]));
+            MSX_CHECK_OK(msx_sam_refresh(m2));
+        }
+        msx_sam_ws_free(w1);
+        msx_sam_ws_free(w2);
+        msx_sam_free(m1);
+        msx_sam_free(m2);
+        free(e1);
+        free(e2);
+    }
+    {
+        msx_sam *m = NULL;
+        memset(&so, 0, sizeof so);
+        MSX_CHECK(msx_sam_create(ck16, &arch, &so, &m) == MSX_E_UNSUPPORTED && !m, "fp32 refuses bf16 tensors: %s",
+                  msx_last_error());
+    }
+out:
+    msx_ckpt_free(ck);
+    msx_ckpt_free(ck16);
+    msx_ckpt_free(g);
+}
+
 /* ---- 3./4. demo world Dice ------------------------------------------------------ */
 
 typedef struct demo_item {
@@ -601,6 +663,7 @@ int main(void) {
     test_golden("tiny_b");
     test_refresh(MSX_PREC_BF16_EMU);
     if (have_bf16) test_refresh(MSX_PREC_BF16);
+    test_ckpt_bf16();
     test_search_precision();
     test_demo();
     return msx_test_summary("test_bf16");

@@ -153,6 +153,12 @@ int msx_cmd_forward(int argc, char **argv) {
     if (threads < 0) { fprintf(stderr, "forward: --threads must be >= 0\n"); return 2; }
     opt.n_threads = threads;
     if (msx_sam_load(model, config, &ck, &arch) != MSX_OK) { fprintf(stderr, "forward: %s\n", msx_last_error()); goto end; }
+    if (opt.precision == MSX_PREC_AUTO) opt.precision = msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+    /* bf16: the encoder's matmul weights are kept in bf16 only (no fp32 copy beside them) */
+    if (opt.precision == MSX_PREC_BF16 && msx_sam_bf16_supported(NULL, 0) && msx_sam_ckpt_to_bf16(ck, &arch) != MSX_OK) {
+        fprintf(stderr, "forward: %s\n", msx_last_error());
+        goto end;
+    }
     if (msx_sam_create(ck, &arch, &opt, &m) != MSX_OK || msx_sam_ws_create(m, &ws) != MSX_OK) {
         fprintf(stderr, "forward: %s\n", msx_last_error());
         goto end;

@@ -107,6 +107,10 @@ int msx_cmd_segment(int argc, char **argv) {
     t0 = msx_time_now();
     if ((r = msx_image_load(image, &img)) != MSX_OK) goto fail;
     if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) goto fail;
+    if (mo.precision == MSX_PREC_AUTO) mo.precision = msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+    /* bf16: the encoder's matmul weights are kept in bf16 only (no fp32 copy beside them) */
+    if (mo.precision == MSX_PREC_BF16 && msx_sam_bf16_supported(NULL, 0) && (r = msx_sam_ckpt_to_bf16(ck, &arch)) != MSX_OK)
+        goto fail;
     if ((r = msx_sam_create(ck, &arch, &mo, &m)) != MSX_OK) goto fail;
     if ((r = msx_sam_ws_create(m, &ws)) != MSX_OK) goto fail;
     t1 = msx_time_now();
