@@ -5114,8 +5114,9 @@ MSXDEF msx_result msx_sam_create(const msx_checkpoint *ck, const msx_sam_arch *a
         }
     }
     if (m->prec != MSX_PREC_FP32 && m->prec != MSX_PREC_BF16 && m->prec != MSX_PREC_BF16_EMU) {
+        int p = (int)m->opt.precision;
         msx_sam_free(m);
-        return msx__err(MSX_E_ARG, "SAM: unknown precision %d", (int)m->opt.precision);
+        return msx__err(MSX_E_ARG, "SAM: unknown precision %d", p);
     }
     m->lp = m->prec != MSX_PREC_FP32;
     m->esz = m->prec == MSX_PREC_BF16 ? 2 : 4;
