@@ -5012,10 +5012,12 @@ static void msx__sam_lp_store(void *dst, const float *src, size_t n, float scale
 #endif
     if (esz == 2) {
         uint16_t *d = (uint16_t *)dst;
-        for (; i < n; i++) d[i] = msx__sam_f2bf(src[i] * scale);
+#pragma omp simd
+        for (size_t j = i; j < n; j++) d[j] = msx__sam_f2bf(src[j] * scale);
     } else {
         float *d = (float *)dst;
-        for (; i < n; i++) d[i] = msx__sam_bf2f(msx__sam_f2bf(src[i] * scale));
+#pragma omp simd
+        for (size_t j = i; j < n; j++) d[j] = msx__sam_bf2f(msx__sam_f2bf(src[j] * scale));
     }
 }
 
