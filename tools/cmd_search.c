@@ -28,6 +28,14 @@ static const char *const search_usage =
     "  --multi              MedSAMix-M: one objective per task (ParEGO); default MedSAMix-S on the first task\n"
     "  --mo parego|mean     multi-task scalarisation (default parego; mean = what the reference code ran)\n"
     "  --trials N           total trials, the reference's starting points included (default 100)\n"
+    "  --fidelity race|full race: score candidates on growing prefixes of a seeded calib image order and\n"
+    "                       stop those that cannot beat the incumbent (default); full: every trial on\n"
+    "                       every calib image\n"
+    "  --race-kappa K       racing knob: stop when mean + K standard errors of the paired per-image\n"
+    "                       differences with the incumbent still loses (default 1; 0 = SMAC's mean rule)\n"
+    "  --race-first N       calib images per task in the first racing stage (default 2; then 4, 8, .., all)\n"
+    "  --max-passes N       stop once the search spent N encoder passes (one per image evaluation)\n"
+    "  --time-limit MIN     stop starting new trials after MIN minutes\n"
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
     "  --threads T          total threads (default: all)\n"
     "  --seed S             optimiser seed (default 0)\n"
@@ -174,6 +182,16 @@ int msx_cmd_search(int argc, char **argv) {
         else if (!strcmp(a, "--quiet")) o.progress = -1;
         else if (!strcmp(a, "--out") && v) { o.out_dir = v; i++; }
         else if (!strcmp(a, "--config") && v) { o.arch_config = v; i++; }
+        else if (!strcmp(a, "--fidelity") && v && (!strcmp(v, "race") || !strcmp(v, "full"))) { o.fidelity = !strcmp(v, "full") ? MSX_FIDELITY_FULL : MSX_FIDELITY_RACE; i++; }
+        else if (!strcmp(a, "--race-kappa")) { if (!cmd_num(a, v, 0, 100, &x)) return 2; o.race_kappa = x == 0 ? -1 : x; i++; }
+        else if (!strcmp(a, "--race-first")) { if (!cmd_num(a, v, 1, 1e6, &x)) return 2; o.race_first = (int)x; i++; }
+        else if (!strcmp(a, "--max-passes")) {
+            if (!cmd_num(a, v, 1, 1e15, &x)) { fprintf(stderr, "--max-passes: give a number of encoder passes >= 1 (omit the option for no limit)\n"); return 2; }
+            o.max_passes = (long long)x; i++;
+        } else if (!strcmp(a, "--time-limit")) {
+            if (!cmd_num(a, v, 1e-9, 1e9, &x)) { fprintf(stderr, "--time-limit: give a positive number of minutes (omit the option for no limit)\n"); return 2; }
+            o.time_limit = x; i++;
+        }
         else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
         else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
@@ -202,9 +220,12 @@ int msx_cmd_search(int argc, char **argv) {
         fprintf(stderr, "search: %s\n", msx_last_error());
         return 1;
     }
+    if (s.budget_stop) printf("\nstopped by the %s after %d trial(s)\n", s.budget_stop == 1 ? "--max-passes budget" : "--time-limit", s.n_trials_done);
     printf("\nbest: trial %d of %d, calib Dice", s.best_trial, s.n_trials_done);
     for (i = 0; i < (o.multi ? o.n_tasks : 1); i++) printf(" %.4f", s.best_calib[i]);
-    printf(" (%.0f s)\noutputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", s.seconds, o.out_dir,
+    printf(" (%.0f s)\nencoder passes: search %lld (the same trials in full: %lld), report %lld; %d trial(s) evaluated in full\n",
+           s.seconds, s.passes_search, s.passes_full, s.passes_report, s.n_full);
+    printf("outputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", o.out_dir,
            o.no_report ? "" : " report.md report.json overlays/");
     if (!o.no_report) { printf("\n"); cmd_print_file(o.out_dir, "report.md"); }
     return 0;
