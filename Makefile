@@ -5,6 +5,7 @@
 #   make demo       the main job: MedSAMix on the embedded demo world
 #   make bench      benchmarks (not tests)
 #   make fuzz       libFuzzer harnesses (clang), FUZZ_SECONDS each
+#   make mpi        build/medsamix-mpi and examples/search_mpi.c (Open MPI's mpicc)
 #   make install PREFIX=/usr/local DESTDIR=
 
 CC      ?= gcc
@@ -26,12 +27,28 @@ TOOL_SRC = tools/medsamix.c $(wildcard tools/cmd_*.c)
 TESTS    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 EXAMPLES = $(patsubst examples/%.c,$(BUILD)/examples/%,$(wildcard examples/*.c))
 
-.PHONY: all deps test test-run check asan cxx-check bench demo fuzz install clean
+.PHONY: all deps test test-run check asan cxx-check bench demo fuzz install clean mpi
 
 all: $(BUILD)/medsamix $(EXAMPLES)
 
 deps:
 	@sh tools/ensure-deps.sh
+
+MPICC   ?= mpicc
+MPI_SRC  = tools/medsamix-mpi.c tools/cmd_search.c
+
+# The MPI driver (the header stays free of MPI): only this target needs Open MPI.
+mpi:
+	@MSX_MPI=1 sh tools/ensure-deps.sh
+	@$(MAKE) --no-print-directory $(BUILD)/medsamix-mpi
+
+$(BUILD)/medsamix-mpi: $(MPI_SRC) tools/cli.h $(HDR)
+	@mkdir -p $(dir $@)
+	OMPI_CC=$(CC) $(MPICC) $(ALLCFLAGS) -pthread -o $@ $(MPI_SRC) $(LDLIBS)
+
+$(BUILD)/mpi/search_mpi: examples/mpi/search_mpi.c $(HDR)
+	@mkdir -p $(dir $@)
+	OMPI_CC=$(CC) $(MPICC) $(ALLCFLAGS) -pthread -o $@ $< $(LDLIBS)
 
 $(BUILD)/medsamix: $(TOOL_SRC) tools/cli.h $(HDR)
 	@mkdir -p $(dir $@)

@@ -1184,6 +1184,33 @@ typedef enum msx_fidelity {
     MSX_FIDELITY_FULL = 1   /* every trial on every calib image (the behaviour before racing) */
 } msx_fidelity;
 
+/* Units of work run elsewhere. A unit is "configuration cfg on these calib
+   images -> per-image Dice"; a trial is one unit (full fidelity) or one per
+   racing stage, decided by the search between stages. By default
+   msx_search_run evaluates units on its own workers; an executor runs them
+   elsewhere (other processes, MPI ranks: tools/medsamix-mpi.c), where an
+   msx_search_worker built from the same options evaluates them. What
+   travels is configurations and Dice, never weights. The search calls the
+   executor from one thread. */
+typedef struct msx_search_executor {
+    int n_slots;  /* units in flight at most, 1..MSX_SEARCH_MAX_SLOTS */
+    /* Starts unit `tag` (0 <= tag < n_slots, not in flight): dim configuration
+       values (NAN = inactive, as msx_space) on the n calib images ids (indices
+       in msx_search_worker order). The executor writes the n Dice into `dice`
+       (valid until the unit is returned by wait_any). Non-OK stops the search. */
+    msx_result (*submit)(void *user, int tag, const double *cfg, int dim, const int *ids, int n, double *dice);
+    /* Blocks until some unit finished; *failed = 1 if it could not be
+       evaluated (the trial is logged as failed). Non-OK stops the search. */
+    msx_result (*wait_any)(void *user, int *tag, int *failed);
+    /* Optional: no more units will be submitted (release remote workers). */
+    void (*done)(void *user);
+    void *user;
+} msx_search_executor;
+
+#ifndef MSX_SEARCH_MAX_SLOTS
+#define MSX_SEARCH_MAX_SLOTS 65536
+#endif
+
 /* Zero-initialise, then set what you need. */
 typedef struct msx_search_options {
     const char *base;                 /* base checkpoint (.pth / .safetensors) */
@@ -1219,6 +1246,11 @@ typedef struct msx_search_options {
     const volatile sig_atomic_t *cancel; /* set non-zero (e.g. from SIGINT) to stop */
     void (*on_trial)(const msx_trial_info *info, void *user);
     void *user;
+    int batch;                        /* trials per synchronous batch (ask B, evaluate, tell B), 1..256;
+                                         0 = jobs (executor: its n_slots, at most 256) */
+    const msx_search_executor *executor; /* NULL: evaluate on this process's workers */
+    int async;                        /* with an executor: ask one trial whenever a slot frees (keeps every
+                                         slot busy; results depend on timing); 0 = synchronous batches */
 } msx_search_options;
 
 typedef struct msx_search_summary {
@@ -1249,6 +1281,29 @@ MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summa
    2, no pruning: 19 groups x 10 = 190 hyperparameters. */
 MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
                                           int prune, msx_space **out);
+
+/* The evaluating side of an executor: the models, the tasks' calib images
+   and the search space of the search `opt` describes (the fields that define
+   a search: base, models, tasks, arch_config, multi, granularity, no_prune,
+   task, preprocess, fidelity knobs; jobs x threads size its workers; out_dir,
+   resume and reports are ignored), loaded once. */
+typedef struct msx_search_worker msx_search_worker;
+MSXDEF msx_result msx_search_worker_create(const msx_search_options *opt, msx_search_worker **out);
+MSXDEF void msx_search_worker_free(msx_search_worker *w);
+/* Units it evaluates at once (its workers), configuration size, calib images. */
+MSXDEF int msx_search_worker_slots(const msx_search_worker *w);
+MSXDEF int msx_search_worker_dim(const msx_search_worker *w);
+MSXDEF int msx_search_worker_n_images(const msx_search_worker *w);
+/* Digest of the models' weights, the calib images/masks/boxes, the search
+   space and the preprocessing: equal on every process of one search. */
+MSXDEF uint64_t msx_search_worker_fingerprint(const msx_search_worker *w);
+/* One line naming each model and task with its digest (to say which differs). */
+MSXDEF const char *msx_search_worker_describe(const msx_search_worker *w);
+/* Evaluates one unit on worker `slot` (0..slots-1): the configuration is
+   checked and canonicalised, merged (unless the slot holds it already), and
+   the calib images ids[0..n) scored: dice[i]. Different slots may run
+   concurrently from different threads; one slot is one thread at a time. */
+MSXDEF msx_result msx_search_worker_eval(msx_search_worker *w, int slot, const double *cfg, const int *ids, int n, double *dice);
 
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
@@ -11687,6 +11742,8 @@ typedef struct msx__srun {
     int n_design;                      /* trials of the initial design (starting points + design) */
     int budget_stop;
     double t_start;
+    struct msx__sfly *fly;             /* executor: the trials in flight, one per slot */
+    long long n_asked;                 /* async: proposals so far (seeds their race weights) */
 } msx__srun;
 
 static msx__strial *msx__srun_trial(msx__srun *R, int t) {
@@ -11724,6 +11781,8 @@ static double msx__srun_score(const msx__srun *R, const msx__strial *T) {
     return s / R->n_eval;
 }
 
+static void msx__sfly_free(msx__srun *R);
+
 static void msx__srun_free(msx__srun *R) {
     int i;
     for (i = 0; i < R->n_w; i++) msx__swork_free(&R->w[i]);
@@ -11744,6 +11803,7 @@ static void msx__srun_free(msx__srun *R) {
     MSX_FREE(R->out);
     MSX_FREE(R->log_path);
     if (R->log_fd >= 0) close(R->log_fd);
+    msx__sfly_free(R);
 }
 
 static uint64_t msx__srun_space_digest(const msx__srun *R) {
@@ -11818,7 +11878,7 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
         msx__sb_json_num(b, R->kappa);
         msx__sb_printf(b, ", \"race_first\": %d, ", R->race_first);
     }
-    msx__sb_printf(b, "\"version\": \"%s\"}\n", MSX_VERSION_STRING);
+    msx__sb_printf(b, "\"schedule\": \"%s\", \"version\": \"%s\"}\n", R->o->async ? "async" : "sync", MSX_VERSION_STRING);
 }
 
 /* Explains how a log header differs from this run (the first difference). */
@@ -11866,6 +11926,13 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (strcmp(fid, R->race ? "race" : "full"))
             return msx__err(MSX_E_STATE, "%s: the log is a --fidelity %s search, this run is --fidelity %s; use the same --fidelity or another --out",
                             p, fid, R->race ? "race" : "full");
+    }
+    {
+        const char *sch = msx__json_str(h, "schedule");
+        if (!sch) sch = "sync"; /* logs written before the async schedule */
+        if (strcmp(sch, R->o->async ? "async" : "sync"))
+            return msx__err(MSX_E_STATE, "%s: the log is a%s search, this run is %s; resume it in the same mode (--sync or not) or use another --out",
+                            p, strcmp(sch, "async") ? " synchronous (--sync)" : "n asynchronous", R->o->async ? "asynchronous" : "synchronous");
     }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->fingerprint);
     if (!fp || strcmp(fp, hex))
@@ -12230,13 +12297,15 @@ static int msx__srun_race_decide(const msx__srun *R, const msx__srace *C, const 
     return 0;
 }
 
+static void msx__srun_trial_means(const msx__srun *R, msx__strial *T, const double *est);
+
 /* Evaluates one trial: in full (full fidelity, or no incumbent yet), or
    raced stage by stage against the batch's incumbent. */
 static msx_result msx__srun_eval_trial(msx__srun *R, msx__swork *w, msx__strial *T) {
     const msx__srace *C = &R->ctx;
     double d[1024], est[MSX_SEARCH_MAX_TASKS];
     int ids[1024];
-    int k, i, m, pos = 0;
+    int i, m, pos = 0;
     msx_result r;
     T->n_img = 0;
     T->stopped = 0;
@@ -12258,7 +12327,14 @@ static msx_result msx__srun_eval_trial(msx__srun *R, msx__swork *w, msx__strial 
         if (m >= R->n_rounds) break;
         if ((T->stopped = msx__srun_race_decide(R, C, T, est)) != 0) break;
     }
-    /* task means in image order (the same sum whatever the race order) */
+    msx__srun_trial_means(R, T, est);
+    return MSX_OK;
+}
+
+/* A trial's task means in image order (the same sum whatever the race
+   order) and its costs (the estimates est when stopped). */
+static void msx__srun_trial_means(const msx__srun *R, msx__strial *T, const double *est) {
+    int k, i;
     for (k = 0; k < R->n_eval; k++) {
         double sum = 0;
         int n = 0;
@@ -12267,7 +12343,6 @@ static msx_result msx__srun_eval_trial(msx__srun *R, msx__swork *w, msx__strial 
         T->dice[k] = n ? sum / n : NAN;
         T->cost[k] = T->stopped ? est[k] : 1.0 - T->dice[k];
     }
-    return MSX_OK;
 }
 
 static void msx__srun_update_best(msx__srun *R, const msx__strial *T) {
@@ -12314,6 +12389,8 @@ static msx_result msx__srun_finish(msx__srun *R, int t) {
 /* Evaluates the trials t0 + s for the slots with need[s] != 0, in parallel
    over the workers. MSX_E_CANCELLED when stopped (finished trials are
    logged). */
+static msx_result msx__srun_batch_exec(msx__srun *R, int t0, int k, int batch, const unsigned char *need);
+
 static msx_result msx__srun_batch(msx__srun *R, int t0, int k, int batch, const unsigned char *need) {
     int s, n_need = 0, nt;
     int slots[256];
@@ -12321,6 +12398,7 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, int batch, const 
     int cancelled = 0;
     char msg[1024];
     msg[0] = 0;
+    if (R->o->executor) return msx__srun_batch_exec(R, t0, k, batch, need);
     for (s = 0; s < k; s++)
         if (need[s]) slots[n_need++] = s;
     nt = n_need < R->n_w ? n_need : R->n_w;
@@ -12364,6 +12442,200 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, int batch, const 
     if (fatal != MSX_OK) return msx__err(fatal, "%s", msg);
     if (cancelled || (R->o->cancel && *R->o->cancel)) return msx__err(MSX_E_CANCELLED, "stopped on request");
     return MSX_OK;
+}
+
+/* ---- executing units elsewhere (msx_search_executor) ----------------------------- */
+/* The same trials as msx__srun_eval_trial, as a state machine: each stage
+   is one unit submitted to the executor, and the race decision between
+   stages is taken here, so remote workers only ever score a configuration
+   on a list of images. Synchronous batches race against the batch's
+   context exactly like the local path (same trial records); the async
+   schedule gives each trial the context of the moment it starts. */
+
+typedef struct msx__sfly {
+    msx__strial own;        /* async: the trial's own buffers until it finishes */
+    msx__strial *T;         /* the trial being evaluated (NULL = slot free) */
+    msx__srace C;           /* async: its race context (sync: R->ctx) */
+    const msx__srace *Cp;
+    int t, id;              /* sync: trial index; async: optimiser id */
+    int m, pos, n;          /* stage end (rounds), next position in the race order, images in flight */
+    int *ids;               /* calib.n */
+    double *dice;           /* calib.n */
+    double est[MSX_SEARCH_MAX_TASKS];
+    double t1;
+} msx__sfly;
+
+static void msx__sfly_free(msx__srun *R) {
+    int i, n = R->o && R->o->executor ? R->o->executor->n_slots : 0;
+    if (!R->fly) return;
+    for (i = 0; i < n; i++) {
+        MSX_FREE(R->fly[i].ids);
+        MSX_FREE(R->fly[i].dice);
+        MSX_FREE(R->fly[i].own.cfg);
+        MSX_FREE(R->fly[i].own.img);
+    }
+    MSX_FREE(R->fly);
+    R->fly = NULL;
+}
+
+static msx_result msx__sfly_alloc(msx__srun *R) {
+    int i, n = R->o->executor->n_slots, cn = R->calib.n ? R->calib.n : 1;
+    if (R->fly) return MSX_OK;
+    if (!(R->fly = (msx__sfly *)msx__calloc((size_t)n, sizeof *R->fly))) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < n; i++) {
+        msx__sfly *F = &R->fly[i];
+        F->ids = (int *)MSX_MALLOC(sizeof(int) * (size_t)cn);
+        F->dice = (double *)MSX_MALLOC(sizeof(double) * (size_t)cn);
+        F->own.cfg = (double *)MSX_MALLOC(sizeof(double) * (size_t)(R->dim ? R->dim : 1));
+        F->own.img = (double *)MSX_MALLOC(sizeof(double) * (size_t)cn);
+        if (!F->ids || !F->dice || !F->own.cfg || !F->own.img) return msx__err(MSX_E_NOMEM, "out of memory");
+    }
+    return MSX_OK;
+}
+
+/* The next stage's images (rounds below F->m) into F->ids; then submit. */
+static msx_result msx__sfly_submit(msx__srun *R, msx__sfly *F, int tag) {
+    const msx_search_executor *X = R->o->executor;
+    msx_result r;
+    if (F->m > R->n_rounds) F->m = R->n_rounds;
+    F->n = 0;
+    while (F->pos < R->calib.n && R->round[F->pos] < F->m) F->ids[F->n++] = R->order[F->pos++];
+    r = X->submit(X->user, tag, F->T->cfg, R->dim, F->ids, F->n, F->dice);
+    if (r != MSX_OK) return msx__err(r, "executor: submitting a unit of trial %d failed: %s", F->t, msx_last_error());
+    return MSX_OK;
+}
+
+static msx_result msx__sfly_start(msx__srun *R, msx__sfly *F, int tag) {
+    int i;
+    F->T->n_img = 0;
+    F->T->stopped = 0;
+    F->T->failed = 0;
+    for (i = 0; i < R->calib.n; i++) F->T->img[i] = NAN;
+    F->m = R->race && F->Cp->inc >= 0 ? R->race_first : R->n_rounds;
+    F->pos = 0;
+    F->t1 = msx_time_now();
+    return msx__sfly_submit(R, F, tag);
+}
+
+/* A unit came back: 1 = the trial is finished (means and costs set),
+   0 = its next stage was submitted. */
+static int msx__sfly_returned(msx__srun *R, msx__sfly *F, int tag, int failed, msx_result *r) {
+    msx__strial *T = F->T;
+    int i;
+    *r = MSX_OK;
+    if (failed) {
+        T->failed = 1;
+    } else {
+        for (i = 0; i < F->n; i++) T->img[F->ids[i]] = F->dice[i];
+        T->n_img += F->n;
+        if (F->m < R->n_rounds && (T->stopped = msx__srun_race_decide(R, F->Cp, T, F->est)) == 0) {
+            F->m *= 2;
+            *r = msx__sfly_submit(R, F, tag);
+            return 0;
+        }
+        msx__srun_trial_means(R, T, F->est);
+    }
+    T->seconds = msx_time_now() - F->t1;
+    if (failed && R->prog.mode >= 0) fprintf(stderr, "\ntrial %d failed on a remote worker\n", F->t);
+    return 1;
+}
+
+static msx_result msx__sfly_wait(msx__srun *R, int *tag, int *failed) {
+    const msx_search_executor *X = R->o->executor;
+    msx_result r = X->wait_any(X->user, tag, failed);
+    if (r != MSX_OK) return msx__err(r, "executor: %s", msx_last_error());
+    if (*tag < 0 || *tag >= X->n_slots || !R->fly[*tag].T)
+        return msx__err(MSX_E_STATE, "executor returned unit %d, which is not in flight", *tag);
+    return MSX_OK;
+}
+
+/* msx__srun_batch through the executor: the same trials, the same records. */
+static msx_result msx__srun_batch_exec(msx__srun *R, int t0, int k, int batch, const unsigned char *need) {
+    const msx_search_executor *X = R->o->executor;
+    int next = 0, in_flight = 0, f, tag, failed;
+    msx_result r;
+    if ((r = msx__sfly_alloc(R)) != MSX_OK) return r;
+    msx__srun_race_ctx(R, t0, batch, &R->ctx);
+    for (;;) {
+        int cancelled = R->o->cancel && *R->o->cancel;
+        while (!cancelled && in_flight < X->n_slots) {
+            while (next < k && !need[next]) next++;
+            if (next >= k) break;
+            for (f = 0; R->fly[f].T; f++) {}
+            R->fly[f].T = &R->tr[t0 + next];
+            R->fly[f].Cp = &R->ctx;
+            R->fly[f].t = t0 + next;
+            next++;
+            in_flight++;
+            if ((r = msx__sfly_start(R, &R->fly[f], f)) != MSX_OK) return r;
+        }
+        if (cancelled) return msx__err(MSX_E_CANCELLED, "stopped on request");
+        if (!in_flight) return MSX_OK;
+        if ((r = msx__sfly_wait(R, &tag, &failed)) != MSX_OK) return r;
+        if (msx__sfly_returned(R, &R->fly[tag], tag, failed, &r)) {
+            R->fly[tag].T = NULL;
+            in_flight--;
+            if ((r = msx__srun_finish(R, R->fly[tag].t)) != MSX_OK) return r;
+        } else if (r != MSX_OK) return r;
+    }
+}
+
+static msx_result msx__srun_tell(msx__srun *R, int t, int id);
+
+/* The async schedule: whenever a slot is free, ask one configuration (the
+   optimiser knows the ones in flight as pending) and start it; a finished
+   trial becomes trial n_done (finishing order), a "batch" of one, and is
+   told at once. A resume replays the finished trials in that order; what
+   was in flight is lost. */
+static msx_result msx__srun_async(msx__srun *R, int *n_done, int *n_batches, msx_search_summary *sum) {
+    const msx_search_options *o = R->o;
+    const msx_search_executor *X = o->executor;
+    int in_flight = 0, f, tag, failed, id;
+    msx_result r;
+    if ((r = msx__sfly_alloc(R)) != MSX_OK) return r;
+    if (R->n_asked < *n_done) R->n_asked = *n_done;
+    for (;;) {
+        while (in_flight < X->n_slots && *n_done + in_flight < R->n_trials) {
+            msx__sfly *F;
+            if (o->cancel && *o->cancel) { sum->cancelled = 1; break; }
+            if (o->max_passes > 0 && R->passes >= o->max_passes) { R->budget_stop = 1; break; }
+            if (o->time_limit > 0 && msx_time_now() - R->t_start >= o->time_limit * 60.0) { R->budget_stop = 2; break; }
+            for (f = 0; R->fly[f].T; f++) {}
+            F = &R->fly[f];
+            if ((r = msx_opt_ask(R->opt, 1, F->own.cfg, &id)) != MSX_OK) return msx__err(r, "optimiser ask: %s", msx_last_error());
+            F->T = &F->own;
+            F->id = id;
+            F->t = (int)R->n_asked;
+            msx__srun_origin(R, F->T);
+            msx__srun_race_ctx(R, *n_done, (int)R->n_asked, &F->C);
+            F->Cp = &F->C;
+            R->n_asked++;
+            in_flight++;
+            if ((r = msx__sfly_start(R, F, f)) != MSX_OK) return r;
+        }
+        if (!in_flight || sum->cancelled) return MSX_OK;
+        if ((r = msx__sfly_wait(R, &tag, &failed)) != MSX_OK) return r;
+        if (msx__sfly_returned(R, &R->fly[tag], tag, failed, &r)) {
+            msx__sfly *F = &R->fly[tag];
+            int t = *n_done;
+            msx__strial *T = msx__srun_trial(R, t), tmp;
+            if (!T) return msx__err(MSX_E_NOMEM, "out of memory");
+            /* the finished trial takes slot t; the slot's old buffers become the fly's */
+            tmp = *T;
+            *T = F->own;
+            F->own = tmp;
+            F->T = NULL;
+            in_flight--;
+            T->batch = t;
+            T->batch_size = 1;
+            T->slot = 0;
+            T->logged = 0;
+            if ((r = msx__srun_finish(R, t)) != MSX_OK) return r;
+            if ((r = msx__srun_tell(R, t, F->id)) != MSX_OK) return r;
+            (*n_done)++;
+            (*n_batches)++;
+        } else if (r != MSX_OK) return r;
+    }
 }
 
 static msx_result msx__srun_tell(msx__srun *R, int t, int id) {
@@ -12822,12 +13094,66 @@ static int msx__search_default_jobs(int threads) { return threads < 1 ? 1 : thre
    checks before long work), then the space, the starting points, the
    optimiser, the fingerprint, the log header check, the calib cache, the
    race order and the workers. */
+static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options *o);
+static msx_result msx__srun_workers(msx__srun *R);
+
 static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx__search_loglines *L, int *resuming) {
     msx_opt_options oo;
     msx_result r;
     struct stat st;
     int i;
     *resuming = 0;
+    if ((r = msx__srun_setup_models(R, o)) != MSX_OK) return r;
+    R->n_init = msx_search_n_initial(o->n_models);
+    R->init_cfg = (double *)MSX_MALLOC(sizeof(double) * (size_t)R->n_init * (size_t)R->dim);
+    R->init_origin = (char (*)[40])msx__calloc((size_t)R->n_init, 40);
+    if (!R->init_cfg || !R->init_origin) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < R->n_init; i++) {
+        double *c = R->init_cfg + (size_t)i * R->dim;
+        msx__search_initial(R->groups, R->tmpl->n_groups, R->n_models, R->dim, i, c, R->init_origin[i], 40, R->stems);
+        if ((r = msx_space_canonicalize(R->space, c, c)) != MSX_OK) return r;
+    }
+    memset(&oo, 0, sizeof oo);
+    oo.seed = o->seed;
+    oo.n_objectives = R->n_obj;
+    oo.n_trials = R->n_trials;
+    oo.init_configs = R->init_cfg;
+    oo.n_init_configs = R->n_init;
+    oo.init_configs_last = 0;
+    /* a small space-filling design after the reference's starting points
+       (the reference draws 10 random configurations, ref §4) */
+    oo.n_init = (R->n_trials - R->n_init) / 5;
+    if (oo.n_init > 10) oo.n_init = 10;
+    if (oo.n_init <= 0) oo.n_init = -1;
+    R->n_design = R->n_init + (oo.n_init > 0 ? oo.n_init : 0);
+    oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
+    if ((r = msx_opt_create(R->space, &oo, &R->opt)) != MSX_OK) return r;
+    msx__srun_fingerprint(R);
+    /* the log: a new one, or the old one's header must match this setup */
+    if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
+    if (stat(R->log_path, &st) == 0) {
+        if (!o->resume)
+            return msx__err(MSX_E_STATE, "%s already exists: continue it with --resume, or choose another --out", R->log_path);
+        if ((r = msx__search_log_read(R->log_path, L)) != MSX_OK) return r;
+        if ((r = msx__srun_check_header(R, L->v[0])) != MSX_OK) return r;
+        *resuming = 1;
+    }
+    /* the calib cache, the race order and the workers (with an executor,
+       the workers are made for the report only, after the search) */
+    {
+        int sp0 = 0;
+        if ((r = msx__sset_build(&R->calib, R->tasks, R->n_eval, &sp0, 1, &R->arch, R->so.preprocess)) != MSX_OK) return r;
+    }
+    if ((r = msx__srun_order(R)) != MSX_OK) return r;
+    return o->executor ? MSX_OK : msx__srun_workers(R);
+}
+
+/* Phase 1a, shared with msx_search_worker_create: options, tasks (every
+   file decoded) and models first (cheap checks before long work), the
+   stems and digests, the search space. */
+static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options *o) {
+    msx_result r;
+    int i;
     if (!o || !o->base || !o->models || o->n_models < 1 || !o->tasks || o->n_tasks < 1)
         return msx__err(MSX_E_ARG, "msx_search_run: need a base model, >= 1 fine-tuned model and >= 1 task");
     if (o->n_models + 1 > MSX_MAX_MODELS)
@@ -12847,6 +13173,12 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
     if (o->race_first < 0 || o->race_first > 1000000 || isnan(o->race_kappa) || o->race_kappa > 1e6)
         return msx__err(MSX_E_ARG, "msx_search_run: race_first %d / race_kappa %g; use race_first >= 1 (0 = %d) and a finite kappa",
                         o->race_first, o->race_kappa, MSX_SEARCH_RACE_FIRST);
+    if (o->batch < 0 || o->batch > 256)
+        return msx__err(MSX_E_ARG, "msx_search_run: batch %d; use 1..256 trials per batch (0 = one per job)", o->batch);
+    if (o->async && !o->executor)
+        return msx__err(MSX_E_ARG, "msx_search_run: async needs an executor (local workers run synchronous batches)");
+    if (o->executor && (o->executor->n_slots < 1 || o->executor->n_slots > MSX_SEARCH_MAX_SLOTS || !o->executor->submit || !o->executor->wait_any))
+        return msx__err(MSX_E_ARG, "msx_search_run: the executor needs 1..%d slots, submit and wait_any", MSX_SEARCH_MAX_SLOTS);
     R->o = o;
     R->granularity = o->granularity ? o->granularity : 2;
     R->prune = !o->no_prune;
@@ -12854,7 +13186,8 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
     R->threads = msx__search_default_threads(o->threads);
     R->jobs = o->jobs ? o->jobs : msx__search_default_jobs(R->threads);
     R->tpj = R->threads / R->jobs > 0 ? R->threads / R->jobs : 1;
-    R->batch = R->jobs;
+    R->batch = o->batch ? o->batch : o->executor ? (o->executor->n_slots < 256 ? o->executor->n_slots : 256) : R->jobs;
+    if (o->async) R->batch = 1; /* the log's schedule: one trial per "batch", in finishing order */
     R->so.preprocess = o->preprocess;
     R->best_score = -1;
     R->n_models = o->n_models + 1;
@@ -12899,55 +13232,22 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
         }
         R->model_digest[i] = msx__search_ckpt_digest(R->ck[i]);
     }
-    /* search space, starting points, optimiser */
+    /* the search space */
     if ((r = msx_plan_create(R->arch.depth, R->n_models, R->granularity, &R->tmpl)) != MSX_OK) return r;
     if ((r = msx__search_space(R->tmpl, R->stems, R->n_models, R->prune, &R->space, &R->groups)) != MSX_OK) return r;
     R->dim = msx_space_dim(R->space);
-    R->n_init = msx_search_n_initial(o->n_models);
-    R->init_cfg = (double *)MSX_MALLOC(sizeof(double) * (size_t)R->n_init * (size_t)R->dim);
-    R->init_origin = (char (*)[40])msx__calloc((size_t)R->n_init, 40);
-    if (!R->init_cfg || !R->init_origin) return msx__err(MSX_E_NOMEM, "out of memory");
-    for (i = 0; i < R->n_init; i++) {
-        double *c = R->init_cfg + (size_t)i * R->dim;
-        msx__search_initial(R->groups, R->tmpl->n_groups, R->n_models, R->dim, i, c, R->init_origin[i], 40, R->stems);
-        if ((r = msx_space_canonicalize(R->space, c, c)) != MSX_OK) return r;
-    }
-    memset(&oo, 0, sizeof oo);
-    oo.seed = o->seed;
-    oo.n_objectives = R->n_obj;
-    oo.n_trials = R->n_trials;
-    oo.init_configs = R->init_cfg;
-    oo.n_init_configs = R->n_init;
-    oo.init_configs_last = 0;
-    /* a small space-filling design after the reference's starting points
-       (the reference draws 10 random configurations, ref §4) */
-    oo.n_init = (R->n_trials - R->n_init) / 5;
-    if (oo.n_init > 10) oo.n_init = 10;
-    if (oo.n_init <= 0) oo.n_init = -1;
-    R->n_design = R->n_init + (oo.n_init > 0 ? oo.n_init : 0);
-    oo.mo_mode = o->mo_mean ? MSX_MO_MEAN : MSX_MO_PAREGO;
-    if ((r = msx_opt_create(R->space, &oo, &R->opt)) != MSX_OK) return r;
-    msx__srun_fingerprint(R);
-    /* the log: a new one, or the old one's header must match this setup */
-    if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
-    if (stat(R->log_path, &st) == 0) {
-        if (!o->resume)
-            return msx__err(MSX_E_STATE, "%s already exists: continue it with --resume, or choose another --out", R->log_path);
-        if ((r = msx__search_log_read(R->log_path, L)) != MSX_OK) return r;
-        if ((r = msx__srun_check_header(R, L->v[0])) != MSX_OK) return r;
-        *resuming = 1;
-    }
-    /* the calib cache, the race order and the workers */
-    {
-        int sp0 = 0;
-        if ((r = msx__sset_build(&R->calib, R->tasks, R->n_eval, &sp0, 1, &R->arch, R->so.preprocess)) != MSX_OK) return r;
-    }
-    if ((r = msx__srun_order(R)) != MSX_OK) return r;
+    return MSX_OK;
+}
+
+/* The search's workers: jobs x threads per job. */
+static msx_result msx__srun_workers(msx__srun *R) {
+    int i;
+    msx_result r;
     R->n_w = R->jobs;
     R->w = (msx__swork *)msx__calloc((size_t)R->n_w, sizeof *R->w);
-    if (!R->w) return msx__err(MSX_E_NOMEM, "out of memory");
+    if (!R->w) { R->n_w = 0; return msx__err(MSX_E_NOMEM, "out of memory"); }
     for (i = 0; i < R->n_w; i++)
-        if ((r = msx__swork_init(&R->w[i], R->ck[0], (const msx_checkpoint *const *)(R->ck + 1), o->n_models,
+        if ((r = msx__swork_init(&R->w[i], R->ck[0], (const msx_checkpoint *const *)(R->ck + 1), R->o->n_models,
                                  R->granularity, &R->arch, R->tpj)) != MSX_OK) return r;
     return MSX_OK;
 }
@@ -13032,7 +13332,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     msx__srun R;
     msx_search_summary dummy;
     msx__search_loglines L;
-    int i, n_done = 0, n_batches = 0, chosen = -1, resuming = 0, levels = 0;
+    int i, n_done = 0, n_batches = 0, chosen = -1, resuming = 0, levels = 0, executor_done = 0;
     double *cfgs = NULL;
     msx_plan *plan = NULL;
     msx_result r = MSX_OK;
@@ -13057,15 +13357,23 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (r == MSX_E_CANCELLED) sum->cancelled = 1;
     else if (r != MSX_OK) goto done;
     if (R.prog.mode >= 0 && !sum->cancelled)
-        printf("search: %s, %d trial(s) (%d done), %d hyperparameters, %d worker(s) x %d thread(s), %d calib image(s), %s\n",
-               o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, R.n_w, R.tpj, R.calib.n,
+        printf("search: %s, %d trial(s) (%d done), %d hyperparameters, %d %s, %d thread(s) each, %d calib image(s), %s\n",
+               o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, o->executor ? o->executor->n_slots : R.n_w,
+               o->executor ? (o->async ? "executor slot(s) (async)" : "executor slot(s) (sync)") : "worker(s)", o->executor ? 1 : R.tpj, R.calib.n,
                R.race ? "raced over the calib images" : "full evaluation");
     cfgs = (double *)MSX_MALLOC(sizeof(double) * (size_t)R.batch * (size_t)R.dim + 1);
     if (!cfgs) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
-    if ((r = msx__srun_batches(&R, R.n_design, &n_done, &n_batches, cfgs, sum)) != MSX_OK) goto done;
-    /* 3. the main loop: model-based proposals */
-    if ((r = msx__srun_batches(&R, R.n_trials, &n_done, &n_batches, cfgs, sum)) != MSX_OK) goto done;
+    if (o->async) { /* one loop: proposals as slots free */
+        if (!sum->cancelled && (r = msx__srun_async(&R, &n_done, &n_batches, sum)) != MSX_OK) goto done;
+    } else {
+        if ((r = msx__srun_batches(&R, R.n_design, &n_done, &n_batches, cfgs, sum)) != MSX_OK) goto done;
+        /* 3. the main loop: model-based proposals */
+        if ((r = msx__srun_batches(&R, R.n_trials, &n_done, &n_batches, cfgs, sum)) != MSX_OK) goto done;
+    }
     msx__search_progress_end(&R.prog);
+    /* the executor's part is over; the report runs on this process's workers */
+    if (o->executor && o->executor->done) { o->executor->done(o->executor->user); executor_done = 1; }
+    if (!R.w && (r = msx__srun_workers(&R)) != MSX_OK) goto done;
     sum->n_trials_done = sum->cancelled ? R.n_fin : n_done; /* logged trials */
     sum->n_tasks = R.n_tasks;
     sum->budget_stop = R.budget_stop;
@@ -13077,6 +13385,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (!o->no_report) r = msx__srun_report(&R, plan, chosen, sum);
     if (r == MSX_E_CANCELLED) sum->cancelled = 1;
 done:
+    if (o && o->executor && o->executor->done && !executor_done) o->executor->done(o->executor->user);
 #ifdef _OPENMP
     if (levels > 0) omp_set_max_active_levels(levels);
 #endif
@@ -13087,6 +13396,103 @@ done:
     msx_plan_free(plan);
     msx__srun_free(&R);
     return r;
+}
+
+/* ---- the evaluating side of an executor ------------------------------------------ */
+
+struct msx_search_worker {
+    msx__srun R;              /* models, tasks, space, calib cache, workers (no optimiser, no log) */
+    msx_search_options o;     /* copy (R.o points here) */
+    double *canon;            /* slots x dim: each slot's canonical configuration */
+    uint64_t fingerprint;
+    char *describe;
+};
+
+MSXDEF void msx_search_worker_free(msx_search_worker *w) {
+    if (!w) return;
+    msx__srun_free(&w->R);
+    MSX_FREE(w->canon);
+    MSX_FREE(w->describe);
+    MSX_FREE(w);
+}
+
+MSXDEF msx_result msx_search_worker_create(const msx_search_options *opt, msx_search_worker **out) {
+    msx_search_worker *w;
+    msx__sb b = {NULL, 0, 0, 0};
+    msx_result r;
+    int i, sp0 = 0;
+    uint64_t h = 1469598103934665603ULL, sd;
+    if (!out) return msx__err(MSX_E_ARG, "msx_search_worker_create: NULL argument");
+    *out = NULL;
+    if (!opt) return msx__err(MSX_E_ARG, "msx_search_worker_create: NULL options");
+    if (!(w = (msx_search_worker *)msx__calloc(1, sizeof *w))) return msx__err(MSX_E_NOMEM, "out of memory");
+    w->o = *opt;
+    w->o.executor = NULL; /* this side evaluates */
+    w->o.async = 0;
+    w->o.progress = -1;
+    w->R.log_fd = -1;
+    if ((r = msx__srun_setup_models(&w->R, &w->o)) != MSX_OK) goto fail;
+    if ((r = msx__sset_build(&w->R.calib, w->R.tasks, w->R.n_eval, &sp0, 1, &w->R.arch, w->R.so.preprocess)) != MSX_OK) goto fail;
+    if ((r = msx__srun_workers(&w->R)) != MSX_OK) goto fail;
+    if (!(w->canon = (double *)MSX_MALLOC(sizeof(double) * (size_t)w->R.n_w * (size_t)(w->R.dim ? w->R.dim : 1)))) {
+        r = msx__err(MSX_E_NOMEM, "out of memory");
+        goto fail;
+    }
+    /* models, evaluated tasks, space, preprocessing, objectives */
+    sd = msx__srun_space_digest(&w->R);
+    msx__sb_puts(&b, "models:");
+    for (i = 0; i < w->R.n_models; i++) {
+        h = msx__search_hash(h, &w->R.model_digest[i], 8);
+        msx__sb_printf(&b, " %s %016llx", w->R.stems[i], (unsigned long long)w->R.model_digest[i]);
+    }
+    msx__sb_puts(&b, "; tasks:");
+    for (i = 0; i < w->R.n_eval; i++) {
+        uint64_t td = msx__search_task_digest(w->R.tasks[i], 0);
+        h = msx__search_hash(h, &td, 8);
+        msx__sb_printf(&b, " %s %016llx (%d calib images)", w->R.tasks[i]->name, (unsigned long long)td, w->R.tasks[i]->n[0]);
+    }
+    h = msx__search_hash(h, &sd, 8);
+    h = msx__search_hash(h, &w->R.so.preprocess, sizeof w->R.so.preprocess);
+    h = msx__search_hash(h, &w->R.n_eval, sizeof w->R.n_eval);
+    msx__sb_printf(&b, "; space %d hyperparameters %016llx; preprocess %s", w->R.dim, (unsigned long long)sd,
+                   w->R.so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam");
+    if (b.oom) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto fail; }
+    w->describe = b.s;
+    b.s = NULL;
+    w->fingerprint = h;
+    *out = w;
+    return MSX_OK;
+fail:
+    msx__sb_free(&b);
+    msx_search_worker_free(w);
+    return r;
+}
+
+MSXDEF int msx_search_worker_slots(const msx_search_worker *w) { return w ? w->R.n_w : 0; }
+MSXDEF int msx_search_worker_dim(const msx_search_worker *w) { return w ? w->R.dim : 0; }
+MSXDEF int msx_search_worker_n_images(const msx_search_worker *w) { return w ? w->R.calib.n : 0; }
+MSXDEF uint64_t msx_search_worker_fingerprint(const msx_search_worker *w) { return w ? w->fingerprint : 0; }
+MSXDEF const char *msx_search_worker_describe(const msx_search_worker *w) { return w && w->describe ? w->describe : ""; }
+
+MSXDEF msx_result msx_search_worker_eval(msx_search_worker *w, int slot, const double *cfg, const int *ids, int n, double *dice) {
+    msx__sunit u;
+    double *c;
+    int i;
+    msx_result r;
+    if (!w || !cfg || (n > 0 && (!ids || !dice)) || n < 0)
+        return msx__err(MSX_E_ARG, "msx_search_worker_eval: NULL argument or negative image count");
+    if (slot < 0 || slot >= w->R.n_w) return msx__err(MSX_E_ARG, "msx_search_worker_eval: slot %d; this worker has slots 0..%d", slot, w->R.n_w - 1);
+    for (i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= w->R.calib.n)
+            return msx__err(MSX_E_ARG, "msx_search_worker_eval: image index %d at position %d; this search has %d calib images", ids[i], i, w->R.calib.n);
+    c = w->canon + (size_t)slot * (size_t)w->R.dim;
+    if ((r = msx_space_canonicalize(w->R.space, cfg, c)) != MSX_OK)
+        return msx__err(r, "msx_search_worker_eval: configuration rejected: %s", msx_last_error());
+    u.cfg = c;
+    u.ids = ids;
+    u.n = n;
+    u.dice = dice;
+    return msx__srun_eval_unit(&w->R, &w->R.w[slot], &u);
 }
 #endif
 #endif

@@ -12,4 +12,10 @@ int msx_cmd_bench_merge(int argc, char **argv); /* cmd_merge.c */
 int msx_cmd_bench_opt(int argc, char **argv);   /* cmd_opt.c */
 int msx_cmd_search(int argc, char **argv);      /* cmd_search.c */
 int msx_cmd_eval(int argc, char **argv);        /* cmd_search.c */
+int msx_cmd_bench_scale(int argc, char **argv); /* cmd_scale.c */
+/* cmd_search.c, shared with tools/medsamix-mpi.c (needs medsamix.h first) */
+#ifdef MEDSAMIX_H
+int msx_cli_search_parse(int argc, char **argv, msx_search_options *o, const char **models, const char **tasks, int *help);
+int msx_cli_search_finish(const msx_search_options *o, const msx_search_summary *s, msx_result r);
+#endif
 #endif

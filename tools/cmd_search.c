@@ -37,6 +37,7 @@ static const char *const search_usage =
     "  --max-passes N       stop once the search spent N encoder passes (one per image evaluation)\n"
     "  --time-limit MIN     stop starting new trials after MIN minutes\n"
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
+    "  --batch B            trials per synchronous batch: ask B, evaluate, tell B (default: J)\n"
     "  --threads T          total threads (default: all)\n"
     "  --seed S             optimiser seed (default 0)\n"
     "  --out RUN            run folder (default runs/search)\n"
@@ -150,20 +151,22 @@ static void cmd_print_file(const char *dir, const char *name) {
     }
 }
 
-int msx_cmd_search(int argc, char **argv) {
+/* Parses `search` options (shared with tools/medsamix-mpi.c). models and
+   tasks hold MSX_MAX_MODELS and MSX_SEARCH_MAX_TASKS entries. Returns 0 to
+   go on (*help = 1: usage printed, stop), else the exit status of a usage
+   error (printed on stderr). */
+int msx_cli_search_parse(int argc, char **argv, msx_search_options *op, const char **models, const char **tasks, int *help) {
     msx_search_options o;
-    msx_search_summary s;
-    const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
     int i, n;
     double x;
-    msx_result r;
     memset(&o, 0, sizeof o);
     o.models = models;
     o.tasks = tasks;
+    *help = 0;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int k;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(search_usage, stdout); return 0; }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(search_usage, stdout); *help = 1; return 0; }
         if ((k = cmd_task_opt(argc, argv, &i, &o.task, &o.preprocess, "--split")) < 0) return 2;
         if (k) continue;
         if (!strcmp(a, "--base") && v) { o.base = v; i++; }
@@ -194,6 +197,7 @@ int msx_cmd_search(int argc, char **argv) {
         }
         else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
         else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
+        else if (!strcmp(a, "--batch")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.batch = (int)x; i++; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
         else if (!strcmp(a, "--seed")) { if (!cmd_seed(a, v, &o.seed)) return 2; i++; }
         else if (!strcmp(a, "--granularity")) { if (!cmd_num(a, v, 1, 4, &x)) return 2; o.granularity = (int)x; i++; }
@@ -205,12 +209,31 @@ int msx_cmd_search(int argc, char **argv) {
         return 2;
     }
     if (!o.out_dir) o.out_dir = "runs/search";
+    *op = o;
+    return 0;
+}
+
+int msx_cmd_search(int argc, char **argv) {
+    msx_search_options o;
+    msx_search_summary s;
+    const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
+    int rc, help;
+    msx_result r;
+    if ((rc = msx_cli_search_parse(argc, argv, &o, models, tasks, &help)) != 0 || help) return rc;
     o.cancel = &cmd_search_stop;
     signal(SIGINT, cmd_search_on_signal);
     signal(SIGTERM, cmd_search_on_signal);
     r = msx_search_run(&o, &s);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    return msx_cli_search_finish(&o, &s, r);
+}
+
+/* Prints the outcome of a search; returns the exit status. */
+int msx_cli_search_finish(const msx_search_options *op, const msx_search_summary *sp, msx_result r) {
+    const msx_search_options o = *op;
+    const msx_search_summary s = *sp;
+    int i;
     if (r == MSX_E_CANCELLED || s.cancelled) {
         fprintf(stderr, "search: interrupted after %d trial(s) (%s); the log is %s/trials.jsonl - rerun with --resume to continue\n",
                 s.n_trials_done, msx_last_error(), o.out_dir);
