@@ -75,8 +75,11 @@ test: deps
 	@$(MAKE) --no-print-directory test-run
 
 # Builds in parallel (each test compiles the whole header), then runs.
+# build/medsamix-mpi too when Open MPI is installed (tests/test_mpi.c skips otherwise).
+MPI_TEST_BIN ?= $(if $(shell command -v $(MPICC) 2>/dev/null),$(BUILD)/medsamix-mpi)
+
 test-run:
-	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(BUILD)/medsamix $(EXAMPLES)
+	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(BUILD)/medsamix $(EXAMPLES) $(MPI_TEST_BIN)
 	@$(TEST_ENV) sh tools/run-tests.sh $(BUILD) $(TESTS)
 
 check: test
@@ -84,7 +87,7 @@ check: test
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT="-O1" \
 	  CFLAGS="-std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
-	  TEST_ENV="MSX_ASAN=1 ASAN_OPTIONS=detect_leaks=1" test-run
+	  TEST_ENV="MSX_ASAN=1 ASAN_OPTIONS=detect_leaks=1" MPI_TEST_BIN= test-run
 
 bench: deps $(BUILD)/medsamix
 	$(BUILD)/medsamix bench
