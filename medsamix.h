@@ -1037,6 +1037,9 @@ typedef struct msx_opt_options {
     double local_prob;     /* probability that a model-based slot is a local GP refinement
                               of the incumbent's active float dims instead of the forest's
                               EI maximum; 0 -> 0.5, < 0 -> never (forest only, as before) */
+    int no_believer;       /* 1: a batch's model-based slots take the distinct maxima of one
+                              model; 0: kriging believer, the configurations in flight join
+                              the forest at its mean before each slot (diverse batches) */
 } msx_opt_options;
 
 typedef struct msx_opt msx_opt;
@@ -9761,19 +9764,23 @@ static double msx__opt_acq(const msx_opt *o, const double *enc, double eta) {
 
 /* Fits the forest on the history and computes eta and the child memory.
    Returns the eta (lowest predicted mean over evaluated configs, §5). */
+static void msx__opt_rf_opts(const msx_opt *o, uint64_t seed, msx_rf_options *ro) {
+    memset(ro, 0, sizeof *ro);
+    ro->n_trees = o->n_trees;
+    ro->min_samples_split = o->o.min_samples_split;
+    ro->min_samples_leaf = o->o.min_samples_leaf;
+    ro->ratio_features = o->o.ratio_features;
+    ro->log_y = o->log_scale;
+    ro->random_thresholds = o->o.rf_random_thresholds;
+    ro->seed = seed;
+}
+
 static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     msx_rf_options ro;
     msx_result r;
     double t0 = msx_time_now(), best;
     int i, q;
-    memset(&ro, 0, sizeof ro);
-    ro.n_trees = o->n_trees;
-    ro.min_samples_split = o->o.min_samples_split;
-    ro.min_samples_leaf = o->o.min_samples_leaf;
-    ro.ratio_features = o->o.ratio_features;
-    ro.log_y = o->log_scale;
-    ro.random_thresholds = o->o.rf_random_thresholds;
-    ro.seed = seed;
+    msx__opt_rf_opts(o, seed, &ro);
     r = msx_rf_fit(&o->rf, o->henc, o->y, o->n_hist, o->d, o->types, &ro);
     if (r != MSX_OK) return r;
     best = DBL_MAX;
@@ -9795,6 +9802,41 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     }
     o->t_fit += msx_time_now() - t0;
     return MSX_OK;
+}
+
+/* Batch strategy, kriging believer with the forest's mean (Ginsbourger,
+   Le Riche, Carraro 2010, "Kriging is well-suited to parallelize
+   optimization"): after the fit on the history, the configurations in
+   flight (pending from earlier asks, and this batch's earlier slots) join
+   the data with the forest's own mean prediction as their value, and the
+   forest is refit. Their neighbourhoods lose predictive variance, so EI
+   moves elsewhere and a batch (or the proposals of an async run) spreads
+   out instead of piling up around one maximum; eta stays the best
+   evaluated. Off with no_believer (one model per batch, its distinct
+   maxima in turn). */
+static msx_result msx__opt_fit_kb(msx_opt *o, uint64_t seed, double *eta, const double *batch, int nb) {
+    const int d = o->d, n = o->n_hist, nf = o->n_pend + nb;
+    msx_rf_options ro;
+    msx_result r = msx__opt_fit(o, seed, eta);
+    double *X, *y, t0 = msx_time_now();
+    int i;
+    if (r != MSX_OK || nf == 0 || o->o.no_believer) return r;
+    X = (double *)MSX_MALLOC(sizeof(double) * (size_t)(n + nf) * (size_t)d);
+    y = (double *)MSX_MALLOC(sizeof(double) * (size_t)(n + nf));
+    if (!X || !y) { MSX_FREE(X); MSX_FREE(y); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    memcpy(X, o->henc, sizeof(double) * (size_t)n * (size_t)d);
+    memcpy(y, o->y, sizeof(double) * (size_t)n);
+    for (i = 0; i < nf; i++) {
+        const double *c = i < o->n_pend ? o->pcfg + (size_t)i * d : batch + (size_t)(i - o->n_pend) * d;
+        msx__sp_encode(o->sp, c, X + (size_t)(n + i) * d);
+        msx_rf_predict(o->rf, X + (size_t)(n + i) * d, &y[n + i], NULL);
+    }
+    msx__opt_rf_opts(o, seed ^ 0x6b72696769ULL, &ro);
+    r = msx_rf_fit(&o->rf, X, y, n + nf, d, o->types, &ro);
+    MSX_FREE(X);
+    MSX_FREE(y);
+    o->t_fit += msx_time_now() - t0;
+    return r;
 }
 
 /* cur with parameter i set to a new categorical value; activated
@@ -10272,7 +10314,7 @@ MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
                 if (o->lprob > 0 && msx_rng_uniform(&rng) < o->lprob && msx__opt_gp_propose(o, &rng, out, configs, j)) {
                     got = 1; /* local GP refinement of this weight vector's incumbent */
                 } else {
-                    r = msx__opt_fit(o, msx_rng_u64(&rng), &eta);
+                    r = msx__opt_fit_kb(o, msx_rng_u64(&rng), &eta, configs, j);
                     if (r == MSX_OK) r = msx__opt_maximize(o, &rng, eta, 1);
                     if (r != MSX_OK) return r;
                 }
@@ -10285,14 +10327,14 @@ MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
                        (msx__opt_targets(o, NULL), msx__opt_gp_propose(o, &rng, out, configs, j))) {
                 got = 1; /* local GP refinement of the incumbent */
             } else {
-                if (!have_list) { /* one model for the whole batch: k distinct maxima */
+                if (!have_list) { /* one model for the batch, or per slot with the believer (above) */
                     msx_rng mr;
-                    msx_rng_seed(&mr, msx__opt_seed3(o->o.seed, (uint64_t)o->n_hist, 0xF17u));
+                    msx_rng_seed(&mr, msx__opt_seed3(o->o.seed, (uint64_t)o->n_hist, 0xF17u + (o->o.no_believer ? 0u : (uint64_t)slot << 12)));
                     msx__opt_targets(o, NULL);
-                    r = msx__opt_fit(o, msx_rng_u64(&mr), &eta);
-                    if (r == MSX_OK) r = msx__opt_maximize(o, &mr, eta, k + o->n_pend);
+                    r = msx__opt_fit_kb(o, msx_rng_u64(&mr), &eta, configs, j);
+                    if (r == MSX_OK) r = msx__opt_maximize(o, &mr, eta, o->o.no_believer || !(o->n_pend + j) ? k + o->n_pend : 1);
                     if (r != MSX_OK) return r;
-                    have_list = 1;
+                    have_list = o->o.no_believer;
                 }
                 for (; list_pos < o->n_cand && !got; list_pos++)
                     if (!msx__opt_seen(o, o->cand + (size_t)list_pos * d, configs, j)) {
@@ -10468,6 +10510,7 @@ MSXDEF msx_result msx_opt_save(const msx_opt *o, const char *path) {
     msx__sb_json_num(&b, op->ratio_features);
     msx__sb_puts(&b, ",\"var_floor\":");
     msx__sb_json_num(&b, op->var_floor);
+    if (op->no_believer) msx__sb_puts(&b, ",\"no_believer\":1"); /* absent in states written before it */
     msx__sb_puts(&b, ",\"local_prob\":");
     msx__sb_json_num(&b, op->local_prob);
     msx__sb_puts(&b, "},\n\"init_configs\":[");
@@ -10600,6 +10643,7 @@ MSXDEF msx_result msx_opt_load(const msx_space *space, const char *path, msx_opt
         !msx__json_num(jo, "ratio_features", &op.ratio_features, 0) || !msx__json_num(jo, "var_floor", &op.var_floor, 0) ||
         !msx__json_num(jo, "local_prob", &op.local_prob, 0))
         MSX__OPT_BAD("%s: malformed options", path);
+    if (msx__json_get(jo, "no_believer") && !msx__opt_jint(jo, "no_believer", &op.no_believer)) MSX__OPT_BAD("%s: malformed options.no_believer", path);
     if (!msx__opt_jint(jo, "init_mode", &iv)) MSX__OPT_BAD("%s: malformed options.init_mode", path);
     op.init_mode = (msx_init_mode)iv;
     if (!msx__opt_jint(jo, "mo_mode", &iv)) MSX__OPT_BAD("%s: malformed options.mo_mode", path);
