@@ -11535,28 +11535,42 @@ static int msx__search_default_threads(int threads) {
 #endif
 }
 
+static void msx__search_layout(int threads, double model_bytes, double extra_bytes, int *jobs, int *tpj, char *why, size_t cap);
+static double msx__search_ckpt_bytes(const msx_checkpoint *c);
+
 MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_arch *arch, msx_task *const *tasks,
                                       int n_tasks, int split, msx_preprocess_mode preprocess, int n_threads,
                                       double *dice) {
     msx__sset set;
-    msx__swork w[64];
+    msx__swork *w;
     msx_seg_options so;
-    int nw, i, sp = split;
+    int nw, tpw, i, sp = split, threads;
+    char why[256];
     msx_result r;
     if (!ck || !arch || !tasks || n_tasks < 1 || !dice || (split != 0 && split != 1))
         return msx__err(MSX_E_ARG, "msx_eval_checkpoint: bad arguments (need a model, an arch, >= 1 task, split 0/1)");
-    /* images in parallel, one worker of one thread each: the encoder of a
-       small model scales better across images than across threads */
-    nw = msx__search_default_threads(n_threads);
-    if (nw > 64) nw = 64;
+    /* images in parallel over workers x threads (the search's node layout;
+       the model is shared, so the memory bound is generous) */
+    threads = msx__search_default_threads(n_threads);
+    msx__search_layout(threads, msx__search_ckpt_bytes(ck) / 3.0, 0, &nw, &tpw, why, sizeof why);
     memset(&so, 0, sizeof so);
     so.preprocess = preprocess;
     if ((r = msx__sset_build(&set, tasks, n_tasks, &sp, 1, arch, preprocess)) != MSX_OK) return r;
     if (nw > set.n) nw = set.n > 0 ? set.n : 1;
-    memset(w, 0, sizeof w);
-    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, 1);
-    if (r == MSX_OK) r = msx__sset_eval(&set, w, nw, &so, NULL, dice);
+    if (!(w = (msx__swork *)msx__calloc((size_t)nw, sizeof *w))) { msx__sset_free(&set); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, tpw);
+    if (r == MSX_OK) {
+#ifdef _OPENMP
+        int levels = omp_get_max_active_levels(); /* nested only for W x T with both > 1 */
+        if (nw > 1 && tpw > 1) omp_set_max_active_levels(2);
+#endif
+        r = msx__sset_eval(&set, w, nw, &so, NULL, dice);
+#ifdef _OPENMP
+        omp_set_max_active_levels(levels);
+#endif
+    }
     for (i = 0; i < nw; i++) msx__swork_free(&w[i]);
+    MSX_FREE(w);
     msx__sset_free(&set);
     return r;
 }
@@ -11786,6 +11800,7 @@ typedef struct msx__srun {
     int n_design;                      /* trials of the initial design (starting points + design) */
     int budget_stop;
     double t_start;
+    char layout[256];                  /* workers x threads and why (logged) */
     struct msx__sfly *fly;             /* executor: the trials in flight, one per slot */
     long long n_asked;                 /* async: proposals so far (seeds their race weights) */
 } msx__srun;
@@ -13134,6 +13149,66 @@ done:
    (18.8 vs 16.5 ms). */
 static int msx__search_default_jobs(int threads) { return threads < 1 ? 1 : threads; }
 
+/* ---- node layout: workers x threads per worker ------------------------------------ */
+#ifndef MSX_SEARCH_THREADS_PER_WORKER
+#define MSX_SEARCH_THREADS_PER_WORKER 4 /* large models: threads per worker (see msx__search_layout) */
+#endif
+#ifndef MSX_SEARCH_SMALL_MODEL_BYTES
+#define MSX_SEARCH_SMALL_MODEL_BYTES ((double)(64 << 20)) /* below: a "small" model (the demo's is 4 MB, ViT-B 357 MB) */
+#endif
+
+/* MemAvailable of /proc/meminfo in bytes; 0 if unknown (not Linux). */
+static double msx__search_mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    double kb = 0;
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "MemAvailable:", 13)) { kb = strtod(line + 13, NULL); break; }
+    fclose(f);
+    return kb * 1024.0;
+}
+
+/* Workers x threads for `threads` threads and a model of model_bytes
+   (merged per worker), with extra_bytes still to be allocated (inputs):
+   - a small model's encoder runs on one thread (MSX_SAM_SMALL_FLOPS), so
+     one worker per thread (J x 1);
+   - a large model: MSX_SEARCH_THREADS_PER_WORKER threads per worker. oneDNN's
+     GEMMs on ViT-B shapes scale well to 4-8 threads, so fewer, wider workers
+     run about as many images per second while holding fewer merged copies;
+   - memory: a worker holds a merged copy, its SAM model and workspace and the
+     merger's tables, estimated at 3 x model_bytes; at most 80 % of
+     MemAvailable (less the inputs) goes to workers, and at least one runs.
+   Threads per worker = threads / workers. `why` gets the reasoning for the log. */
+static void msx__search_layout(int threads, double model_bytes, double extra_bytes, int *jobs, int *tpj, char *why, size_t cap) {
+    double avail = msx__search_mem_available(), per = 3.0 * model_bytes;
+    int small = model_bytes < MSX_SEARCH_SMALL_MODEL_BYTES;
+    int j = small ? threads : threads / MSX_SEARCH_THREADS_PER_WORKER, jm = 0;
+    if (j < 1) j = 1;
+    if (j > 256) j = 256;
+    if (avail > 0 && per > 0) {
+        double room = 0.8 * (avail - extra_bytes);
+        jm = room > per ? (int)(room / per) : 1;
+        if (jm < j) j = jm;
+    }
+    *jobs = j;
+    *tpj = threads / j > 0 ? threads / j : 1;
+    snprintf(why, cap, "%d worker(s) x %d thread(s) from %d thread(s), %s model (%.0f MB), %s", j, *tpj, threads,
+             small ? "small" : "large", model_bytes / 1048576.0,
+             avail > 0 ? (jm && jm == j ? "limited by memory" : "memory allows more") : "available memory unknown");
+    if (avail > 0) {
+        size_t n = strlen(why);
+        snprintf(why + n, cap - n, " (%.1f GB available, ~%.0f MB per worker)", avail / 1e9, per / 1048576.0);
+    }
+}
+
+static double msx__search_ckpt_bytes(const msx_checkpoint *c) {
+    double b = 0;
+    int i;
+    for (i = 0; i < c->n; i++) b += (double)c->tensors[i].numel * (double)msx_dtype_size(c->tensors[i].dtype);
+    return b;
+}
+
 /* Phase 1, setup: options, tasks (every file decoded) and models first (cheap
    checks before long work), then the space, the starting points, the
    optimiser, the fingerprint, the log header check, the calib cache, the
@@ -13228,7 +13303,7 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
     R->prune = !o->no_prune;
     R->n_trials = o->n_trials ? o->n_trials : 100;
     R->threads = msx__search_default_threads(o->threads);
-    R->jobs = o->jobs ? o->jobs : msx__search_default_jobs(R->threads);
+    R->jobs = o->jobs ? o->jobs : msx__search_default_jobs(R->threads); /* provisional: see the layout below */
     R->tpj = R->threads / R->jobs > 0 ? R->threads / R->jobs : 1;
     R->batch = o->batch ? o->batch : o->executor ? (o->executor->n_slots < 256 ? o->executor->n_slots : 256) : R->jobs;
     if (o->async) R->batch = 1; /* the log's schedule: one trial per "batch", in finishing order */
@@ -13276,6 +13351,18 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
         }
         R->model_digest[i] = msx__search_ckpt_digest(R->ck[i]);
     }
+    /* workers x threads: given, or from the cores, the memory and the model size */
+    if (o->jobs) {
+        R->jobs = o->jobs;
+        R->tpj = R->threads / R->jobs > 0 ? R->threads / R->jobs : 1;
+        snprintf(R->layout, sizeof R->layout, "%d worker(s) x %d thread(s) (--jobs %d of %d thread(s))", R->jobs, R->tpj, o->jobs, R->threads);
+    } else {
+        double nimg = 0;
+        for (i = 0; i < R->n_eval; i++) nimg += R->tasks[i]->n[0];
+        msx__search_layout(R->threads, msx__search_ckpt_bytes(R->ck[0]), nimg * 3.0 * R->arch.img_size * R->arch.img_size * sizeof(float),
+                           &R->jobs, &R->tpj, R->layout, sizeof R->layout);
+    }
+    if (!o->batch && !o->executor) R->batch = R->jobs;
     /* the search space */
     if ((r = msx_plan_create(R->arch.depth, R->n_models, R->granularity, &R->tmpl)) != MSX_OK) return r;
     if ((r = msx__search_space(R->tmpl, R->stems, R->n_models, R->prune, &R->space, &R->groups)) != MSX_OK) return r;
@@ -13405,6 +13492,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
                o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, o->executor ? o->executor->n_slots : R.n_w,
                o->executor ? (o->async ? "executor slot(s) (async)" : "executor slot(s) (sync)") : "worker(s)", o->executor ? 1 : R.tpj, R.calib.n,
                R.race ? "raced over the calib images" : "full evaluation");
+    if (R.prog.mode >= 0 && !sum->cancelled && !o->executor) printf("layout: %s\n", R.layout);
     cfgs = (double *)MSX_MALLOC(sizeof(double) * (size_t)R.batch * (size_t)R.dim + 1);
     if (!cfgs) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     if (o->async) { /* one loop: proposals as slots free */
