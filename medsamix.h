@@ -1205,6 +1205,10 @@ typedef struct msx_search_executor {
     /* Blocks until some unit finished; *failed = 1 if it could not be
        evaluated (the trial is logged as failed). Non-OK stops the search. */
     msx_result (*wait_any)(void *user, int *tag, int *failed);
+    /* Optional: like wait_any but never blocks; *got = 0 when no unit has
+       finished. Lets the async schedule take in every finished unit and ask
+       for all idle slots in one call. */
+    msx_result (*poll_any)(void *user, int *tag, int *failed, int *got);
     /* Optional: no more units will be submitted (release remote workers). */
     void (*done)(void *user);
     void *user;
@@ -9804,6 +9808,10 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     return MSX_OK;
 }
 
+#ifndef MSX_OPT_BELIEVER_REFITS
+#define MSX_OPT_BELIEVER_REFITS 8 /* believer refits per ask at most (see msx_opt_ask) */
+#endif
+
 /* Batch strategy, kriging believer with the forest's mean (Ginsbourger,
    Le Riche, Carraro 2010, "Kriging is well-suited to parallelize
    optimization"): after the fit on the history, the configurations in
@@ -10286,7 +10294,7 @@ static int msx__opt_gp_propose(msx_opt *o, msx_rng *rng, double *out, const doub
 
 MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
     const int d = o ? o->d : 0;
-    int j, n_ok = 0, have_list = 0, list_pos = 0, i;
+    int j, n_ok = 0, have_list = 0, list_pos = 0, i, since_fit = 0;
     double eta = 0;
     msx_result r;
     if (!o || !configs || !ids) return msx__err(MSX_E_ARG, "msx_opt_ask: NULL argument");
@@ -10327,15 +10335,24 @@ MSXDEF msx_result msx_opt_ask(msx_opt *o, int k, double *configs, int *ids) {
                        (msx__opt_targets(o, NULL), msx__opt_gp_propose(o, &rng, out, configs, j))) {
                 got = 1; /* local GP refinement of the incumbent */
             } else {
-                if (!have_list) { /* one model for the batch, or per slot with the believer (above) */
+                /* one model for the batch, or with the believer (above) a refit
+                   before every slot; a large batch refits every `stride` slots
+                   (at most MSX_OPT_BELIEVER_REFITS per ask) and takes the next
+                   distinct maxima in between, so asking for many idle workers
+                   at once costs a few fits, not one per worker */
+                int stride = (k + MSX_OPT_BELIEVER_REFITS - 1) / MSX_OPT_BELIEVER_REFITS;
+                if (!have_list || (!o->o.no_believer && since_fit >= stride)) {
                     msx_rng mr;
                     msx_rng_seed(&mr, msx__opt_seed3(o->o.seed, (uint64_t)o->n_hist, 0xF17u + (o->o.no_believer ? 0u : (uint64_t)slot << 12)));
                     msx__opt_targets(o, NULL);
                     r = msx__opt_fit_kb(o, msx_rng_u64(&mr), &eta, configs, j);
-                    if (r == MSX_OK) r = msx__opt_maximize(o, &mr, eta, o->o.no_believer || !(o->n_pend + j) ? k + o->n_pend : 1);
+                    if (r == MSX_OK)
+                        r = msx__opt_maximize(o, &mr, eta, o->o.no_believer || !(o->n_pend + j) ? k + o->n_pend : stride);
                     if (r != MSX_OK) return r;
-                    have_list = o->o.no_believer;
+                    have_list = 1;
+                    since_fit = 0;
                 }
+                since_fit++;
                 for (; list_pos < o->n_cand && !got; list_pos++)
                     if (!msx__opt_seen(o, o->cand + (size_t)list_pos * d, configs, j)) {
                         memcpy(out, o->cand + (size_t)list_pos * d, (size_t)d * sizeof(double));
@@ -12646,55 +12663,87 @@ static msx_result msx__srun_tell(msx__srun *R, int t, int id);
    trial becomes trial n_done (finishing order), a "batch" of one, and is
    told at once. A resume replays the finished trials in that order; what
    was in flight is lost. */
+/* A unit of the async schedule came back (see msx__srun_async). */
+static msx_result msx__srun_async_returned(msx__srun *R, int tag, int failed, int *n_done, int *n_batches, int *in_flight) {
+    msx__sfly *F = &R->fly[tag];
+    msx_result r;
+    if (msx__sfly_returned(R, F, tag, failed, &r)) {
+        int t = *n_done;
+        msx__strial *T = msx__srun_trial(R, t), tmp;
+        if (!T) return msx__err(MSX_E_NOMEM, "out of memory");
+        /* the finished trial takes slot t; the slot's old buffers become the fly's */
+        tmp = *T;
+        *T = F->own;
+        F->own = tmp;
+        F->T = NULL;
+        (*in_flight)--;
+        T->batch = t;
+        T->batch_size = 1;
+        T->slot = 0;
+        T->logged = 0;
+        if ((r = msx__srun_finish(R, t)) != MSX_OK) return r;
+        if ((r = msx__srun_tell(R, t, F->id)) != MSX_OK) return r;
+        (*n_done)++;
+        (*n_batches)++;
+    }
+    return r;
+}
+
+/* The async schedule: whenever slots are free, ask for all of them in one
+   call (the optimiser knows the ones in flight as pending; one ask for
+   several idle workers costs a few forest fits, not one per worker) and
+   start them; a finished trial becomes trial n_done (finishing order), a
+   "batch" of one, and is told at once. With the executor's poll_any every
+   unit that finished meanwhile is taken in before the next ask. A resume
+   replays the finished trials in that order; what was in flight is lost. */
 static msx_result msx__srun_async(msx__srun *R, int *n_done, int *n_batches, msx_search_summary *sum) {
     const msx_search_options *o = R->o;
     const msx_search_executor *X = o->executor;
-    int in_flight = 0, f, tag, failed, id;
+    int in_flight = 0, f, tag, failed, got, ids[256], s;
+    double *cfgs;
     msx_result r;
     if ((r = msx__sfly_alloc(R)) != MSX_OK) return r;
+    if (!(cfgs = (double *)MSX_MALLOC(sizeof(double) * 256 * (size_t)(R->dim ? R->dim : 1)))) return msx__err(MSX_E_NOMEM, "out of memory");
     if (R->n_asked < *n_done) R->n_asked = *n_done;
     for (;;) {
-        while (in_flight < X->n_slots && *n_done + in_flight < R->n_trials) {
-            msx__sfly *F;
-            if (o->cancel && *o->cancel) { sum->cancelled = 1; break; }
-            if (o->max_passes > 0 && R->passes >= o->max_passes) { R->budget_stop = 1; break; }
-            if (o->time_limit > 0 && msx_time_now() - R->t_start >= o->time_limit * 60.0) { R->budget_stop = 2; break; }
-            for (f = 0; R->fly[f].T; f++) {}
-            F = &R->fly[f];
-            if ((r = msx_opt_ask(R->opt, 1, F->own.cfg, &id)) != MSX_OK) return msx__err(r, "optimiser ask: %s", msx_last_error());
-            F->T = &F->own;
-            F->id = id;
-            F->t = (int)R->n_asked;
-            msx__srun_origin(R, F->T);
-            msx__srun_race_ctx(R, *n_done, (int)R->n_asked, &F->C);
-            F->Cp = &F->C;
-            R->n_asked++;
-            in_flight++;
-            if ((r = msx__sfly_start(R, F, f)) != MSX_OK) return r;
+        int k = X->n_slots - in_flight;
+        if (k > R->n_trials - *n_done - in_flight) k = R->n_trials - *n_done - in_flight;
+        if (k > 256) k = 256;
+        if (k > 0 && o->cancel && *o->cancel) { sum->cancelled = 1; k = 0; }
+        if (k > 0 && o->max_passes > 0 && R->passes >= o->max_passes) { R->budget_stop = 1; k = 0; }
+        if (k > 0 && o->time_limit > 0 && msx_time_now() - R->t_start >= o->time_limit * 60.0) { R->budget_stop = 2; k = 0; }
+        if (k > 0) {
+            if ((r = msx_opt_ask(R->opt, k, cfgs, ids)) != MSX_OK) { r = msx__err(r, "optimiser ask: %s", msx_last_error()); break; }
+            for (s = 0; s < k; s++) {
+                msx__sfly *F;
+                for (f = 0; R->fly[f].T; f++) {}
+                F = &R->fly[f];
+                memcpy(F->own.cfg, cfgs + (size_t)s * R->dim, sizeof(double) * (size_t)R->dim);
+                F->T = &F->own;
+                F->id = ids[s];
+                F->t = (int)R->n_asked;
+                msx__srun_origin(R, F->T);
+                msx__srun_race_ctx(R, *n_done, (int)R->n_asked, &F->C);
+                F->Cp = &F->C;
+                R->n_asked++;
+                in_flight++;
+                if ((r = msx__sfly_start(R, F, f)) != MSX_OK) break;
+            }
+            if (r != MSX_OK) break;
         }
-        if (!in_flight || sum->cancelled) return MSX_OK;
-        if ((r = msx__sfly_wait(R, &tag, &failed)) != MSX_OK) return r;
-        if (msx__sfly_returned(R, &R->fly[tag], tag, failed, &r)) {
-            msx__sfly *F = &R->fly[tag];
-            int t = *n_done;
-            msx__strial *T = msx__srun_trial(R, t), tmp;
-            if (!T) return msx__err(MSX_E_NOMEM, "out of memory");
-            /* the finished trial takes slot t; the slot's old buffers become the fly's */
-            tmp = *T;
-            *T = F->own;
-            F->own = tmp;
-            F->T = NULL;
-            in_flight--;
-            T->batch = t;
-            T->batch_size = 1;
-            T->slot = 0;
-            T->logged = 0;
-            if ((r = msx__srun_finish(R, t)) != MSX_OK) return r;
-            if ((r = msx__srun_tell(R, t, F->id)) != MSX_OK) return r;
-            (*n_done)++;
-            (*n_batches)++;
-        } else if (r != MSX_OK) return r;
+        if (!in_flight || sum->cancelled) break;
+        if ((r = msx__sfly_wait(R, &tag, &failed)) != MSX_OK) break;
+        if ((r = msx__srun_async_returned(R, tag, failed, n_done, n_batches, &in_flight)) != MSX_OK) break;
+        while (X->poll_any) {
+            if ((r = X->poll_any(X->user, &tag, &failed, &got)) != MSX_OK) { r = msx__err(r, "executor: %s", msx_last_error()); break; }
+            if (!got) break;
+            if (tag < 0 || tag >= X->n_slots || !R->fly[tag].T) { r = msx__err(MSX_E_STATE, "executor returned unit %d, which is not in flight", tag); break; }
+            if ((r = msx__srun_async_returned(R, tag, failed, n_done, n_batches, &in_flight)) != MSX_OK) break;
+        }
+        if (r != MSX_OK) break;
     }
+    MSX_FREE(cfgs);
+    return r;
 }
 
 static msx_result msx__srun_tell(msx__srun *R, int t, int id) {

@@ -242,9 +242,24 @@ static msx_result ex_submit(void *user, int tag, const double *cfg, int dim, con
     return MSX_OK;
 }
 
+static msx_result ex_poll(mpi_exec *E, int *tag, int *failed, int *got);
+
 static msx_result ex_wait_any(void *user, int *tag, int *failed) {
     mpi_exec *E = (mpi_exec *)user;
     for (;;) {
+        int got = 0;
+        msx_result r = ex_poll(E, tag, failed, &got);
+        if (r != MSX_OK || got) return r;
+        nap();
+    }
+}
+
+static msx_result ex_poll_any(void *user, int *tag, int *failed, int *got) { return ex_poll((mpi_exec *)user, tag, failed, got); }
+
+/* One look at rank 0's slots and the incoming results. */
+static msx_result ex_poll(mpi_exec *E, int *tag, int *failed, int *got) {
+    *got = 1;
+    {
         int i, flag = 0;
         MPI_Status st;
         for (i = 0; i < E->n_local; i++)
@@ -285,8 +300,9 @@ static msx_result ex_wait_any(void *user, int *tag, int *failed) {
             *tag = t;
             return MSX_OK;
         }
-        nap();
     }
+    *got = 0;
+    return MSX_OK;
 }
 
 /* The search needs no more units: release the other ranks (they exit) and
@@ -463,6 +479,7 @@ int main(int argc, char **argv) {
         E.x.n_slots = E.n_map;
         E.x.submit = ex_submit;
         E.x.wait_any = ex_wait_any;
+        E.x.poll_any = ex_poll_any;
         E.x.done = ex_done;
         E.x.user = &E;
         o.executor = &E.x;

@@ -16,6 +16,7 @@ static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[]
     {"merge", "merge --base B --models A [B..] (--plan P | --method M) --out OUT   merge checkpoints", msx_cmd_merge},
     {"bench-merge", "bench-merge                       merge throughput vs copy bandwidth", msx_cmd_bench_merge},
     {"bench-opt", "bench-opt                         optimiser vs random search on test functions", msx_cmd_bench_opt},
+    {"bench-scale", "bench-scale                       the MPI coordinator simulated for 2..1024 workers", msx_cmd_bench_scale},
     {"search", "search --base B --models A .. --tasks DIR ..   MedSAMix search", msx_cmd_search},
     {"eval", "eval --model M --tasks DIR .. [--split test]   Dice of one model", msx_cmd_eval},
 };
