@@ -11880,7 +11880,7 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
 
 static void msx__srun_trial_json(const msx__srun *R, int t, msx__sb *b) {
     const msx__strial *T = &R->tr[t];
-    int i, k, first = 1;
+    int i, k, q, first = 1;
     msx__sb_printf(b, "{\"trial\": %d, \"batch\": %d, \"batch_size\": %d, \"slot\": %d, \"origin\": ", t, T->batch,
                    T->batch_size, T->slot);
     msx__sb_json_str(b, T->origin);
@@ -11915,8 +11915,9 @@ static void msx__srun_trial_json(const msx__srun *R, int t, msx__sb *b) {
         msx__sb_puts(b, k ? ", " : "");
         msx__sb_json_str(b, R->tasks[k]->name);
         msx__sb_puts(b, ": {");
-        for (i = R->calib.off[k]; i < R->calib.off[k + 1]; i++) {
-            if (!isfinite(T->img[i])) continue;
+        for (q = 0; q < R->calib.n; q++) { /* in the race order: the order they were measured in */
+            i = R->order[q];
+            if (i < R->calib.off[k] || i >= R->calib.off[k + 1] || !isfinite(T->img[i])) continue;
             msx__sb_puts(b, first_img ? "" : ", ");
             first_img = 0;
             msx__sb_json_str(b, R->tasks[k]->img[0][i - R->calib.off[k]].stem);
@@ -12241,7 +12242,7 @@ static msx_result msx__srun_eval_trial(msx__srun *R, msx__swork *w, msx__strial 
     T->n_img = 0;
     T->stopped = 0;
     for (i = 0; i < R->calib.n; i++) T->img[i] = NAN;
-    for (m = R->race && C->inc >= 0 ? R->race_first : R->n_rounds; ; m *= 2) {
+    for (m = R->race && C->inc >= 0 ? R->race_first : R->n_rounds; ; m = getenv("MSX_RACE_STEP") ? m + (m / 2 > 1 ? m / 2 : 1) : 2 * m) {
         msx__sunit u;
         if (m > R->n_rounds) m = R->n_rounds;
         u.cfg = T->cfg;

@@ -12,4 +12,5 @@ int msx_cmd_bench_merge(int argc, char **argv); /* cmd_merge.c */
 int msx_cmd_bench_opt(int argc, char **argv);   /* cmd_opt.c */
 int msx_cmd_search(int argc, char **argv);      /* cmd_search.c */
 int msx_cmd_eval(int argc, char **argv);        /* cmd_search.c */
+int msx_cmd_bench_search(int argc, char **argv); /* cmd_bench_search.c */
 #endif

@@ -17,6 +17,7 @@ static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[]
     {"bench-merge", "bench-merge                       merge throughput vs copy bandwidth", msx_cmd_bench_merge},
     {"bench-opt", "bench-opt                         optimiser vs random search on test functions", msx_cmd_bench_opt},
     {"search", "search --base B --models A .. --tasks DIR ..   MedSAMix search", msx_cmd_search},
+    {"bench-search", "bench-search [--seeds K] [--task T|all]   search: racing vs full evaluation on the demo world", msx_cmd_bench_search},
     {"eval", "eval --model M --tasks DIR .. [--split test]   Dice of one model", msx_cmd_eval},
 };
 
