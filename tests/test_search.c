@@ -372,9 +372,9 @@ static void drop_last_line(const char *path) {
 
 /* ---- racing: every decision of a logged race, re-derived independently ---- */
 
-/* The documented stage schedule: race_first images per task, then doubling
-   (capped at all images). */
-static int race_next_stage(int m) { return 2 * m; }
+/* The documented stage schedule: race_first images per task, then m + m/2
+   (at least one more; capped at all images). */
+static int race_next_stage(int m) { return m + (m / 2 > 1 ? m / 2 : 1); }
 
 #define RACE_MAX_TRIALS 64
 #define RACE_MAX_IMG 32
