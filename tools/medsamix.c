@@ -18,6 +18,7 @@ static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[]
     {"bench-opt", "bench-opt                         optimiser vs random search on test functions", msx_cmd_bench_opt},
     {"bench-scale", "bench-scale                       the MPI coordinator simulated for 2..1024 workers", msx_cmd_bench_scale},
     {"search", "search --base B --models A .. --tasks DIR ..   MedSAMix search", msx_cmd_search},
+    {"bench-search", "bench-search [--seeds K] [--task T|all]   search: racing vs full evaluation on the demo world", msx_cmd_bench_search},
     {"eval", "eval --model M --tasks DIR .. [--split test]   Dice of one model", msx_cmd_eval},
 };
 
