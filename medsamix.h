@@ -13544,9 +13544,9 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     if (r == MSX_E_CANCELLED) sum->cancelled = 1;
     else if (r != MSX_OK) goto done;
     if (R.prog.mode >= 0 && !sum->cancelled)
-        printf("search: %s, %d trial(s) (%d done), %d hyperparameters, %d %s, %d thread(s) each, %d calib image(s), %s\n",
+        printf("search: %s, %d trial(s) (%d done), %d hyperparameters, %d %s, %d calib image(s), %s\n",
                o->multi ? "multi-task" : "single-task", R.n_trials, n_done, R.dim, o->executor ? o->executor->n_slots : R.n_w,
-               o->executor ? (o->async ? "executor slot(s) (async)" : "executor slot(s) (sync)") : "worker(s)", o->executor ? 1 : R.tpj, R.calib.n,
+               o->executor ? (o->async ? "executor slot(s), asynchronous" : "executor slot(s), synchronous batches") : "worker(s)", R.calib.n,
                R.race ? "raced over the calib images" : "full evaluation");
     if (R.prog.mode >= 0 && !sum->cancelled && !o->executor) printf("layout: %s\n", R.layout);
     cfgs = (double *)MSX_MALLOC(sizeof(double) * (size_t)R.batch * (size_t)R.dim + 1);
