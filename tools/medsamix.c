@@ -5,8 +5,15 @@
 #include "../medsamix.h"
 #include "cli.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+
+/* The option helpers shared by the commands live in tools/cmd_common.c. */
 
 static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[] = {
     {"inspect", "inspect FILE [--json] [--config C]  architecture and per-tensor digest of a checkpoint", msx_cmd_inspect},
@@ -20,6 +27,7 @@ static const struct { const char *name, *help; int (*fn)(int, char **); } cmds[]
     {"search", "search --base B --models A .. --tasks DIR ..   MedSAMix search", msx_cmd_search},
     {"bench-search", "bench-search [--seeds K] [--task T|all]   search: racing vs full evaluation on the demo world", msx_cmd_bench_search},
     {"eval", "eval --model M --tasks DIR .. [--split test]   Dice of one model", msx_cmd_eval},
+    {"prepare", "prepare --nnunet ROOT --task-table T.json --out DIR   nnU-Net volumes -> task folders", msx_cmd_prepare},
 };
 
 static void usage(FILE *f) {
