@@ -13980,10 +13980,15 @@ static msx_result msx__srun_trial_parse(msx__srun *R, const msx__json *j, int li
                 return msx__err(MSX_E_FORMAT, "%s: line %d: Dice %.17g for task %s is outside [0, 1]; the log was edited or "
                                 "is corrupt", R->log_path, line, T->dice[i], R->tasks[i]->name);
         }
-        for (i = 0; i < R->n_obj; i++)
-            if (!isfinite(T->cost[i]) || fabs(T->cost[i] - (1.0 - T->dice[i])) > 1e-9)
-                return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d (%.17g) is not 1 - Dice of task %s; the log was edited "
-                                "or is corrupt", R->log_path, line, i, T->cost[i], R->tasks[i]->name);
+        {
+            /* a trial the race stopped was told an estimate in [0, 1] (see racing) */
+            const msx__json *stv = msx__json_get(j, "stopped");
+            int raced = stv && stv->type == MSX__JSTR;
+            for (i = 0; i < R->n_obj; i++)
+                if (!isfinite(T->cost[i]) || (raced ? (T->cost[i] < 0 || T->cost[i] > 1) : fabs(T->cost[i] - (1.0 - T->dice[i])) > 1e-9))
+                    return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d (%.17g) is not %s of task %s; the log was edited "
+                                    "or is corrupt", R->log_path, line, i, T->cost[i], raced ? "an estimate in [0, 1]" : "1 - Dice", R->tasks[i]->name);
+        }
     }
     if (!isfinite(T->seconds) || T->seconds < 0)
         return msx__err(MSX_E_FORMAT, "%s: line %d: \"seconds\" is not a finite number >= 0", R->log_path, line);
