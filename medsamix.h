@@ -15294,9 +15294,6 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
         if (r == MSX_OK) r = msx_check_outputs(in, n_in, (const char *const *)op, 7);
         for (i = 0; i < 7; i++) MSX_FREE(op[i]);
         if (r != MSX_OK) return r;
-        /* the lock before any long work: a second search on this folder stops here */
-        if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
-        if ((r = msx__search_lock(R)) != MSX_OK) return r;
     }
     for (i = 0; i < o->n_tasks; i++) {
         int j;
@@ -15309,6 +15306,12 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
         if (R->race && i < R->n_eval && R->tasks[i]->n[0] < R->race_first)
             return msx__err(MSX_E_ARG, "task %s has %d calib image(s), fewer than the first racing stage (%d per task); add images, "
                             "lower --race-first, or use --fidelity full", o->tasks[i], R->tasks[i]->n[0], R->race_first);
+    }
+    /* the lock before the long work (models, cache): a second search on this
+       folder stops here; a search refused by the checks above leaves no folder */
+    if (coordinator) {
+        if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
+        if ((r = msx__search_lock(R)) != MSX_OK) return r;
     }
     if ((r = msx_sam_load(o->base, o->arch_config, &R->ck[0], &R->arch)) != MSX_OK) return r;
     for (i = 1; i < R->n_models; i++) {
