@@ -11,12 +11,15 @@
 
 CC      ?= gcc
 CXX     ?= g++
-# Portable by default: the header needs no ISA flags (its AVX2 paths are
-# behind __AVX2__ / __FMA__ with plain-C fallbacks, and oneDNN picks its
-# kernels at run time). NATIVE=1 builds for this CPU (-march=native);
-# ARCH=... sets any other flags.
+# The header needs no ISA flags (its AVX2 paths are behind __AVX2__ /
+# __FMA__ with plain-C fallbacks, and oneDNN picks its kernels at run time).
+# On x86-64 the default is x86-64-v3 (AVX2 + FMA: every x86-64 server CPU
+# since Haswell / Zen 1), which keeps SAM's AVX2 softmax/GELU/bf16-rounding
+# kernels; ARCH= builds for any x86-64, NATIVE=1 for this CPU only.
 ifeq ($(NATIVE),1)
 ARCH    ?= -march=native
+else ifeq ($(shell uname -m),x86_64)
+ARCH    ?= -march=x86-64-v3
 else
 ARCH    ?=
 endif

@@ -477,13 +477,28 @@ MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_ch
 extern "C" {
 #endif
 
-typedef enum msx_precision { MSX_PREC_FP32 = 0, MSX_PREC_BF16 = 1 } msx_precision;
+/* Precision of the image encoder's matmuls. BF16: the transformer blocks'
+   matmul weights are converted to bf16 once per msx_sam_create /
+   msx_sam_refresh, the matmul inputs (LayerNorm outputs, q/k/v, softmax
+   numerators, attention outputs, GELU outputs) are rounded to bf16 where they
+   are produced; accumulation, biases, LayerNorm statistics, softmax, GELU and
+   the residual stream stay fp32. The patch embedding, the neck and the prompt
+   encoder / mask decoder always run in fp32. BF16_EMU rounds exactly the same
+   values (round-to-nearest-even) and runs fp32 kernels: bf16 numerics on any
+   CPU. AUTO resolves at msx_sam_create to BF16 where oneDNN has a native bf16
+   matmul (AVX512-BF16 or AMX), else FP32 (msx_sam_get_precision says which). */
+typedef enum msx_precision {
+    MSX_PREC_FP32 = 0,
+    MSX_PREC_BF16 = 1,
+    MSX_PREC_BF16_EMU = 2,
+    MSX_PREC_AUTO = 3
+} msx_precision;
 
 /* Zero-initialise, then set what you need. */
 typedef struct msx_sam_options {
-    msx_precision precision; /* MSX_PREC_FP32 (default, the reference path) or BF16
-                                (MSX_E_UNSUPPORTED where oneDNN has no bf16 matmul,
-                                e.g. AVX2-only CPUs) */
+    msx_precision precision; /* MSX_PREC_FP32 (default, the reference path), BF16
+                                (MSX_E_UNSUPPORTED where oneDNN has no native bf16
+                                matmul, e.g. AVX2-only CPUs), BF16_EMU or AUTO */
     int n_threads;           /* OpenMP/oneDNN threads per evaluation; 0 = omp_get_max_threads().
                                 Also the most a workspace may use (msx_sam_ws_set_threads).
                                 Models under MSX_SAM_SMALL_FLOPS (2e10) FLOP per encode
@@ -550,6 +565,22 @@ MSXDEF msx_result msx_sam_ws_set_threads(msx_sam_ws *ws, int n_threads);
 MSXDEF double msx_sam_encode_flops(const msx_sam *m);
 MSXDEF double msx_sam_decode_flops(const msx_sam *m, int n_sparse, int with_mask_input);
 #define MSX_SAM_MAX_POINTS 64 /* msx_prompt.n_points limit */
+/* Converts in place, round-to-nearest-even, the tensors the bf16 path
+   reads as bf16 (every encoder block's attn.qkv, attn.proj, mlp.lin1 and
+   mlp.lin2 weight) from F32 to BF16, so that a BF16 / BF16_EMU model uses
+   them without keeping an fp32 and a bf16 copy: the checkpoint shrinks by a
+   third (ViT-B: 357 -> 187 MB), and the model is the same as one created
+   on the fp32 checkpoint. Afterwards the checkpoint serves bf16 models only
+   (an FP32 model or a merge refuses BF16 tensors). arch NULL: inferred. */
+MSXDEF msx_result msx_sam_ckpt_to_bf16(msx_checkpoint *ck, const msx_sam_arch *arch);
+/* The precision the model runs (AUTO resolved): FP32, BF16 or BF16_EMU. */
+MSXDEF msx_precision msx_sam_get_precision(const msx_sam *m);
+/* 1 if oneDNN has a native bf16 matmul on this CPU (AVX512-BF16 or AMX);
+   isa (may be NULL) receives oneDNN's name of the kernel it would run. */
+MSXDEF int msx_sam_bf16_supported(char *isa, size_t isa_size);
+/* "fp32", "bf16", "bf16-emu", "auto" and back (MSX_E_ARG if unknown). */
+MSXDEF const char *msx_precision_name(msx_precision p);
+MSXDEF msx_result msx_precision_parse(const char *s, msx_precision *p);
 
 #ifdef __cplusplus
 }
@@ -1468,6 +1499,11 @@ MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, cons
 MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_arch *arch,
                                       msx_task *const *tasks, int n_tasks, int split,
                                       msx_preprocess_mode preprocess, int n_threads, double *dice);
+/* msx_eval_checkpoint with the encoder in `precision` (msx_eval_checkpoint = FP32). */
+MSXDEF msx_result msx_eval_checkpoint_prec(const msx_checkpoint *ck, const msx_sam_arch *arch,
+                                           msx_task *const *tasks, int n_tasks, int split,
+                                           msx_preprocess_mode preprocess, int n_threads, msx_precision precision,
+                                           double *dice);
 
 /* --- search ----------------------------------------------------------------- */
 typedef struct msx_trial_info {
@@ -1557,6 +1593,8 @@ typedef struct msx_search_options {
     double time_limit;                /* minutes of this call; no new batch starts after it; 0 = none */
     msx_task_options task;
     msx_preprocess_mode preprocess;   /* MSX_PREPROCESS_SAM (default) or _MEDSAM, the same for every model */
+    msx_precision precision;          /* encoder precision of every evaluation (default FP32; AUTO resolved at start);
+                                         logged in the trial log header, stated in the report */
     const volatile sig_atomic_t *cancel; /* set non-zero (e.g. from SIGINT) to stop */
     void (*on_trial)(const msx_trial_info *info, void *user);
     void *user;
@@ -4678,6 +4716,7 @@ MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_ch
    (ldb) or, with trans_b, the N×K row-major matrix of a torch Linear/Conv. */
 typedef struct msx__sam_mm {
     int M, K, N, lda, ldb, ldc, trans_b, bias, post, sum; /* post: 0, 1 gelu_erf, 2 relu */
+    int sdt, wdt, ddt;                                    /* dnnl_data_type_t of src, weights, dst */
     /* oneDNN fixes a primitive's thread count when it is created (the OpenMP
        ICV at execution is not enough): prim runs on the model's n_threads,
        prim1 on one thread (1-thread workspaces and inside parallel loops). */
@@ -4690,6 +4729,8 @@ typedef struct msx__sam_blk {
     const float *n1w, *n1b, *qkvw, *qkvb, *projw, *projb, *n2w, *n2b, *fc1w, *fc1b, *fc2w, *fc2b;
     const float *rph, *rpw; /* rel-pos tables actually used (raw or resized) */
     float *rph_i, *rpw_i;   /* owned resized tables (get_rel_pos interpolation) or NULL */
+    const void *qkvw_l, *projw_l, *fc1w_l, *fc2w_l, *rph_l, *rpw_l; /* bf16 path: rounded copies (in m->lpw) */
+    const uint16_t *w16[4]; /* bf16 path, checkpoint holding BF16 qkv/proj/lin1/lin2 weights: those (else NULL) */
     int win;                /* window size, 0 = global attention */
     int gh, gw;             /* attention grid (window or token grid) */
 } msx__sam_blk;
@@ -4712,6 +4753,10 @@ struct msx_sam {
     int nt_tok_max;        /* 1 + mask tokens + MSX_SAM_MAX_POINTS + 2 */
     int any_win, any_glob, Hp, Wp, mb;
     int small;             /* < MSX_SAM_SMALL_FLOPS per encode: evaluations run on 1 thread */
+    msx_precision prec;    /* resolved: FP32, BF16 or BF16_EMU */
+    int lp, esz;           /* bf16 numerics (BF16 or BF16_EMU); bytes per rounded element (2 or 4) */
+    void *lpw;             /* owned bf16 (or bf16-rounded f32) copies of the blocks' matmul weights */
+    size_t lpw_n;          /* elements in lpw */
     dnnl_engine_t eng;
     msx__sam_mm mm[MSX__SAM_MAX_MM];
     int n_mm;
@@ -5011,6 +5056,128 @@ static void msx__sam_transpose(const float *src, int rows, int cols, float *dst,
     }
 }
 
+/* ---- bf16 rounding (the bf16 path and its emulation) -------------------------- */
+
+/* float -> bf16 with round-to-nearest-even, NaN kept a (quiet) NaN: the
+   rounding of oneDNN's bf16 dst conversion (vcvtneps2bf16 and its emulation)
+   for every finite non-denormal value. */
+static uint16_t msx__sam_f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static float msx__sam_bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#ifdef MSX__SAM_AVX2
+/* msx__sam_f2bf on 8 lanes (same bits), as 32-bit lanes holding the bf16 */
+static __m256i msx__sam_f2bf8(__m256 x) {
+    __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+
+/* stores 8 values rounded to bf16 at d (esz 2: bf16, esz 4: f32) */
+static void msx__sam_lp_store8(void *d, __m256 x, int esz) {
+    __m256i r = msx__sam_f2bf8(x);
+    if (esz == 2)
+        _mm_storeu_si128((__m128i *)d, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    else
+        _mm256_storeu_si256((__m256i *)d, _mm256_slli_epi32(r, 16));
+}
+#endif
+
+/* dst[i] = bf16(src[i]·scale), stored as bf16 (esz 2, the bf16 path) or as
+   the bf16 value in an f32 (esz 4, the emulation). dst may equal src. */
+static void msx__sam_lp_store(void *dst, const float *src, size_t n, float scale, int esz) {
+    size_t i = 0;
+#ifdef MSX__SAM_AVX2
+    __m256 vs = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8)
+        msx__sam_lp_store8((unsigned char *)dst + i * (size_t)esz, _mm256_mul_ps(_mm256_loadu_ps(src + i), vs), esz);
+#endif
+    if (esz == 2) {
+        uint16_t *d = (uint16_t *)dst;
+#pragma omp simd
+        for (size_t j = i; j < n; j++) d[j] = msx__sam_f2bf(src[j] * scale);
+    } else {
+        float *d = (float *)dst;
+#pragma omp simd
+        for (size_t j = i; j < n; j++) d[j] = msx__sam_bf2f(msx__sam_f2bf(src[j] * scale));
+    }
+}
+
+/* msx__sam_row_expsum that also stores the numerators rounded to bf16 in P
+   (esz as msx__sam_lp_store): the same f32 values and the same sum. */
+static float msx__sam_row_expsum_lp(float *s, int n, float mx, void *P, int esz) {
+    int j = 0;
+    float sum = 0;
+    unsigned char *p = (unsigned char *)P;
+#ifdef MSX__SAM_AVX2
+    __m256 vm = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = msx__sam_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        msx__sam_lp_store8(p + (size_t)j * (size_t)esz, e, esz);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = msx__sam_hsum8(acc);
+#endif
+    for (; j < n; j++) {
+        float e = msx__sam_exp(s[j] - mx);
+        msx__sam_lp_store(p + (size_t)j * (size_t)esz, &e, 1, 1.0f, esz);
+        sum += e;
+    }
+    return sum;
+}
+
+/* Rounds n f32 values to bf16 in place (the emulation's stand-in for a
+   oneDNN bf16 dst). */
+static void msx__sam_lp_round(float *x, size_t n, int nt) {
+    long i, nb = (long)((n + 4095) / 4096);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nb > 16)
+    for (i = 0; i < nb; i++) {
+        size_t o = (size_t)i * 4096;
+        msx__sam_lp_store(x + o, x + o, n - o < 4096 ? n - o : 4096, 1.0f, 4);
+    }
+}
+
+/* msx__sam_ln with the output rounded to bf16 (esz as msx__sam_lp_store);
+   the statistics and the affine part are the fp32 ones. */
+static void msx__sam_ln_lp(const float *x, int ldx, void *y, int rows, int C, const float *w, const float *b, float eps,
+                           int esz, int nt) {
+    int i;
+#pragma omp parallel for num_threads(nt) schedule(static) if (rows > 16)
+    for (i = 0; i < rows; i++) {
+        const float *xi = x + (size_t)i * ldx;
+        double s = 0, ss = 0;
+        float mean, rstd;
+        int c;
+#pragma omp simd reduction(+ : s)
+        for (c = 0; c < C; c++) s += xi[c];
+        mean = (float)(s / C);
+#pragma omp simd reduction(+ : ss)
+        for (c = 0; c < C; c++) {
+            double d = (double)(xi[c] - mean);
+            ss += d * d;
+        }
+        rstd = (float)(1.0 / sqrt(ss / C + (double)eps));
+        for (c = 0; c < C; c += 64) { /* f32 in chunks, then rounded */
+            float t[64];
+            int k, L = C - c < 64 ? C - c : 64;
+#pragma omp simd
+            for (k = 0; k < L; k++) t[k] = (xi[c + k] - mean) * rstd * w[c + k] + b[c + k];
+            msx__sam_lp_store((unsigned char *)y + ((size_t)i * C + (size_t)c) * (size_t)esz, t, (size_t)L, 1.0f, esz);
+        }
+    }
+}
+
 /* ---- oneDNN plumbing ---------------------------------------------------------- */
 
 static msx_result msx__sam_dnnl(dnnl_status_t st, const char *what) {
@@ -5018,9 +5185,10 @@ static msx_result msx__sam_dnnl(dnnl_status_t st, const char *what) {
     return msx__err(MSX_E_DNNL, "SAM: oneDNN %s failed (status %d)", what, (int)st);
 }
 
-/* Finds or creates the matmul for a shape; returns its index or -1. */
-static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, int ldc, int trans_b, int bias,
-                           int post, int sum) {
+/* Finds or creates the matmul for a shape and data types (src, weights,
+   dst; the bias is always f32); returns its index or -1. */
+static int msx__sam_mm_add_dt(msx_sam *m, int M, int K, int N, int lda, int ldb, int ldc, int trans_b, int bias,
+                              int post, int sum, dnnl_data_type_t sdt, dnnl_data_type_t wdt, dnnl_data_type_t ddt) {
     msx__sam_mm *o;
     dnnl_dims_t ad, bd, cd, bid, as, bs, cs;
     dnnl_matmul_desc_t desc;
@@ -5033,7 +5201,8 @@ static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, in
     for (i = 0; i < m->n_mm; i++) {
         o = &m->mm[i];
         if (o->M == M && o->K == K && o->N == N && o->lda == lda && o->ldb == ldb && o->ldc == ldc &&
-            o->trans_b == trans_b && o->bias == bias && o->post == post && o->sum == sum)
+            o->trans_b == trans_b && o->bias == bias && o->post == post && o->sum == sum && o->sdt == (int)sdt &&
+            o->wdt == (int)wdt && o->ddt == (int)ddt)
             return i;
     }
     if (m->n_mm == MSX__SAM_MAX_MM) { msx__err(MSX_E_LIMIT, "SAM: too many matmul shapes"); return -1; }
@@ -5041,15 +5210,16 @@ static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, in
     memset(o, 0, sizeof *o);
     o->M = M; o->K = K; o->N = N; o->lda = lda; o->ldb = ldb; o->ldc = ldc;
     o->trans_b = trans_b; o->bias = bias; o->post = post; o->sum = sum;
+    o->sdt = (int)sdt; o->wdt = (int)wdt; o->ddt = (int)ddt;
     ad[0] = M; ad[1] = K; as[0] = lda; as[1] = 1;
     bd[0] = K; bd[1] = N;
     if (trans_b) { bs[0] = 1; bs[1] = ldb; } else { bs[0] = ldb; bs[1] = 1; }
     cd[0] = M; cd[1] = N; cs[0] = ldc; cs[1] = 1;
     bid[0] = 1; bid[1] = N;
-    st = dnnl_memory_desc_init_by_strides(&o->md[0], 2, ad, dnnl_f32, as);
-    if (st == dnnl_success) st = dnnl_memory_desc_init_by_strides(&o->md[1], 2, bd, dnnl_f32, bs);
+    st = dnnl_memory_desc_init_by_strides(&o->md[0], 2, ad, sdt, as);
+    if (st == dnnl_success) st = dnnl_memory_desc_init_by_strides(&o->md[1], 2, bd, wdt, bs);
     if (st == dnnl_success) st = dnnl_memory_desc_init_by_tag(&o->md[2], 2, bid, dnnl_f32, dnnl_ab);
-    if (st == dnnl_success) st = dnnl_memory_desc_init_by_strides(&o->md[3], 2, cd, dnnl_f32, cs);
+    if (st == dnnl_success) st = dnnl_memory_desc_init_by_strides(&o->md[3], 2, cd, ddt, cs);
     if (st == dnnl_success) st = dnnl_matmul_desc_init(&desc, &o->md[0], &o->md[1], bias ? &o->md[2] : NULL, &o->md[3]);
     if (st == dnnl_success) st = dnnl_primitive_attr_create(&attr);
     if (st == dnnl_success) st = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
@@ -5081,17 +5251,22 @@ static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, in
         if (o->prim) dnnl_primitive_destroy(o->prim);
         if (o->prim1) dnnl_primitive_destroy(o->prim1);
         o->prim = o->prim1 = NULL;
-        msx__err(MSX_E_DNNL, "SAM: oneDNN matmul %d×%d×%d (lda %d ldb %d ldc %d) could not be created (status %d)",
-                 M, K, N, lda, ldb, ldc, (int)st);
+        msx__err(MSX_E_DNNL, "SAM: oneDNN matmul %d×%d×%d (lda %d ldb %d ldc %d, %s) could not be created (status %d)",
+                 M, K, N, lda, ldb, ldc, sdt == dnnl_bf16 ? "bf16" : "f32", (int)st);
         return -1;
     }
     return m->n_mm++;
 }
 
+static int msx__sam_mm_add(msx_sam *m, int M, int K, int N, int lda, int ldb, int ldc, int trans_b, int bias,
+                           int post, int sum) {
+    return msx__sam_mm_add_dt(m, M, K, N, lda, ldb, ldc, trans_b, bias, post, sum, dnnl_f32, dnnl_f32, dnnl_f32);
+}
+
 /* Runs matmul `op` on slot `slot` of the workspace; errors are recorded in
    ws->dnnl_err (this is called from parallel loops). */
-static void msx__sam_mm_run(const msx_sam *m, msx_sam_ws *ws, int slot, int op, const float *a, const float *b,
-                            const float *bias, float *c) {
+static void msx__sam_mm_run(const msx_sam *m, msx_sam_ws *ws, int slot, int op, const void *a, const void *b,
+                            const float *bias, void *c) {
     const msx__sam_mm *o = &m->mm[op];
     dnnl_memory_t *mem = ws->mem + ((size_t)slot * m->n_mm + (size_t)op) * 4;
     dnnl_exec_arg_t args[5];
@@ -5190,6 +5365,118 @@ static msx_result msx__sam_attw_bind(const msx_checkpoint *ck, msx__sam_attw *w,
 
 static void msx__sam_pe(const float *G, int D2, float x, float y, float *out);
 
+/* A block matmul weight (rows × cols): F32 as msx__sam_w (*w16 = NULL), or
+   on the bf16 path also BF16 in memory (msx_sam_ckpt_to_bf16; *f32 = NULL). */
+static MSX__PRINTF(6, 7) msx_result msx__sam_w16(const msx_sam *m, const float **f32, const uint16_t **w16, int rows,
+                                                 int cols, const char *fmt, ...) {
+    char name[256];
+    va_list ap;
+    const msx_tensor *t;
+    int64_t d[4];
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    *w16 = NULL;
+    t = msx_ckpt_find(m->ck, name);
+    if (m->lp && t && t->dtype == MSX_BF16) {
+        if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
+            return msx__err(MSX_E_SHAPE, "SAM: tensor '%s' is not %d×%d", name, rows, cols);
+        *f32 = NULL;
+        *w16 = (const uint16_t *)t->data;
+        return MSX_OK;
+    }
+    return msx__sam_w(m->ck, f32, NULL, 2, msx__sam_dims(d, rows, cols, 0, 0), "%s", name);
+}
+
+MSXDEF msx_result msx_sam_ckpt_to_bf16(msx_checkpoint *ck, const msx_sam_arch *arch) {
+    static const char *const keys[4] = {"attn.qkv.weight", "attn.proj.weight", "mlp.lin1.weight", "mlp.lin2.weight"};
+    msx_sam_arch inferred;
+    int i, k;
+    if (!ck) return msx__err(MSX_E_ARG, "msx_sam_ckpt_to_bf16: checkpoint is NULL");
+    if (!arch) {
+        MSX__SAM_TRY(msx_sam_arch_infer(ck, &inferred));
+        arch = &inferred;
+    }
+    for (i = 0; i < arch->depth; i++)
+        for (k = 0; k < 4; k++) {
+            char name[160];
+            msx_tensor *t;
+            uint16_t *h;
+            snprintf(name, sizeof name, "image_encoder.blocks.%d.%s", i, keys[k]);
+            t = msx_ckpt_find(ck, name);
+            if (!t) return msx__err(MSX_E_KEY_MISMATCH, "msx_sam_ckpt_to_bf16: tensor '%s' is missing", name);
+            if (t->dtype == MSX_BF16) continue;
+            if (t->dtype != MSX_F32)
+                return msx__err(MSX_E_UNSUPPORTED, "msx_sam_ckpt_to_bf16: tensor '%s' is %s; convert with msx_ckpt_to_f32 first",
+                                name, msx_dtype_name(t->dtype));
+            h = (uint16_t *)msx__aligned_alloc((size_t)t->numel * 2 + 1);
+            if (!h) return msx__err(MSX_E_NOMEM, "msx_sam_ckpt_to_bf16: out of memory at '%s'", name);
+            msx__sam_lp_store(h, (const float *)t->data, (size_t)t->numel, 1.0f, 2);
+            msx__aligned_free(t->data);
+            t->data = h;
+            t->dtype = MSX_BF16;
+        }
+    return MSX_OK;
+}
+
+/* bf16 path: the blocks' matmul weights and rel-pos tables rounded to bf16
+   into m->lpw (allocated by the first call). Converted once per create /
+   refresh, so every encode reads them as they are. */
+static msx_result msx__sam_bind_lp(msx_sam *m, int first) {
+    const msx_sam_arch *a = &m->a;
+    size_t total = 0, off = 0;
+    int i, k, C = m->C, hd = m->hd, mlp = a->mlp_dim;
+#define MSX__SAM_LPN(n) (((size_t)(n) + 31) / 32 * 32)
+    for (i = 0; i < a->depth; i++) { /* BF16 tensors are used in place by the bf16 path (esz 2) */
+        const msx__sam_blk *b = &m->blk[i];
+        int own = m->esz == 4;
+        total += (own || !b->w16[0] ? MSX__SAM_LPN(3 * (size_t)C * C) : 0) + (own || !b->w16[1] ? MSX__SAM_LPN((size_t)C * C) : 0) +
+                 (own || !b->w16[2] ? MSX__SAM_LPN((size_t)mlp * C) : 0) + (own || !b->w16[3] ? MSX__SAM_LPN((size_t)mlp * C) : 0);
+        if (b->rph) total += MSX__SAM_LPN((size_t)(2 * b->gh - 1) * hd) + MSX__SAM_LPN((size_t)(2 * b->gw - 1) * hd);
+    }
+    if (first) {
+        m->lpw = msx__aligned_alloc(total * (size_t)m->esz + 64);
+        if (!m->lpw) return msx__err(MSX_E_NOMEM, "SAM: out of memory for the bf16 weights (%zu MB)", total * (size_t)m->esz >> 20);
+        m->lpw_n = total;
+    } else if (total != m->lpw_n) {
+        return msx__err(MSX_E_SHAPE, "SAM: msx_sam_refresh: the checkpoint's bf16 weights changed dtype since msx_sam_create");
+    }
+    for (i = 0; i < a->depth; i++) {
+        msx__sam_blk *b = &m->blk[i];
+        const float *src[6];
+        const void **dst[6];
+        size_t n[6];
+        src[0] = b->qkvw; dst[0] = &b->qkvw_l; n[0] = 3 * (size_t)C * C;
+        src[1] = b->projw; dst[1] = &b->projw_l; n[1] = (size_t)C * C;
+        src[2] = b->fc1w; dst[2] = &b->fc1w_l; n[2] = (size_t)mlp * C;
+        src[3] = b->fc2w; dst[3] = &b->fc2w_l; n[3] = (size_t)mlp * C;
+        src[4] = b->rph; dst[4] = &b->rph_l; n[4] = b->rph ? (size_t)(2 * b->gh - 1) * hd : 0;
+        src[5] = b->rpw; dst[5] = &b->rpw_l; n[5] = b->rph ? (size_t)(2 * b->gw - 1) * hd : 0;
+        for (k = 0; k < 6; k++) {
+            unsigned char *d = (unsigned char *)m->lpw + off * (size_t)m->esz;
+            const uint16_t *h = k < 4 ? b->w16[k] : NULL;
+            long c, nc = (long)((n[k] + 65535) / 65536);
+            *dst[k] = n[k] ? d : NULL;
+            if (!n[k]) continue;
+            if (h && m->esz == 2) { /* already bf16: used in place */
+                *dst[k] = h;
+                continue;
+            }
+#pragma omp parallel for num_threads(m->nt_max) schedule(static) if (nc > 1)
+            for (c = 0; c < nc; c++) {
+                size_t o = (size_t)c * 65536, j, L = n[k] - o < 65536 ? n[k] - o : 65536;
+                if (h) /* bf16 -> f32 is exact: the emulation reads the same values */
+                    for (j = 0; j < L; j++) ((float *)(void *)d)[o + j] = msx__sam_bf2f(h[o + j]);
+                else
+                    msx__sam_lp_store(d + o * (size_t)m->esz, src[k] + o, L, 1.0f, m->esz);
+            }
+            off += MSX__SAM_LPN(n[k]);
+        }
+    }
+#undef MSX__SAM_LPN
+    return MSX_OK;
+}
+
 /* Resolves every weight pointer, checks shapes, and rewrites the derived
    copies. first = 1 (msx_sam_create) allocates the derived buffers; later
    calls (msx_sam_refresh) allocate nothing and fail if a shape changed. */
@@ -5221,12 +5508,12 @@ static msx_result msx__sam_bind(msx_sam *m, int first) {
         MSX__SAM_TRY(msx__sam_w(ck, &b->n2b, NULL, 1, d, "%s.norm2.bias", p));
         MSX__SAM_TRY(msx__sam_w(ck, &b->projb, NULL, 1, d, "%s.attn.proj.bias", p));
         MSX__SAM_TRY(msx__sam_w(ck, &b->fc2b, NULL, 1, d, "%s.mlp.lin2.bias", p));
-        MSX__SAM_TRY(msx__sam_w(ck, &b->qkvw, NULL, 2, msx__sam_dims(d, 3 * C, C, 0, 0), "%s.attn.qkv.weight", p));
+        MSX__SAM_TRY(msx__sam_w16(m, &b->qkvw, &b->w16[0], 3 * C, C, "%s.attn.qkv.weight", p));
         MSX__SAM_TRY(msx__sam_w(ck, &b->qkvb, NULL, 1, msx__sam_dims(d, 3 * C, 0, 0, 0), "%s.attn.qkv.bias", p));
-        MSX__SAM_TRY(msx__sam_w(ck, &b->projw, NULL, 2, msx__sam_dims(d, C, C, 0, 0), "%s.attn.proj.weight", p));
-        MSX__SAM_TRY(msx__sam_w(ck, &b->fc1w, NULL, 2, msx__sam_dims(d, a->mlp_dim, C, 0, 0), "%s.mlp.lin1.weight", p));
+        MSX__SAM_TRY(msx__sam_w16(m, &b->projw, &b->w16[1], C, C, "%s.attn.proj.weight", p));
+        MSX__SAM_TRY(msx__sam_w16(m, &b->fc1w, &b->w16[2], a->mlp_dim, C, "%s.mlp.lin1.weight", p));
         MSX__SAM_TRY(msx__sam_w(ck, &b->fc1b, NULL, 1, msx__sam_dims(d, a->mlp_dim, 0, 0, 0), "%s.mlp.lin1.bias", p));
-        MSX__SAM_TRY(msx__sam_w(ck, &b->fc2w, NULL, 2, msx__sam_dims(d, C, a->mlp_dim, 0, 0), "%s.mlp.lin2.weight", p));
+        MSX__SAM_TRY(msx__sam_w16(m, &b->fc2w, &b->w16[3], C, a->mlp_dim, "%s.mlp.lin2.weight", p));
         b->rph = b->rpw = NULL;
         if (a->use_rel_pos) {
             const msx_tensor *th, *tw;
@@ -5359,6 +5646,7 @@ static msx_result msx__sam_bind(msx_sam *m, int first) {
                         m->dense_pe_tok + ((size_t)i * m->W + j) * D);
     for (i = 0; i < m->T; i++)
         for (j = 0; j < D; j++) m->dense_pe_chw[(size_t)j * m->T + i] = m->dense_pe_tok[(size_t)i * D + j];
+    if (m->lp) MSX__SAM_TRY(msx__sam_bind_lp(m, first));
     return MSX_OK;
 }
 
@@ -5414,19 +5702,98 @@ static int msx__sam_blk_is_global(const msx_sam_arch *a, int i) {
     return 0;
 }
 
-/* oneDNN 2.6 implements bf16 matmul only on avx512_core and newer: probe. */
-static int msx__sam_bf16_available(dnnl_engine_t eng) {
+/* Native bf16 matmul: oneDNN 2.6 creates one on avx512_core_bf16 and AMX
+   (kernel names "brg:avx512_core_bf16", "brg:avx512_core_bf16_amx_bf16");
+   elsewhere it refuses bf16 or would emulate it slower than fp32. The kernel
+   name goes to isa. */
+static int msx__sam_bf16_available(dnnl_engine_t eng, char *isa, size_t isa_size) {
     dnnl_memory_desc_t a, b, c;
-    dnnl_dims_t d = {64, 64};
+    dnnl_dims_t d = {256, 256};
     dnnl_matmul_desc_t desc;
     dnnl_primitive_desc_t pd = NULL;
+    const char *impl = NULL;
+    int ok;
+    if (isa && isa_size) snprintf(isa, isa_size, "none");
     if (dnnl_memory_desc_init_by_tag(&a, 2, d, dnnl_bf16, dnnl_ab) != dnnl_success) return 0;
     if (dnnl_memory_desc_init_by_tag(&b, 2, d, dnnl_bf16, dnnl_ab) != dnnl_success) return 0;
     if (dnnl_memory_desc_init_by_tag(&c, 2, d, dnnl_f32, dnnl_ab) != dnnl_success) return 0;
     if (dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c) != dnnl_success) return 0;
     if (dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) != dnnl_success) return 0;
+    if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success) impl = NULL;
+    ok = impl && (strstr(impl, "bf16") || strstr(impl, "amx"));
+    if (isa && isa_size) snprintf(isa, isa_size, "%s", impl ? impl : "unknown");
     dnnl_primitive_desc_destroy(pd);
-    return 1;
+    return ok;
+}
+
+MSXDEF int msx_sam_bf16_supported(char *isa, size_t isa_size) {
+    dnnl_engine_t eng = NULL;
+    int ok;
+    if (isa && isa_size) snprintf(isa, isa_size, "none");
+    if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) return 0;
+    ok = msx__sam_bf16_available(eng, isa, isa_size);
+    dnnl_engine_destroy(eng);
+    return ok;
+}
+
+MSXDEF const char *msx_precision_name(msx_precision p) {
+    switch (p) {
+    case MSX_PREC_FP32: return "fp32";
+    case MSX_PREC_BF16: return "bf16";
+    case MSX_PREC_BF16_EMU: return "bf16-emu";
+    case MSX_PREC_AUTO: return "auto";
+    }
+    return "unknown";
+}
+
+MSXDEF msx_result msx_precision_parse(const char *s, msx_precision *p) {
+    int i;
+    for (i = 0; i <= (int)MSX_PREC_AUTO; i++)
+        if (s && p && !strcmp(s, msx_precision_name((msx_precision)i))) {
+            *p = (msx_precision)i;
+            return MSX_OK;
+        }
+    return msx__err(MSX_E_ARG, "precision '%s' is not one of fp32, bf16, bf16-emu, auto", s ? s : "(null)");
+}
+
+MSXDEF msx_precision msx_sam_get_precision(const msx_sam *m) { return m ? m->prec : MSX_PREC_FP32; }
+
+/* The transformer blocks' matmuls of the bf16 path (m->lp): bf16 (or, in
+   the emulation, f32) src and weights; the dst is bf16 where a matmul feeds
+   another (qkv, fc1 + GELU, computed in f32 before the conversion) and f32
+   where fp32 work follows (residual sums, softmax, attention output scaling,
+   which rounds it). P·v of global attention writes a slot-local block. */
+static msx_result msx__sam_create_ops_lp(msx_sam *m) {
+    const msx_sam_arch *a = &m->a;
+    int T = m->T, C = m->C, hd = m->hd, mlp = a->mlp_dim;
+    dnnl_data_type_t L = m->prec == MSX_PREC_BF16 ? dnnl_bf16 : dnnl_f32, F = dnnl_f32;
+#define MSX__SAM_OPL(dst, ...) do { if ((m->dst = msx__sam_mm_add_dt(m, __VA_ARGS__)) < 0) return msx__errcode; } while (0)
+    MSX__SAM_OPL(op_qkv, T, C, 3 * C, C, C, 3 * C, 1, 1, 0, 0, L, L, L);
+    MSX__SAM_OPL(op_proj, T, C, C, C, C, C, 1, 1, 0, 1, L, L, F);
+    MSX__SAM_OPL(op_fc1, T, C, mlp, C, C, mlp, 1, 1, 1, 0, L, L, L);
+    MSX__SAM_OPL(op_fc2, T, mlp, C, mlp, mlp, C, 1, 1, 0, 1, L, L, F);
+    if (m->any_glob) {
+        int r = T % m->mb;
+        MSX__SAM_OPL(op_gqk, m->mb, hd, T, 3 * C, 3 * C, T, 1, 0, 0, 0, L, L, F);
+        MSX__SAM_OPL(op_gav, m->mb, T, hd, T, 3 * C, hd, 0, 0, 0, 0, L, L, F);
+        MSX__SAM_OPL(op_grh, m->mb, hd, 2 * m->H - 1, 3 * C, hd, 2 * m->H - 1, 1, 0, 0, 0, L, L, F);
+        MSX__SAM_OPL(op_grw, m->mb, hd, 2 * m->W - 1, 3 * C, hd, 2 * m->W - 1, 1, 0, 0, 0, L, L, F);
+        m->op_gqk_r = m->op_gav_r = m->op_grh_r = m->op_grw_r = -1;
+        if (r) {
+            MSX__SAM_OPL(op_gqk_r, r, hd, T, 3 * C, 3 * C, T, 1, 0, 0, 0, L, L, F);
+            MSX__SAM_OPL(op_gav_r, r, T, hd, T, 3 * C, hd, 0, 0, 0, 0, L, L, F);
+            MSX__SAM_OPL(op_grh_r, r, hd, 2 * m->H - 1, 3 * C, hd, 2 * m->H - 1, 1, 0, 0, 0, L, L, F);
+            MSX__SAM_OPL(op_grw_r, r, hd, 2 * m->W - 1, 3 * C, hd, 2 * m->W - 1, 1, 0, 0, 0, L, L, F);
+        }
+    }
+    if (m->any_win) {
+        int n = a->window_size * a->window_size;
+        MSX__SAM_OPL(op_wqk, n, hd, n, hd, hd, n, 1, 0, 0, 0, L, L, F);
+        MSX__SAM_OPL(op_wav, n, n, hd, n, hd, hd, 0, 0, 0, 0, L, L, F);
+        MSX__SAM_OPL(op_wrel, n, hd, 2 * a->window_size - 1, hd, hd, 2 * a->window_size - 1, 1, 0, 0, 0, L, L, F);
+    }
+#undef MSX__SAM_OPL
+    return MSX_OK;
 }
 
 static msx_result msx__sam_create_ops(msx_sam *m) {
@@ -5434,6 +5801,10 @@ static msx_result msx__sam_create_ops(msx_sam *m) {
     int T = m->T, C = m->C, D = m->D, hd = m->hd, K = a->in_chans * a->patch_size * a->patch_size;
 #define MSX__SAM_OP(dst, ...) do { if ((m->dst = msx__sam_mm_add(m, __VA_ARGS__)) < 0) return msx__errcode; } while (0)
     MSX__SAM_OP(op_patch, T, K, C, K, K, C, 1, 1, 0, 1);
+    if (m->lp) {
+        MSX__SAM_TRY(msx__sam_create_ops_lp(m));
+        goto neck;
+    }
     MSX__SAM_OP(op_qkv, T, C, 3 * C, C, C, 3 * C, 1, 1, 0, 0);
     MSX__SAM_OP(op_proj, T, C, C, C, C, C, 1, 1, 0, 1);
     MSX__SAM_OP(op_fc1, T, C, a->mlp_dim, C, C, a->mlp_dim, 1, 1, 1, 0);
@@ -5460,6 +5831,7 @@ static msx_result msx__sam_create_ops(msx_sam *m) {
         MSX__SAM_OP(op_wav, n, n, hd, n, hd, hd, 0, 0, 0, 0);
         MSX__SAM_OP(op_wrel, n, hd, 2 * a->window_size - 1, hd, hd, 2 * a->window_size - 1, 1, 0, 0, 0);
     }
+neck:
     MSX__SAM_OP(op_neck1, T, C, D, C, C, D, 1, 0, 0, 0);
     MSX__SAM_OP(op_neck2, T, 9 * D, D, 9 * D, 9 * D, D, 1, 0, 0, 0);
     MSX__SAM_OP(op_md1, 4 * T, 4, m->c1, 4, 4, m->c1, 1, 1, 0, 0);
@@ -5490,6 +5862,7 @@ MSXDEF void msx_sam_free(msx_sam *m) {
     MSX_FREE(m->iou_w);
     MSX_FREE(m->iou_b);
     MSX_FREE(m->up0b_rep);
+    msx__aligned_free(m->lpw);
     msx__aligned_free(m->neck2_packed);
     msx__aligned_free(m->dense_pe_tok);
     MSX_FREE(m);
@@ -5562,19 +5935,27 @@ MSXDEF msx_result msx_sam_create(const msx_checkpoint *ck, const msx_sam_arch *a
         msx_sam_free(m);
         return msx__sam_dnnl(st, "engine creation");
     }
-    if (m->opt.precision == MSX_PREC_BF16) {
-        int have = msx__sam_bf16_available(m->eng);
-        msx_sam_free(m);
-        return msx__err(MSX_E_UNSUPPORTED,
-                        have ? "SAM: the bf16 path is not implemented in this build; use fp32"
-                             : "SAM: bf16 needs a CPU with AVX512-BF16/AMX: oneDNN %d.%d has no bf16 matmul on this CPU "
-                               "(AVX2 only); use fp32",
-                        DNNL_VERSION_MAJOR, DNNL_VERSION_MINOR);
+    m->prec = m->opt.precision;
+    if (m->prec == MSX_PREC_BF16 || m->prec == MSX_PREC_AUTO) {
+        char isa[96];
+        int have = msx__sam_bf16_available(m->eng, isa, sizeof isa);
+        if (m->prec == MSX_PREC_AUTO) {
+            m->prec = have ? MSX_PREC_BF16 : MSX_PREC_FP32;
+        } else if (!have) {
+            msx_sam_free(m);
+            return msx__err(MSX_E_UNSUPPORTED,
+                            "SAM: bf16 needs a CPU with AVX512-BF16 or AMX: oneDNN %d.%d has no native bf16 matmul on "
+                            "this CPU (it offers: %s); use fp32, auto, or bf16-emu for bf16 numerics on fp32 kernels",
+                            DNNL_VERSION_MAJOR, DNNL_VERSION_MINOR, isa);
+        }
     }
-    if (m->opt.precision != MSX_PREC_FP32) {
+    if (m->prec != MSX_PREC_FP32 && m->prec != MSX_PREC_BF16 && m->prec != MSX_PREC_BF16_EMU) {
+        int p = (int)m->opt.precision;
         msx_sam_free(m);
-        return msx__err(MSX_E_ARG, "SAM: unknown precision %d", (int)m->opt.precision);
+        return msx__err(MSX_E_ARG, "SAM: unknown precision %d", p);
     }
+    m->lp = m->prec != MSX_PREC_FP32;
+    m->esz = m->prec == MSX_PREC_BF16 ? 2 : 4;
     r = msx__sam_bind(m, 1);
     if (r == MSX_OK) {
         /* primitives are sized for the largest thread count they will run with */
@@ -5650,7 +6031,13 @@ MSXDEF msx_result msx_sam_ws_create(const msx_sam *m, msx_sam_ws **out) {
     if (m->any_win) {
         size_t nw = (size_t)a->window_size * (size_t)a->window_size;
         size_t sw = 4 * nw * (size_t)m->hd + nw * nw + 2 * nw * (size_t)(2 * a->window_size - 1) + nw + (size_t)a->window_size + 128;
+        if (m->lp) sw += nw * nw + 32; /* the rounded softmax numerators P */
         if (sw > slot) slot = sw;
+    }
+    if (m->any_glob && m->lp) { /* + P (mb × T) and the P·v block (mb × hd) */
+        size_t sg = (size_t)m->mb * (T + (size_t)(2 * m->H - 1) + (size_t)(2 * m->W - 1) + 1) + (size_t)m->W + 64 +
+                    (size_t)m->mb * (T + (size_t)m->hd) + 64;
+        if (sg > slot) slot = sg;
     }
     slot = (slot + 15) / 16 * 16;
     ws->slot_sz = slot;
@@ -5805,6 +6192,26 @@ static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, int gh, in
     }
 }
 
+/* msx__sam_softmax_rel writing the numerators rounded to bf16 into P
+   (rows × nk, esz-byte elements) instead of back into S. */
+static void msx__sam_softmax_rel_lp(float *S, int ldS, int rows, int i0, int gh, int gw, const float *RH, const float *RW,
+                                    float scale, float *rw, float *inv, void *P, int esz) {
+    int i, kh, kw, nk = gh * gw;
+    for (i = 0; i < rows; i++) {
+        float *s = S + (size_t)i * ldS;
+        float mx = -INFINITY;
+        if (RH) {
+            int pos = i0 + i, qh = pos / gw, qw = pos % gw;
+            const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
+            for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
+            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
+        } else {
+            mx = msx__sam_row_affine_max(s, nk, scale, 0.0f, NULL, mx);
+        }
+        inv[i] = 1.0f / msx__sam_row_expsum_lp(s, nk, mx, (unsigned char *)P + (size_t)i * nk * (size_t)esz, esz);
+    }
+}
+
 /* Attention of block b: ws->big holds qkv (T × 3C, [q|k|v] head-major),
    result (before proj) goes to ws->xn (T × C). Work items: (head, block of
    query rows) for global attention, (window, head) for windowed attention;
@@ -5879,6 +6286,100 @@ static void msx__sam_attention(const msx_sam *m, msx_sam_ws *ws, const msx__sam_
     }
 }
 
+/* msx__sam_attention on the bf16 path: ws->big holds qkv rounded to bf16
+   (esz-byte elements), the output (rounded) goes to ws->xn. The same work
+   items and the same one score block per item; the scores, rel-pos terms,
+   softmax and 1/Σ scaling are f32, the unnormalised softmax numerators are
+   rounded to bf16 as P·v's input. */
+static void msx__sam_attention_lp(const msx_sam *m, msx_sam_ws *ws, const msx__sam_blk *b) {
+    int C = m->C, hd = m->hd, heads = m->a.num_heads, T = m->T, nt = ws->nt, rel = b->rph_l != NULL, esz = m->esz;
+    float scale = 1.0f / sqrtf((float)hd);
+    const unsigned char *qkv = (const unsigned char *)ws->big;
+    unsigned char *ao = (unsigned char *)ws->xn;
+    size_t ez = (size_t)esz;
+    long it;
+    if (!b->win) {
+        int mb = m->mb, nb = (T + mb - 1) / mb, Lh = 2 * m->H - 1, Lw = 2 * m->W - 1;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (it = 0; it < (long)heads * nb; it++) {
+            int h = (int)(it / nb), blk = (int)(it % nb), slot = omp_get_thread_num(), i;
+            int r0 = blk * mb, rows = T - r0 < mb ? T - r0 : mb, full = rows == mb;
+            float *S = ws->slot_buf + (size_t)slot * ws->slot_sz, *RH = S + (size_t)mb * T, *RW = RH + (size_t)mb * Lh;
+            float *inv = RW + (size_t)mb * Lw, *rw = inv + mb, *O = rw + MSX__SAM_R16(m->W + 32);
+            unsigned char *P = (unsigned char *)(O + MSX__SAM_R16((size_t)mb * hd));
+            const unsigned char *q = qkv + ((size_t)r0 * 3 * C + (size_t)h * hd) * ez;
+            msx__sam_mm_run(m, ws, slot, full ? m->op_gqk : m->op_gqk_r, q, qkv + (C + (size_t)h * hd) * ez, NULL, S);
+            if (rel) {
+                msx__sam_mm_run(m, ws, slot, full ? m->op_grh : m->op_grh_r, q, b->rph_l, NULL, RH);
+                msx__sam_mm_run(m, ws, slot, full ? m->op_grw : m->op_grw_r, q, b->rpw_l, NULL, RW);
+            }
+            msx__sam_softmax_rel_lp(S, T, rows, r0, m->H, m->W, rel ? RH : NULL, RW, scale, rw, inv, P, esz);
+            msx__sam_mm_run(m, ws, slot, full ? m->op_gav : m->op_gav_r, P, qkv + (2 * (size_t)C + (size_t)h * hd) * ez,
+                            NULL, O);
+            for (i = 0; i < rows; i++)
+                msx__sam_lp_store(ao + ((size_t)(r0 + i) * C + (size_t)h * hd) * ez, O + (size_t)i * hd, (size_t)hd, inv[i], esz);
+        }
+    } else {
+        int w = b->win, n = w * w, nwx = m->Wp / w, nwin = (m->Hp / w) * nwx, L = 2 * w - 1;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (it = 0; it < (long)nwin * heads; it++) {
+            int win = (int)(it / heads), h = (int)(it % heads), slot = omp_get_thread_num();
+            int wy = win / nwx, wx = win % nwx, t;
+            float *base = ws->slot_buf + (size_t)slot * ws->slot_sz;
+            unsigned char *qg = (unsigned char *)base, *kg = qg + (size_t)n * hd * ez, *vg = kg + (size_t)n * hd * ez;
+            float *og = base + 3 * MSX__SAM_R16((size_t)n * hd), *S = og + (size_t)n * hd, *RH = S + (size_t)n * n;
+            float *RW = RH + (size_t)n * L, *inv = RW + (size_t)n * L, *rw = inv + n;
+            unsigned char *P = (unsigned char *)(rw + MSX__SAM_R16(w + 16));
+            const float *bq = b->qkvb + (size_t)h * hd;
+            size_t row = (size_t)hd * ez;
+            /* gather the window; zero-padded tokens have q/k/v = bf16(qkv bias) */
+            for (t = 0; t < n; t++) {
+                int gy = wy * w + t / w, gx = wx * w + t % w;
+                if (gy < m->H && gx < m->W) {
+                    const unsigned char *src = qkv + (((size_t)gy * m->W + gx) * 3 * C + (size_t)h * hd) * ez;
+                    memcpy(qg + t * row, src, row);
+                    memcpy(kg + t * row, src + (size_t)C * ez, row);
+                    memcpy(vg + t * row, src + 2 * (size_t)C * ez, row);
+                } else {
+                    msx__sam_lp_store(qg + t * row, bq, (size_t)hd, 1.0f, esz);
+                    msx__sam_lp_store(kg + t * row, bq + C, (size_t)hd, 1.0f, esz);
+                    msx__sam_lp_store(vg + t * row, bq + 2 * C, (size_t)hd, 1.0f, esz);
+                }
+            }
+            msx__sam_mm_run(m, ws, slot, m->op_wqk, qg, kg, NULL, S);
+            if (rel) {
+                msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rph_l, NULL, RH);
+                msx__sam_mm_run(m, ws, slot, m->op_wrel, qg, b->rpw_l, NULL, RW);
+            }
+            msx__sam_softmax_rel_lp(S, n, n, 0, w, w, rel ? RH : NULL, RW, scale, rw, inv, P, esz);
+            msx__sam_mm_run(m, ws, slot, m->op_wav, P, vg, NULL, og);
+            for (t = 0; t < n; t++) {
+                int gy = wy * w + t / w, gx = wx * w + t % w;
+                if (gy >= m->H || gx >= m->W) continue;
+                msx__sam_lp_store(ao + (((size_t)gy * m->W + gx) * C + (size_t)h * hd) * ez, og + (size_t)t * hd, (size_t)hd,
+                                  inv[t], esz);
+            }
+        }
+    }
+}
+
+/* One transformer block on the bf16 path: LayerNorms write bf16 into ws->xn,
+   qkv and fc1 (+ GELU) write bf16 into ws->big (the emulation rounds their
+   f32 output in place), proj and fc2 add their f32 output to the f32
+   residual stream ws->x. */
+static void msx__sam_block_lp(const msx_sam *m, msx_sam_ws *ws, const msx__sam_blk *b) {
+    int T = m->T, C = m->C, nt = ws->nt, emu = m->esz == 4;
+    msx__sam_ln_lp(ws->x, C, ws->xn, T, C, b->n1w, b->n1b, MSX__SAM_LN_EPS_ENC, m->esz, nt);
+    msx__sam_mm_run(m, ws, 0, m->op_qkv, ws->xn, b->qkvw_l, b->qkvb, ws->big);
+    if (emu) msx__sam_lp_round(ws->big, (size_t)T * 3 * C, nt);
+    msx__sam_attention_lp(m, ws, b);
+    msx__sam_mm_run(m, ws, 0, m->op_proj, ws->xn, b->projw_l, b->projb, ws->x); /* x += proj(attn) */
+    msx__sam_ln_lp(ws->x, C, ws->xn, T, C, b->n2w, b->n2b, MSX__SAM_LN_EPS_ENC, m->esz, nt);
+    msx__sam_mm_run(m, ws, 0, m->op_fc1, ws->xn, b->fc1w_l, b->fc1b, ws->big); /* GELU fused */
+    if (emu) msx__sam_lp_round(ws->big, (size_t)T * m->a.mlp_dim, nt);
+    msx__sam_mm_run(m, ws, 0, m->op_fc2, ws->big, b->fc2w_l, b->fc2b, ws->x); /* x += mlp */
+}
+
 static msx_result msx__sam_encode_impl(const msx_sam *m, msx_sam_ws *ws, const float *input, float *emb) {
     const msx_sam_arch *a = &m->a;
     int T = m->T, C = m->C, D = m->D, H = m->H, W = m->W, P = a->patch_size, S = a->img_size, nt = ws->nt;
@@ -5898,6 +6399,12 @@ static msx_result msx__sam_encode_impl(const msx_sam *m, msx_sam_ws *ws, const f
     if (ws->tap_patch) memcpy(ws->tap_patch, ws->x, (size_t)T * C * sizeof(float));
     for (i = 0; i < a->depth; i++) {
         const msx__sam_blk *b = &m->blk[i];
+        if (m->lp) {
+            msx__sam_block_lp(m, ws, b);
+            if (ws->tap_blocks) memcpy(ws->tap_blocks + (size_t)i * T * C, ws->x, (size_t)T * C * sizeof(float));
+            if (ws->dnnl_err) break;
+            continue;
+        }
         msx__sam_ln(ws->x, C, ws->xn, C, T, C, b->n1w, b->n1b, MSX__SAM_LN_EPS_ENC, nt);
         msx__sam_mm_run(m, ws, 0, m->op_qkv, ws->xn, b->qkvw, b->qkvb, ws->big);
         msx__sam_attention(m, ws, b);
@@ -13041,9 +13548,9 @@ static double *msx__search_cell(const msx__search_table *t, int label, int split
 }
 
 /* passes: search, report, full_equivalent (encoder passes). */
-static void msx__search_report_json(const msx__search_table *t, const long long *passes, msx__sb *b) {
+static void msx__search_report_json(const msx__search_table *t, const char *precision, const long long *passes, msx__sb *b) {
     int k, s, l;
-    msx__sb_puts(b, "{\"format\": \"medsamix-report-v1\", \"tasks\": {");
+    msx__sb_printf(b, "{\"format\": \"medsamix-report-v1\", \"precision\": \"%s\", \"tasks\": {", precision);
     for (k = 0; k < t->n_tasks; k++) {
         msx__sb_puts(b, k ? ", " : "");
         msx__sb_json_str(b, t->tasks[k]);
@@ -13212,15 +13719,22 @@ static void msx__swork_free(msx__swork *w) {
     memset(w, 0, sizeof *w);
 }
 
+/* The encoder precision of a search (AUTO resolved: bf16 where native). */
+static msx_precision msx__search_precision(const msx_search_options *o) {
+    if (o->precision != MSX_PREC_AUTO) return o->precision;
+    return msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+}
+
 /* base/ft/n_ft: a merging worker (own copy of the base); otherwise ck is
    borrowed as is. */
 static msx_result msx__swork_init(msx__swork *w, const msx_checkpoint *ck, const msx_checkpoint *const *ft, int n_ft,
-                                  int granularity, const msx_sam_arch *arch, int n_threads) {
+                                  int granularity, const msx_sam_arch *arch, int n_threads, msx_precision prec) {
     msx_sam_options so;
     msx_result r;
     memset(w, 0, sizeof *w);
     memset(&so, 0, sizeof so);
     so.n_threads = n_threads;
+    so.precision = prec;
     if (n_ft > 0) {
         msx_merge_options mo;
         if ((r = msx_ckpt_clone(ck, &w->ck)) != MSX_OK) return r;
@@ -13316,6 +13830,12 @@ static double msx__search_ckpt_bytes(const msx_checkpoint *c);
 MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_arch *arch, msx_task *const *tasks,
                                       int n_tasks, int split, msx_preprocess_mode preprocess, int n_threads,
                                       double *dice) {
+    return msx_eval_checkpoint_prec(ck, arch, tasks, n_tasks, split, preprocess, n_threads, MSX_PREC_FP32, dice);
+}
+
+MSXDEF msx_result msx_eval_checkpoint_prec(const msx_checkpoint *ck, const msx_sam_arch *arch, msx_task *const *tasks,
+                                           int n_tasks, int split, msx_preprocess_mode preprocess, int n_threads,
+                                           msx_precision precision, double *dice) {
     msx__sset set;
     msx__swork *w;
     msx_seg_options so;
@@ -13333,7 +13853,7 @@ MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_ar
     if ((r = msx__sset_build(&set, tasks, n_tasks, &sp, 1, arch, preprocess)) != MSX_OK) return r;
     if (nw > set.n) nw = set.n > 0 ? set.n : 1;
     if (!(w = (msx__swork *)msx__calloc((size_t)nw, sizeof *w))) { msx__sset_free(&set); return msx__err(MSX_E_NOMEM, "out of memory"); }
-    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, tpw);
+    for (i = 0; i < nw && r == MSX_OK; i++) r = msx__swork_init(&w[i], ck, NULL, 0, 0, arch, tpw, precision);
     if (r == MSX_OK) {
 #ifdef _OPENMP
         int levels = omp_get_max_active_levels(); /* nested only for W x T with both > 1 */
@@ -13720,10 +14240,11 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sd);
     msx__sb_printf(b, ", \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
-                      "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"fidelity\": \"%s\", ",
+                      "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"precision\": \"%s\", \"fidelity\": \"%s\", ",
                    R->o->multi ? "true" : "false", R->granularity, R->prune ? "true" : "false",
                    (unsigned long long)R->o->seed, R->batch, R->dim, hex,
-                   R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam", R->race ? "race" : "full");
+                   R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam", msx_precision_name(msx__search_precision(R->o)),
+                   R->race ? "race" : "full");
     if (R->race) {
         msx__sb_puts(b, "\"race_kappa\": ");
         msx__sb_json_num(b, R->kappa);
@@ -13822,6 +14343,12 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (strcmp(sch, R->o->async ? "async" : "sync"))
             return msx__err(MSX_E_STATE, "%s: the log is a%s search, this run is %s; resume it in the same mode (--sync or not) or use another --out",
                             p, strcmp(sch, "async") ? " synchronous (--sync)" : "n asynchronous", R->o->async ? "asynchronous" : "synchronous");
+    }
+    { /* logs from before the precision key are fp32 */
+        const char *lp = msx__json_str(h, "precision"), *now = msx_precision_name(msx__search_precision(R->o));
+        if (strcmp(lp ? lp : "fp32", now))
+            return msx__err(MSX_E_STATE, "%s: the log was written with --precision %s, this run uses %s; resume with the same "
+                            "precision or use another --out", p, lp ? lp : "fp32", now);
     }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->fingerprint);
     if (!fp || strcmp(fp, hex))
@@ -15045,7 +15572,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, int chose
     passes[1] = rpasses;
     passes[2] = (long long)sum->n_trials_done * R->calib.n;
     sum->passes_report = rpasses;
-    msx__search_report_json(&tab, passes, &b);
+    msx__search_report_json(&tab, msx_precision_name(msx__search_precision(R->o)), passes, &b);
     if (!(path = msx__search_join(R->out, "report.json"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
     if ((r = msx__search_write_sb(path, &b)) != MSX_OK) goto done;
     MSX_FREE(path);
@@ -15072,6 +15599,9 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, int chose
                        "report %lld (test split and overlays; calib Dice the search measured is reused)\n",
                    passes[0], R->race ? "raced over the calib images" : "every trial on every calib image", passes[2],
                    passes[2] > 0 ? 100.0 * (double)(passes[2] - passes[0]) / (double)passes[2] : 0.0, passes[1]);
+    msx__sb_printf(&b, "- precision: every Dice in this report (search trials, inputs, uniform merges, result) comes from the "
+                       "image encoder in %s%s\n", msx_precision_name(msx__search_precision(R->o)),
+                   msx__search_precision(R->o) == MSX_PREC_FP32 ? "" : " (matmul weights and inputs rounded to bf16, fp32 accumulation; prompt encoder and mask decoder fp32)");
     msx__search_report_md_table(&tab, 0, &b);
     msx__search_report_md_table(&tab, 1, &b);
     if (n_ov > 0) msx__sb_printf(&b, "\nOverlays of the first %d test images per task (result model): `overlays/`\n", n_ov);
@@ -15362,7 +15892,7 @@ static msx_result msx__srun_workers(msx__srun *R) {
     if (!R->w) { R->n_w = 0; return msx__err(MSX_E_NOMEM, "out of memory"); }
     for (i = 0; i < R->n_w; i++)
         if ((r = msx__swork_init(&R->w[i], R->ck[0], (const msx_checkpoint *const *)(R->ck + 1), R->o->n_models,
-                                 R->granularity, &R->arch, R->tpj)) != MSX_OK) return r;
+                                 R->granularity, &R->arch, R->tpj, msx__search_precision(R->o))) != MSX_OK) return r;
     return MSX_OK;
 }
 

@@ -14,7 +14,7 @@
 
 static void forward_usage(FILE *f) {
     fprintf(f, "usage: medsamix forward --model M.pth [--config C.json] --cases IN.safetensors --out OUT.safetensors\n"
-               "                        [--precision fp32|bf16] [--threads N]\n"
+               "                        [--precision fp32|bf16|bf16-emu|auto] [--threads N]\n"
                "For every caseK in IN with caseK.input (1x3xSxS, preprocessed) and optionally caseK.box_input (1x4),\n"
                "caseK.point_coords_input (1xNx2) + caseK.point_labels_input (1xN, I32), caseK.mask_input (1x1x4hx4w),\n"
                "writes caseK.image_embeddings, .sparse, .dense, .low_res_masks_multi, .iou_multi,\n"
@@ -158,16 +158,21 @@ int msx_cmd_forward(int argc, char **argv) {
         if (!msx_cli_check_outputs("forward", in, 3, outs, 1)) return 2;
     }
     memset(&opt, 0, sizeof opt);
-    if (!strcmp(prec, "fp32")) opt.precision = MSX_PREC_FP32;
-    else if (!strcmp(prec, "bf16")) opt.precision = MSX_PREC_BF16;
-    else { fprintf(stderr, "forward: --precision must be fp32 or bf16, not '%s'\n", prec); return 2; }
+    if (msx_precision_parse(prec, &opt.precision) != MSX_OK) { fprintf(stderr, "forward: --precision: %s\n", msx_last_error()); return 2; }
     if (threads < 0) { fprintf(stderr, "forward: --threads must be >= 0\n"); return 2; }
     opt.n_threads = threads;
     if (msx_sam_load(model, config, &ck, &arch) != MSX_OK) { fprintf(stderr, "forward: %s\n", msx_last_error()); goto end; }
+    if (opt.precision == MSX_PREC_AUTO) opt.precision = msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+    /* bf16: the encoder's matmul weights are kept in bf16 only (no fp32 copy beside them) */
+    if (opt.precision == MSX_PREC_BF16 && msx_sam_bf16_supported(NULL, 0) && msx_sam_ckpt_to_bf16(ck, &arch) != MSX_OK) {
+        fprintf(stderr, "forward: %s\n", msx_last_error());
+        goto end;
+    }
     if (msx_sam_create(ck, &arch, &opt, &m) != MSX_OK || msx_sam_ws_create(m, &ws) != MSX_OK) {
         fprintf(stderr, "forward: %s\n", msx_last_error());
         goto end;
     }
+    prec = msx_precision_name(msx_sam_get_precision(m)); /* auto resolved */
     if (msx_safetensors_load(cases, &in) != MSX_OK) { fprintf(stderr, "forward: %s\n", msx_last_error()); goto end; }
     o = msx_ckpt_new();
     if (!o) { fprintf(stderr, "forward: out of memory\n"); goto end; }
@@ -186,7 +191,7 @@ int msx_cmd_forward(int argc, char **argv) {
         const char *meta[4] = {"generator", "medsamix forward", "precision", prec};
         if (msx_safetensors_save(out, o, meta, 2) != MSX_OK) { fprintf(stderr, "forward: %s\n", msx_last_error()); goto end; }
     }
-    printf("forward: %d case(s) -> %s\n", ncase, out);
+    printf("forward: %d case(s) -> %s (precision %s)\n", ncase, out, prec);
     rc = 0;
 end:
     msx_sam_ws_free(ws);
@@ -200,11 +205,14 @@ end:
 /* ---- bench -------------------------------------------------------------------- */
 
 static void bench_usage(FILE *f) {
-    fprintf(f, "usage: medsamix bench [--threads N] [--runs R]\n"
+    fprintf(f, "usage: medsamix bench [--threads N] [--runs R] [--precision P[,P..]]\n"
                "Full-size ViT-B SAM (1024 px, embed 768, depth 12, random weights): median image-encoder and\n"
                "prompt+decoder (one box) times over R runs (default 5) after a warm-up, for 1 and 2 threads\n"
-               "(or only N), against the oneDNN fp32 GEMM peak of the encoder's matmul shapes measured in the\n"
-               "same run. bf16 is reported as unsupported where oneDNN has no bf16 matmul.\n");
+               "(or only N), against the oneDNN GEMM peak (f32, or bf16 for the bf16 encoder) of the encoder's\n"
+               "largest matmul shape measured next to every run. Precisions (default fp32,bf16; also auto,\n"
+               "bf16-emu) run in the same process, interleaved run by run; each prints\n"
+               "  RESULT encoder precision=P threads=T median_s=S gflops=G peak_gflops=G\n"
+               "or, where oneDNN has no native bf16 matmul, RESULT encoder precision=bf16 unsupported=1.\n");
 }
 
 static double cpu_now(void) {
@@ -224,8 +232,9 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* Median GFLOP/s of one oneDNN f32 matmul C = A·Bᵀ (+bias), plain layouts. */
-static double gemm_gflops(int M, int K, int N, int nthr, int runs, double *cpu_gflops) {
+/* Median GFLOP/s of one oneDNN matmul C = A·Bᵀ (+bias), plain layouts; A
+   and B f32, or bf16 (bf16 = 1; C and the bias stay f32). */
+static double gemm_gflops(int M, int K, int N, int nthr, int runs, double *cpu_gflops, int bf16) {
     dnnl_engine_t eng = NULL;
     dnnl_stream_t st = NULL;
     dnnl_memory_desc_t a, b, c, bi;
@@ -236,9 +245,11 @@ static double gemm_gflops(int M, int K, int N, int nthr, int runs, double *cpu_g
     dnnl_memory_t ma = NULL, mb = NULL, mc = NULL, mbi = NULL;
     dnnl_exec_arg_t args[4];
     float *A, *B, *C, *BI;
+    uint16_t *A16 = NULL, *B16 = NULL;
     double t[32], tcpu[32], g = 0;
     int r, saved = omp_get_max_threads();
     size_t i;
+    dnnl_data_type_t dt = bf16 ? dnnl_bf16 : dnnl_f32;
     if (runs > 32) runs = 32;
     A = (float *)malloc((size_t)M * K * sizeof(float));
     B = (float *)malloc((size_t)K * N * sizeof(float));
@@ -247,6 +258,14 @@ static double gemm_gflops(int M, int K, int N, int nthr, int runs, double *cpu_g
     if (!A || !B || !C || !BI) goto out;
     for (i = 0; i < (size_t)M * K; i++) A[i] = (float)(i % 7) * 0.1f;
     for (i = 0; i < (size_t)K * N; i++) B[i] = (float)(i % 5) * 0.1f;
+    if (bf16) { /* the same values truncated to bf16 */
+        uint32_t u;
+        A16 = (uint16_t *)malloc((size_t)M * K * 2);
+        B16 = (uint16_t *)malloc((size_t)K * N * 2);
+        if (!A16 || !B16) goto out;
+        for (i = 0; i < (size_t)M * K; i++) { memcpy(&u, &A[i], 4); A16[i] = (uint16_t)(u >> 16); }
+        for (i = 0; i < (size_t)K * N; i++) { memcpy(&u, &B[i], 4); B16[i] = (uint16_t)(u >> 16); }
+    }
     for (i = 0; i < (size_t)N; i++) BI[i] = 0.5f;
     omp_set_num_threads(nthr);
     ad[0] = M; ad[1] = K; as[0] = K; as[1] = 1;
@@ -254,15 +273,15 @@ static double gemm_gflops(int M, int K, int N, int nthr, int runs, double *cpu_g
     cd[0] = M; cd[1] = N; bid[0] = 1; bid[1] = N;
     if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) goto out;
     if (dnnl_stream_create(&st, eng, dnnl_stream_default_flags) != dnnl_success) goto out;
-    dnnl_memory_desc_init_by_strides(&a, 2, ad, dnnl_f32, as);
-    dnnl_memory_desc_init_by_strides(&b, 2, bd, dnnl_f32, bs);
+    dnnl_memory_desc_init_by_strides(&a, 2, ad, dt, as);
+    dnnl_memory_desc_init_by_strides(&b, 2, bd, dt, bs);
     dnnl_memory_desc_init_by_tag(&c, 2, cd, dnnl_f32, dnnl_ab);
     dnnl_memory_desc_init_by_tag(&bi, 2, bid, dnnl_f32, dnnl_ab);
     if (dnnl_matmul_desc_init(&md, &a, &b, &bi, &c) != dnnl_success) goto out;
     if (dnnl_primitive_desc_create(&pd, &md, NULL, eng, NULL) != dnnl_success) goto out;
     if (dnnl_primitive_create(&p, pd) != dnnl_success) goto out;
-    dnnl_memory_create(&ma, &a, eng, A);
-    dnnl_memory_create(&mb, &b, eng, B);
+    dnnl_memory_create(&ma, &a, eng, bf16 ? (void *)A16 : (void *)A);
+    dnnl_memory_create(&mb, &b, eng, bf16 ? (void *)B16 : (void *)B);
     dnnl_memory_create(&mc, &c, eng, C);
     dnnl_memory_create(&mbi, &bi, eng, BI);
     args[0].arg = DNNL_ARG_SRC; args[0].memory = ma;
@@ -294,6 +313,8 @@ out:
     free(B);
     free(C);
     free(BI);
+    free(A16);
+    free(B16);
     return g;
 }
 
@@ -342,42 +363,73 @@ static msx_result random_vitb(msx_checkpoint **out, msx_sam_arch *arch) {
     return MSX_OK;
 }
 
+#define BENCH_MAXP 4
+
 int msx_cmd_bench(int argc, char **argv) {
-    int i, only = 0, runs = 5, th, ti, r, nth[2];
+    int i, k, only = 0, runs = 5, th, ti, r, nth[2], np = 0, ifp = -1, ibf = -1;
+    const char *plist = "fp32,bf16";
+    msx_precision prec[BENCH_MAXP];
     msx_checkpoint *ck = NULL;
     msx_sam_arch arch;
     msx_sam_options opt;
-    msx_sam *m = NULL;
-    msx_sam_ws *ws = NULL;
+    msx_sam *mm[BENCH_MAXP];
+    msx_sam_ws *wss[BENCH_MAXP];
     float *img = NULL, *lr = NULL, iou[3], box[4] = {300.5f, 280.25f, 700.f, 650.75f};
     msx_prompt p;
-    double ef, df, t0;
+    double ef = 0, df, t0;
     int rc = 1, max_thr = omp_get_max_threads();
+    char isa[96];
+    memset(mm, 0, sizeof mm);
+    memset(wss, 0, sizeof wss);
     for (i = 1; i < argc; i += 2) { /* every option but --help takes a value */
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { bench_usage(stdout); return 0; }
         if (!v) { fprintf(stderr, "bench: %s needs a value (or unknown option)\n", argv[i]); bench_usage(stderr); return 2; }
         if (!strcmp(argv[i], "--threads")) { if (!msx_cli_int("bench", argv[i], v, 1, 1024, &only)) return 2; }
         else if (!strcmp(argv[i], "--runs")) { if (!msx_cli_int("bench", argv[i], v, 1, 31, &runs)) return 2; }
+        else if (!strcmp(argv[i], "--precision")) plist = v;
         else { fprintf(stderr, "bench: unknown option '%s'\n", argv[i]); bench_usage(stderr); return 2; }
     }
     if (runs < 1 || runs > 31 || only < 0) { fprintf(stderr, "bench: --runs must be 1..31, --threads >= 1\n"); return 2; }
+    { /* comma-separated precisions */
+        const char *q = plist;
+        while (*q) {
+            char w[32];
+            size_t L = strcspn(q, ",");
+            if (L == 0 || L >= sizeof w || np == BENCH_MAXP) { fprintf(stderr, "bench: bad --precision list '%s'\n", plist); return 2; }
+            memcpy(w, q, L);
+            w[L] = 0;
+            if (msx_precision_parse(w, &prec[np]) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); return 2; }
+            np++;
+            q += L + (q[L] == ',');
+        }
+        if (!np) { fprintf(stderr, "bench: empty --precision list\n"); return 2; }
+    }
     nth[0] = only ? only : 1;
     nth[1] = only ? 0 : (max_thr >= 2 ? 2 : 0);
+    printf("oneDNN %d.%d; native bf16 matmul: %s (kernel %s)\n", DNNL_VERSION_MAJOR, DNNL_VERSION_MINOR,
+           msx_sam_bf16_supported(isa, sizeof isa) ? "yes" : "no", isa);
     if (random_vitb(&ck, &arch) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); return 1; }
-    memset(&opt, 0, sizeof opt);
-    opt.precision = MSX_PREC_BF16;
-    if (msx_sam_create(ck, &arch, &opt, &m) != MSX_OK) printf("bf16: not run: %s\n", msx_last_error());
-    else { printf("bf16: available but not benchmarked by this build\n"); msx_sam_free(m); m = NULL; }
-    opt.precision = MSX_PREC_FP32;
-    opt.n_threads = nth[0] > nth[1] ? nth[0] : nth[1];
-    t0 = msx_time_now();
-    if (msx_sam_create(ck, &arch, &opt, &m) != MSX_OK || msx_sam_ws_create(m, &ws) != MSX_OK) {
-        fprintf(stderr, "bench: %s\n", msx_last_error());
-        goto end;
+    for (k = 0; k < np; k++) {
+        msx_result e;
+        memset(&opt, 0, sizeof opt);
+        opt.precision = prec[k];
+        opt.n_threads = nth[0] > nth[1] ? nth[0] : nth[1];
+        t0 = msx_time_now();
+        e = msx_sam_create(ck, &arch, &opt, &mm[k]);
+        if (e == MSX_E_UNSUPPORTED) {
+            printf("%s: not run: %s\n", msx_precision_name(prec[k]), msx_last_error());
+            printf("RESULT encoder precision=%s unsupported=1\n", msx_precision_name(prec[k]));
+            continue;
+        }
+        if (e != MSX_OK || msx_sam_ws_create(mm[k], &wss[k]) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
+        prec[k] = msx_sam_get_precision(mm[k]); /* auto resolved */
+        if (prec[k] == MSX_PREC_FP32 && ifp < 0) ifp = k;
+        if (prec[k] == MSX_PREC_BF16 && ibf < 0) ibf = k;
+        ef = msx_sam_encode_flops(mm[k]);
+        printf("%s: model + workspace created in %.2f s; peak RSS so far %ld MB (checkpoint %.0f MB + models + workspaces)\n",
+               msx_precision_name(prec[k]), msx_time_now() - t0, rss_peak_mb(), 4.0 * 93.7e6 / 1048576.0);
     }
-    printf("model + workspace created in %.2f s; peak RSS %ld MB (checkpoint %.0f MB + workspace)\n", msx_time_now() - t0,
-           rss_peak_mb(), 4.0 * 93.7e6 / 1048576.0);
     img = (float *)malloc((size_t)3 * 1024 * 1024 * sizeof(float));
     lr = (float *)malloc((size_t)3 * 256 * 256 * sizeof(float));
     if (!img || !lr) { fprintf(stderr, "bench: out of memory\n"); goto end; }
@@ -388,50 +440,78 @@ int msx_cmd_bench(int argc, char **argv) {
     }
     memset(&p, 0, sizeof p);
     p.box = box;
-    ef = msx_sam_encode_flops(m);
-    df = msx_sam_decode_flops(m, 2, 0);
+    for (k = 0; k < np && !mm[k]; k++) {}
+    if (k == np) { rc = 0; goto end; }
+    df = msx_sam_decode_flops(mm[k], 2, 0);
     printf("ViT-B 1024: encoder %.1f GFLOP, prompt+decoder %.2f GFLOP (as implemented)\n", ef * 1e-9, df * 1e-9);
     for (ti = 0; ti < 2; ti++) {
-        double te[32], td[32], tc[32], pk[32], ratio[32], cratio[32], enc, dec, peak, g;
+        double te[BENCH_MAXP][32], tc[BENCH_MAXP][32], pk[BENCH_MAXP][32], ratio[BENCH_MAXP][32], cratio[BENCH_MAXP][32];
+        double td[32], sp[32], enc, dec, peak, g;
         static const int shp[3][3] = {{4096, 768, 2304}, {4096, 768, 3072}, {4096, 3072, 768}};
         th = nth[ti];
         if (!th) continue;
-        if (msx_sam_ws_set_threads(ws, th) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
         printf("-- %d thread(s)\n", th);
+        for (k = 0; k < np; k++)
+            if (mm[k] && msx_sam_ws_set_threads(wss[k], th) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
         for (i = 0; i < 3; i++) {
-            g = gemm_gflops(shp[i][0], shp[i][1], shp[i][2], th, 5, NULL);
-            printf("   oneDNN f32 GEMM %dx%dx%d: %.1f GFLOP/s\n", shp[i][0], shp[i][1], shp[i][2], g);
+            g = gemm_gflops(shp[i][0], shp[i][1], shp[i][2], th, 5, NULL, 0);
+            printf("   oneDNN f32 GEMM %dx%dx%d: %.1f GFLOP/s", shp[i][0], shp[i][1], shp[i][2], g);
+            if (ibf >= 0) printf("; bf16: %.1f GFLOP/s", gemm_gflops(shp[i][0], shp[i][1], shp[i][2], th, 5, NULL, 1));
+            printf("\n");
             fflush(stdout);
         }
-        if (msx_sam_encode(m, ws, img, NULL) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
+        for (k = 0; k < np; k++)
+            if (mm[k] && msx_sam_encode(mm[k], wss[k], img, NULL) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
         /* the machine may be shared: the peak is re-measured next to every encode
-           (fc1 shape, the encoder's largest GEMM), and the ratio taken per run */
-        for (r = 0; r < runs; r++) {
-            double cg, c0;
-            g = gemm_gflops(4096, 768, 3072, th, 3, &cg);
-            t0 = msx_time_now();
-            c0 = cpu_now();
-            if (msx_sam_encode(m, ws, img, NULL) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
-            te[r] = msx_time_now() - t0;
-            tc[r] = cpu_now() - c0;
-            pk[r] = g;
-            ratio[r] = ef / te[r] * 1e-9 / g;
-            cratio[r] = ef / tc[r] * 1e-9 / cg;
+           (fc1 shape, the encoder's largest GEMM, in the encoder's precision),
+           the ratio taken per run, and the precisions interleaved run by run */
+        for (r = 0; r < runs; r++)
+            for (k = 0; k < np; k++) {
+                double cg, c0;
+                if (!mm[k]) continue;
+                g = gemm_gflops(4096, 768, 3072, th, 3, &cg, prec[k] == MSX_PREC_BF16);
+                t0 = msx_time_now();
+                c0 = cpu_now();
+                if (msx_sam_encode(mm[k], wss[k], img, NULL) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
+                te[k][r] = msx_time_now() - t0;
+                tc[k][r] = cpu_now() - c0;
+                pk[k][r] = g;
+                ratio[k][r] = ef / te[k][r] * 1e-9 / g;
+                cratio[k][r] = ef / tc[k][r] * 1e-9 / cg;
+            }
+        if (ifp >= 0 && ibf >= 0)
+            for (r = 0; r < runs; r++) sp[r] = te[ifp][r] / te[ibf][r];
+        for (k = 0; k < np; k++) {
+            const char *pn = msx_precision_name(prec[k]);
+            double mn;
+            if (!mm[k]) continue;
+            mn = te[k][0];
+            for (r = 1; r < runs; r++) mn = te[k][r] < mn ? te[k][r] : mn;
+            enc = median(te[k], runs);
+            peak = median(pk[k], runs);
+            printf("   encoder %s: median %.3f s (min %.3f) over %d runs = %.1f GFLOP/s; %s GEMM peak next to each run: median %.1f GFLOP/s\n",
+                   pn, enc, mn, runs, ef / enc * 1e-9, prec[k] == MSX_PREC_BF16 ? "bf16" : "f32", peak);
+            printf("   encoder / GEMM peak: median %.0f %% (wall clock), %.0f %% (CPU time of this process)\n",
+                   100.0 * median(ratio[k], runs), 100.0 * median(cratio[k], runs));
+            printf("RESULT encoder precision=%s threads=%d median_s=%.4f gflops=%.1f peak_gflops=%.1f\n", pn, th, enc,
+                   ef / enc * 1e-9, peak);
+            fflush(stdout);
         }
-        if (msx_sam_decode(m, ws, NULL, &p, 0, lr, iou) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
-        for (r = 0; r < runs; r++) {
-            t0 = msx_time_now();
-            if (msx_sam_decode(m, ws, NULL, &p, 0, lr, iou) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
-            td[r] = msx_time_now() - t0;
+        if (ifp >= 0 && ibf >= 0)
+            printf("   bf16 speedup over fp32 (per-run ratio of interleaved encodes): median %.2fx\n", median(sp, runs));
+        for (k = 0; k < np; k++) {
+            if (!mm[k]) continue;
+            if (msx_sam_decode(mm[k], wss[k], NULL, &p, 0, lr, iou) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
+            for (r = 0; r < runs; r++) {
+                t0 = msx_time_now();
+                if (msx_sam_decode(mm[k], wss[k], NULL, &p, 0, lr, iou) != MSX_OK) { fprintf(stderr, "bench: %s\n", msx_last_error()); goto end; }
+                td[r] = msx_time_now() - t0;
+            }
+            dec = median(td, runs);
+            printf("   prompt+decoder (1 box, %s model): median %.1f ms = %.2f %% of the encoder\n", msx_precision_name(prec[k]),
+                   dec * 1e3, 100.0 * dec / median(te[k], runs));
+            break; /* the decoder is fp32 in every precision */
         }
-        enc = median(te, runs);
-        dec = median(td, runs);
-        peak = median(pk, runs);
-        printf("   encoder fp32: median %.3f s (min %.3f) over %d runs = %.1f GFLOP/s; GEMM peak next to each run: median %.1f GFLOP/s\n",
-               enc, te[0], runs, ef / enc * 1e-9, peak);
-        printf("   encoder / GEMM peak: median %.0f %% (wall clock), %.0f %% (CPU time of this process)\n",
-               100.0 * median(ratio, runs), 100.0 * median(cratio, runs));
-        printf("   prompt+decoder (1 box): median %.1f ms = %.2f %% of the encoder\n", dec * 1e3, 100.0 * dec / enc);
         fflush(stdout);
     }
     printf("peak RSS %ld MB\n", rss_peak_mb());
@@ -439,8 +519,10 @@ int msx_cmd_bench(int argc, char **argv) {
 end:
     free(img);
     free(lr);
-    msx_sam_ws_free(ws);
-    msx_sam_free(m);
+    for (k = 0; k < BENCH_MAXP; k++) {
+        msx_sam_ws_free(wss[k]);
+        msx_sam_free(mm[k]);
+    }
     msx_ckpt_free(ck);
     return rc;
 }

@@ -41,6 +41,8 @@ static const char *const search_usage =
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
     "  --batch B            trials per synchronous batch: ask B, evaluate, tell B (default: J)\n"
     "  --threads T          total threads (default: all)\n"
+    "  --precision P        encoder precision: fp32 (default), bf16, bf16-emu, auto (bf16 where native);\n"
+    "                       recorded in the trial log (--resume refuses another) and the report\n"
     "  --seed S             optimiser seed (default 0)\n"
     "  --out RUN            run folder (default runs/search)\n"
     "  --resume             continue RUN/trials.jsonl (refused if the setup differs; every logged\n"
@@ -67,6 +69,7 @@ static const char *const eval_usage =
     "Prints the mean Dice (box prompt = tight GT box, mask token 0) per task.\n"
     "  --split calib|test   (default test)\n"
     "  --threads T          --config FILE   --preprocess sam|medsam\n"
+    "  --precision fp32|bf16|bf16-emu|auto   encoder precision (default fp32)\n"
     "  --mask-threshold T   --mask-label L  --max-images N\n"
     "  --intensity RULE     16-bit images -> 8 bits: minmax (default), percentile, window:C,W, high-byte\n"
     "  --nnunet ROOT --task-table T.json   tasks from nnU-Net NIfTI datasets (--tasks = task names, default all)\n"
@@ -232,6 +235,10 @@ int msx_cli_search_parse(int argc, char **argv, msx_search_options *op, const ch
         else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
         else if (!strcmp(a, "--batch")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.batch = (int)x; i++; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
+        else if (!strcmp(a, "--precision") && v) {
+            if (msx_precision_parse(v, &o.precision) != MSX_OK) { fprintf(stderr, "search: --precision: %s\n", msx_last_error()); return 2; }
+            i++;
+        }
         else if (!strcmp(a, "--seed")) { if (!cmd_seed(a, v, &o.seed)) return 2; i++; }
         else if (!strcmp(a, "--granularity")) { if (!cmd_num(a, v, 1, 4, &x)) return 2; o.granularity = (int)x; i++; }
         else if (!strcmp(a, "--overlays")) { if (!cmd_num(a, v, 0, 1000, &x)) return 2; o.n_overlays = x == 0 ? -1 : (int)x; i++; }
@@ -313,6 +320,7 @@ int msx_cmd_eval(int argc, char **argv) {
     msx_task *tasks[MSX_SEARCH_MAX_TASKS];
     msx_task_options to;
     msx_preprocess_mode pre = MSX_PREPROCESS_SAM;
+    msx_precision prec = MSX_PREC_FP32;
     msx_checkpoint *ck = NULL;
     msx_sam_arch arch;
     double dice[MSX_SEARCH_MAX_TASKS], x, mean = 0;
@@ -332,6 +340,10 @@ int msx_cmd_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--split") && v && (!strcmp(v, "test") || !strcmp(v, "calib"))) { split = !strcmp(v, "test"); i++; }
         else if (!strcmp(a, "--split")) { fprintf(stderr, "eval: --split: use calib or test, not '%s'\n", v ? v : ""); return 2; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; threads = (int)x; i++; }
+        else if (!strcmp(a, "--precision") && v) {
+            if (msx_precision_parse(v, &prec) != MSX_OK) { fprintf(stderr, "eval: --precision: %s\n", msx_last_error()); return 2; }
+            i++;
+        }
         else if (!strcmp(a, "--json")) json = 1;
         else if (!v && (!strcmp(a, "--model") || !strcmp(a, "--config"))) { fprintf(stderr, "eval: %s needs a value\n", a); return 2; }
         else { fprintf(stderr, "eval: unknown option '%s'\n\n%s", a, eval_usage); return 2; }
@@ -352,7 +364,8 @@ int msx_cmd_eval(int argc, char **argv) {
         if (n16) fprintf(json ? stderr : stdout, "note: %d 16-bit image(s) mapped to 8 bits by --intensity %s\n", n16, rule);
     }
     if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
-    if ((r = msx_eval_checkpoint(ck, &arch, tasks, n, split, pre, threads, dice)) != MSX_OK) {
+    if (prec == MSX_PREC_AUTO) prec = msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+    if ((r = msx_eval_checkpoint_prec(ck, &arch, tasks, n, split, pre, threads, prec, dice)) != MSX_OK) {
         fprintf(stderr, "eval: %s\n", msx_last_error());
         rc = 1;
         goto done;
@@ -361,11 +374,12 @@ int msx_cmd_eval(int argc, char **argv) {
     if (json) {
         printf("{\"model\": \"%s\", \"split\": \"%s\", \"dice\": {", model, split ? "test" : "calib");
         for (i = 0; i < n; i++) printf("%s\"%s\": %.17g", i ? ", " : "", msx_task_name(tasks[i]), dice[i]);
-        printf("}, \"mean\": %.17g}\n", mean);
+        printf("}, \"mean\": %.17g, \"precision\": \"%s\"}\n", mean, msx_precision_name(prec));
     } else {
         printf("%-24s %8s %7s\n", "task", "images", "Dice");
         for (i = 0; i < n; i++) printf("%-24s %8d %7.4f\n", msx_task_name(tasks[i]), msx_task_count(tasks[i], split), dice[i]);
         if (n > 1) printf("%-24s %8s %7.4f\n", "mean", "", mean);
+        printf("(encoder precision %s)\n", msx_precision_name(prec));
     }
 done:
     for (i = 0; i < nt; i++) msx_task_free(tasks[i]);

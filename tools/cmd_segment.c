@@ -10,7 +10,7 @@ static void segment_usage(FILE *f) {
     fprintf(f,
             "usage: medsamix segment --model M.pth --image IMG.png --box x0,y0,x1,y1 --out MASK.png\n"
             "                        [--config C.json] [--overlay OV.png] [--preprocess sam|medsam]\n"
-            "                        [--precision fp32|bf16] [--threads N] [--intensity RULE]\n"
+            "                        [--precision fp32|bf16|bf16-emu|auto] [--threads N] [--intensity RULE]\n"
             "  --model M         SAM/MedSAM checkpoint (.pth zip or .safetensors)\n"
             "  --config C.json   hyperparameters the shapes cannot tell (decoder heads, pixel mean/std)\n"
             "  --image IMG       PNG/JPEG/BMP/...; grayscale is copied into R, G and B\n"
@@ -22,7 +22,8 @@ static void segment_usage(FILE *f) {
             "  --overlay OV.png  the image with the mask tinted and the box drawn (PNG only)\n"
             "  --preprocess M    sam (default: ResizeLongestSide + mean/std) or medsam\n"
             "                    (bicubic resize to S x S, min-max to [0,1]); never guessed\n"
-            "  --precision P     fp32 (default) or bf16\n"
+            "  --precision P     fp32 (default), bf16, bf16-emu (bf16 numerics on fp32 kernels) or\n"
+            "                    auto (bf16 where the CPU has it natively, else fp32)\n"
             "  --threads N       threads for the forward pass (default: all)\n"
             "       medsamix segment --model M --volume IMG.nii.gz ... : NIfTI volumes (segment --volume --help)\n");
 }
@@ -91,10 +92,10 @@ int msx_cmd_segment(int argc, char **argv) {
             else if (!strcmp(v, "medsam")) so.preprocess = MSX_PREPROCESS_MEDSAM;
             else { fprintf(stderr, "segment: --preprocess must be sam or medsam, not '%s'\n", v); return 2; }
         } else if (!strcmp(o, "--precision")) {
-            const char *v = argv[++a];
-            if (!strcmp(v, "fp32")) mo.precision = MSX_PREC_FP32;
-            else if (!strcmp(v, "bf16")) mo.precision = MSX_PREC_BF16;
-            else { fprintf(stderr, "segment: --precision must be fp32 or bf16, not '%s'\n", v); return 2; }
+            if (msx_precision_parse(argv[++a], &mo.precision) != MSX_OK) {
+                fprintf(stderr, "segment: --precision: %s\n", msx_last_error());
+                return 2;
+            }
         } else if (!strcmp(o, "--threads")) {
             if (!msx_cli_int("segment", o, argv[++a], 1, 1024, &mo.n_threads)) return 2;
         } else {
@@ -134,6 +135,10 @@ int msx_cmd_segment(int argc, char **argv) {
         printf("segment: %s is 16-bit; mapped to 8 bits by --intensity %s (values %g..%g -> 0..255)\n", image, rule, info.lo, info.hi);
     }
     if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) goto fail;
+    if (mo.precision == MSX_PREC_AUTO) mo.precision = msx_sam_bf16_supported(NULL, 0) ? MSX_PREC_BF16 : MSX_PREC_FP32;
+    /* bf16: the encoder's matmul weights are kept in bf16 only (no fp32 copy beside them) */
+    if (mo.precision == MSX_PREC_BF16 && msx_sam_bf16_supported(NULL, 0) && (r = msx_sam_ckpt_to_bf16(ck, &arch)) != MSX_OK)
+        goto fail;
     if ((r = msx_sam_create(ck, &arch, &mo, &m)) != MSX_OK) goto fail;
     if ((r = msx_sam_ws_create(m, &ws)) != MSX_OK) goto fail;
     t1 = msx_time_now();
@@ -143,9 +148,10 @@ int msx_cmd_segment(int argc, char **argv) {
     if (overlay && (r = msx_overlay_png(overlay, &img, &mask, box)) != MSX_OK) goto fail;
     for (i = 0; i < (size_t)mask.w * mask.h; i++) fg += mask.data[i];
     printf("segment: %s %dx%d box %g,%g,%g,%g -> %s: %lu foreground pixels (%.1f%%), segmentation %.3f s, "
-           "total %.3f s\n",
+           "total %.3f s (precision %s)\n",
            image, img.w, img.h, (double)box[0], (double)box[1], (double)box[2], (double)box[3], out,
-           (unsigned long)fg, 100.0 * (double)fg / ((double)mask.w * mask.h), t1, msx_time_now() - t0);
+           (unsigned long)fg, 100.0 * (double)fg / ((double)mask.w * mask.h), t1, msx_time_now() - t0,
+           msx_precision_name(msx_sam_get_precision(m)));
     rc = 0;
     goto done;
 fail:
