@@ -4,17 +4,27 @@
 #   make asan       the tests under AddressSanitizer + UBSan
 #   make demo       the main job: MedSAMix on the embedded demo world
 #   make bench      benchmarks (not tests)
+#   make NATIVE=1   any of the above built for this CPU (-march=native)
 #   make fuzz       libFuzzer harnesses (clang), FUZZ_SECONDS each
 #   make install PREFIX=/usr/local DESTDIR=
 
 CC      ?= gcc
 CXX     ?= g++
+# Portable by default: the header needs no ISA flags (its AVX2 paths are
+# behind __AVX2__ / __FMA__ with plain-C fallbacks, and oneDNN picks its
+# kernels at run time). NATIVE=1 builds for this CPU (-march=native);
+# ARCH=... sets any other flags.
+ifeq ($(NATIVE),1)
 ARCH    ?= -march=native
+else
+ARCH    ?=
+endif
 OPT     ?= -O2
 WARN     = -Wall -Wextra -Wpedantic -Werror
 CFLAGS  ?= -std=c99 $(OPT) $(ARCH) -g
-ALLCFLAGS = $(CFLAGS) $(WARN) -fopenmp -I.
-LDLIBS   = -ldnnl -lstb -lm
+ALLCFLAGS = $(CFLAGS) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS)
+NIFTI_CFLAGS ?= -I/usr/include/nifti
+LDLIBS   = -ldnnl -lstb -lnifti2 -lznz -lz -lm
 PREFIX  ?= /usr/local
 BUILD   ?= build
 FUZZ_SECONDS ?= 60
@@ -24,6 +34,9 @@ JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 HDR      = medsamix.h
 TOOL_SRC = tools/medsamix.c $(wildcard tools/cmd_*.c)
 TESTS    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
+# Embedding: the header split over two translation units, and two private
+# MEDSAMIX_STATIC copies linked into one program.
+EMBED    = $(BUILD)/tests/test_embed_two_tu $(BUILD)/tests/test_embed_static
 EXAMPLES = $(patsubst examples/%.c,$(BUILD)/examples/%,$(wildcard examples/*.c))
 
 .PHONY: all deps test test-run check asan cxx-check bench demo fuzz install clean
@@ -41,17 +54,25 @@ $(BUILD)/examples/%: examples/%.c $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c tests/test.h tests/ref_ties.h $(HDR)
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALLCFLAGS) -o $@ $< $(LDLIBS)
+
+$(BUILD)/tests/test_embed_two_tu: tests/embed/two_tu_impl.c tests/embed/two_tu_main.c $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) -o $@ tests/embed/two_tu_impl.c tests/embed/two_tu_main.c $(LDLIBS)
+
+$(BUILD)/tests/test_embed_static: tests/embed/static_a.c tests/embed/static_b.c $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) -o $@ tests/embed/static_a.c tests/embed/static_b.c $(LDLIBS)
 
 # The header must compile as C99 and as C++ (declarations and implementation).
 cxx-check: $(HDR)
 	@mkdir -p $(BUILD)
 	printf '#define MEDSAMIX_IMPLEMENTATION\n#include "medsamix.h"\nint main(void){return 0;}\n' > $(BUILD)/cxx_check.cpp
-	$(CXX) -std=c++11 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/cxx_check.cpp -o $(BUILD)/cxx_check.o
+	$(CXX) -std=c++11 $(OPT) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS) -c $(BUILD)/cxx_check.cpp -o $(BUILD)/cxx_check.o
 	cp $(BUILD)/cxx_check.cpp $(BUILD)/c_check.c
-	$(CC) -std=c99 $(OPT) $(WARN) -fopenmp -I. -c $(BUILD)/c_check.c -o $(BUILD)/c_check.o
+	$(CC) -std=c99 $(OPT) $(WARN) -fopenmp -I. $(NIFTI_CFLAGS) -c $(BUILD)/c_check.c -o $(BUILD)/c_check.o
 	@echo "cxx-check: header compiles as C99 and C++11"
 
 test: deps
@@ -59,8 +80,8 @@ test: deps
 
 # Builds in parallel (each test compiles the whole header), then runs.
 test-run:
-	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(BUILD)/medsamix $(EXAMPLES)
-	@$(TEST_ENV) sh tools/run-tests.sh $(BUILD) $(TESTS)
+	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(EMBED) $(BUILD)/medsamix $(EXAMPLES)
+	@$(TEST_ENV) sh tools/run-tests.sh $(BUILD) $(TESTS) $(EMBED)
 
 check: test
 

@@ -8,14 +8,17 @@
    runs the SAM forward pass on oneDNN, and searches per-group merge plans with
    a random-forest Bayesian optimiser (expected improvement; ParEGO for several
    tasks) that maximises Dice on a few labelled calibration images.
-   It does not train, does not run on GPUs, and does not read DICOM/NIfTI
-   (convert slices to PNG first).
+   It reads NIfTI volumes and nnU-Net datasets with the reference's slice
+   pipeline and writes segmentations back as NIfTI. It does not train, does
+   not run on GPUs, and does not read DICOM.
 
    USE
       #define MEDSAMIX_IMPLEMENTATION   in *one* C or C++ file, before
       #include "medsamix.h"             the include; elsewhere include only.
-      Compile with -fopenmp and link -ldnnl -lstb -lm (Debian: libdnnl-dev,
-      libstb-dev). Under a strict -std=c99 include medsamix.h before any
+      Compile with -fopenmp -I/usr/include/nifti and link -ldnnl -lstb
+      -lnifti2 -lznz -lz -lm (Debian: libdnnl-dev, libstb-dev, libnifti2-dev,
+      libniftiio-dev, libznz-dev); with MSX_NO_NIFTI the nifti flags are not
+      needed. Under a strict -std=c99 include medsamix.h before any
       system header in the implementation file (it needs _POSIX_C_SOURCE), or
       pass -D_POSIX_C_SOURCE=200809L.
 
@@ -62,6 +65,11 @@
       MSX_MERGE_MAX_WARNINGS        warnings kept in a merge report (32)
       MSX_SEARCH_MAX_TASKS          tasks in one search (64)
       MSX_NO_STB_IMAGE              leave out image file I/O (no libstb)
+      MSX_NO_NIFTI                  leave out NIfTI volumes and nnU-Net tasks
+                                    (no nifti_clib)
+      MSX_MAX_VOLUME_BYTES          voxel bytes of one NIfTI file, checked
+                                    from its header before reading (2 GiB)
+      MSX_MAX_VOLUME_SIDE           one volume dimension (32768)
 
    SECTIONS (API first, then the implementation, in data-flow order)
       core        results, errors, allocation, tensor table, JSON,
@@ -72,12 +80,60 @@
                   mask decoder; read-only model + per-thread workspace
       images      stb_image I/O, PIL-exact resize, normalisation,
                   postprocessing, Dice, boxes, one-call segmentation
+      volumes     NIfTI-1/2 on nifti_clib, the reference's volume-to-slice
+                  pipeline, nnU-Net datasets and task tables
       merging     Linear / Task Arithmetic / TIES / SLERP, layer groups,
                   merge plans, the merger, export
       optimiser   search spaces, random forest, EI / log-EI, local GP
                   refinement, ParEGO, Pareto archive, ask/tell, state files
       search      task folders, calib cache, evaluation, the MedSAMix
                   search loop, trial log + resume, reports
+
+   CONTENTS (each name is a banner: grep -n "---- name" medsamix.h)
+      API            configuration, results, tensors and checkpoints |
+                     checkpoint loading | SAM forward pass | images ... |
+                     layer-wise merging | black-box optimiser | MedSAMix search
+      core           errors, allocation, growable string buffer, JSON DOM,
+                     files, dtypes and half-precision conversion, the tensor
+                     table, safetensors, RNG and time
+      checkpoint     zip container, safe pickle subset, from pickle values to
+                     a checkpoint, SAM architecture, JSON config, validation
+                     and canonical order
+      SAM            small numeric kernels, oneDNN plumbing, weights, model,
+                     workspace, image encoder, prompt encoder + mask decoder,
+                     FLOP counts
+      images         small private helpers, images and masks, Dice and boxes,
+                     PIL 9.4 bilinear resize, MedSAM resize, preprocessing,
+                     prompt transforms, postprocessing, one-call segmentation
+      merging        method names, key -> group, plans, plan JSON, SLERP pair
+                     selection, per-tensor kernels, TIES: the definition,
+                     TIES: the fast path, the merger, export
+      optimiser      small helpers, search spaces, random forest, expected
+                     improvement, hypervolume, the optimiser, local
+                     Gaussian-process refinement, state file
+      search         tasks, hashing, small helpers, JSONL trial log, progress,
+                     reports, evaluation, search space, the search run
+      What each rule follows upstream, and where this library differs:
+      docs/semantics.md (cited as "docs/semantics.md §N").
+
+   DATA FLOW OF A SEARCH TRIAL
+      msx_search_run loads the base and fine-tuned checkpoints once, builds
+      the search space (2N + 6 hyper-parameters per layer group,
+      docs/semantics.md §4) and preprocesses every calibration image once
+      (msx_sam_input, cached). Each trial: the optimiser proposes a
+      configuration (msx_opt_ask: the reference's starting plans first, then
+      random-forest + EI proposals, one in five random); the configuration
+      becomes a merge plan (one method and its parameters per group);
+      msx_merger_run writes the merged weights into a preallocated
+      checkpoint (Linear / Task Arithmetic / TIES / SLERP per tensor) and
+      msx_sam_refresh re-reads them (and re-packs derived weights); every
+      calibration image goes through the image encoder, the prompt encoder
+      with its box, the mask decoder (mask token 0) and the postprocessing
+      to a binary mask, scored by Dice against its label; cost = 1 - mean Dice per task (ParEGO or the
+      mean over tasks for the surrogate); msx_opt_tell records it and the
+      trial is appended to trials.jsonl (so a run can resume). At the end the
+      best trial (highest mean calibration Dice) is merged again and written
+      with its plan and the report.
 
    THREAD SAFETY
       Loaded checkpoints, msx_sam models, mergers' inputs and search spaces
@@ -108,9 +164,18 @@
                  prefixes module. sam. module.sam. _orig_mod. stripped;
                  float32/float16/bfloat16 storages, views and shared storage.
                  The legacy pre-zip format is refused with a re-save hint.
+                 Written (msx_pth_save, msx_merge_export "X.pth") in the
+                 torch.save layout that torch.load(weights_only=True) reads.
       .safetensors  read (memory-mapped) and written (atomically).
+      Every write goes through msx_write_file_atomic (temp file + rename;
+      modes kept, read-only files refused, links written through); tools
+      check outputs against inputs first (msx_check_outputs).
       plan JSON  {"format": "medsamix-plan-v1", "granularity": G, "groups":
                  {"<group id>": {"method": ..., params}}}.
+      NIfTI      .nii / .nii.gz, NIfTI-1 and -2, read as float64 with the
+                 scaling applied (as nibabel), written with the header of
+                 the volume they segment. nnU-Net raw datasets with a task
+                 table {"format": "medsamix-nnunet-tasks-v1", ...}.
 
    PREPROCESSING (explicit, never guessed from a file name)
       SAM (default)  longest side resized to the model's image size with
@@ -141,8 +206,12 @@
 #define MSX_VERSION_STRING "0.1.0"
 
 #ifndef MSXDEF
-#ifdef MEDSAMIX_STATIC
+#ifdef MEDSAMIX_STATIC /* a private copy per translation unit: unused calls are not warnings */
+#if defined(__GNUC__) || defined(__clang__)
+#define MSXDEF static __attribute__((unused))
+#else
 #define MSXDEF static
+#endif
 #else
 #define MSXDEF extern
 #endif
@@ -240,6 +309,13 @@ MSXDEF void msx_ckpt_filter(msx_checkpoint *c, const unsigned char *keep);
 MSXDEF msx_result msx_ckpt_to_f32(msx_checkpoint *c);
 /* Float64 sum and sum of |x| of a tensor's elements (any numeric dtype). */
 MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum);
+/* Number of NaN / infinite elements of a floating tensor (0 for integers). */
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t);
+/* MSX_E_FORMAT when any tensor holds NaN or infinity: the message names the
+   first such tensors (with counts) and the total. Loading does not refuse
+   such files (inspect shows them); msx_sam_load does. `what` names the
+   model in the message (NULL: its path). */
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what);
 
 /* --- safetensors ------------------------------------------------------- */
 /* Reads a .safetensors file. Tensors keep their stored dtype. */
@@ -262,8 +338,23 @@ MSXDEF uint64_t msx_rng_below(msx_rng *r, uint64_t n); /* [0, n) unbiased */
 MSXDEF double msx_time_now(void); /* monotonic seconds */
 
 /* Writes `len` bytes to `path` atomically (temp file in the same folder,
-   fsync, rename). */
+   fsync, rename). Replacing an existing file keeps its permission bits and
+   is refused (MSX_E_IO) when the user may not write it: no write permission
+   (access W_OK) or no write bit at all in its mode (a 0444 file is refused
+   even for root, who bypasses access()). A symbolic link is written through:
+   its target is replaced and the link kept. A directory is refused. */
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len);
+/* 1 when a and b name the same file: device + inode after resolving links;
+   a path that does not exist yet is identified by its folder (resolved the
+   same way) + its last component. 0 otherwise (also when neither can be
+   resolved). */
+MSXDEF int msx_same_file(const char *a, const char *b);
+/* Refuses, before any work, outputs that would overwrite an input or each
+   other (msx_same_file on every pair; NULL entries are skipped): MSX_E_ARG
+   naming both paths; and existing outputs msx_write_file_atomic would
+   refuse (read-only files, directories: MSX_E_IO). Tools call it with every
+   file they read and write. */
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out);
 /* Reads a whole file (at most max_bytes; 0 = MSX_MAX_FILE_BYTES). Free with
    msx_free(). */
 MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data, size_t *len);
@@ -326,6 +417,17 @@ MSXDEF msx_result msx_ckpt_load_mem(const void *buf, size_t len, const char *wha
 /* torch spelling of a dtype: "float32", "bfloat16", ... */
 MSXDEF const char *msx_dtype_torch_name(msx_dtype t);
 
+/* Writes the tensors of `c` as a PyTorch checkpoint, the layout of
+   torch.save(state_dict) since torch 1.6: a zip archive (entries stored,
+   data 64-byte aligned) with archive/data.pkl (pickle protocol 2: an
+   OrderedDict of torch._utils._rebuild_tensor_v2 over one persistent-id
+   storage per tensor, contiguous strides), archive/data/<k>,
+   archive/byteorder ("little") and archive/version ("3"). Readable by
+   torch.load(path, weights_only=True) and by msx_ckpt_load; keys and order
+   as in `c`. Every dtype except none; files above 4 GiB (zip64) are refused.
+   Atomic (msx_write_file_atomic). */
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c);
+
 /* SAM ViT-B hyperparameters (the defaults every field falls back to). */
 MSXDEF void msx_sam_arch_default(msx_sam_arch *arch);
 /* Every hyperparameter the shapes determine (image size, patch, embed dim,
@@ -356,7 +458,8 @@ MSXDEF int msx_sam_key_count(const msx_sam_arch *arch);
 MSXDEF msx_result msx_sam_key_at(const msx_sam_arch *arch, int i, char *name, size_t name_cap,
                                  int *ndim, int64_t shape[MSX_MAX_DIMS]);
 /* load + infer + JSON override (config may be NULL) + validate + canonical
-   order. On failure *ck is NULL. `arch` may be NULL. */
+   order + refusal of NaN/infinite weights (msx_ckpt_check_finite). On
+   failure *ck is NULL. `arch` may be NULL. */
 MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_checkpoint **ck,
                                msx_sam_arch *arch);
 
@@ -490,9 +593,45 @@ typedef struct msx_mask {
     unsigned char *data; /* h*w bytes, 0 or 1 */
 } msx_mask;
 
+/* How a 16-bit image (PNG) becomes the model's 8-bit input. 8-bit files are
+   used as they are, whatever the rule. Every rule maps a range [lo, hi] of
+   16-bit values linearly onto 0..255, v8 = floor((v - lo) * 255 / (hi - lo)
+   + 0.5) clipped to 0..255, the same for all channels:
+     MINMAX      lo, hi = the image's smallest and largest value (default:
+                 keeps every distinct level a 12-bit scan has, up to 256);
+                 a constant image becomes 0
+     PERCENTILE  lo, hi = the 0.5th and 99.5th percentiles of the values
+                 (outliers clipped; falls back to MINMAX when they are equal)
+     WINDOW      lo = center - width/2, hi = center + width/2 (a CT window)
+     HIGH_BYTE   v >> 8, stb_image's and cv2.imread's conversion (a 12-bit
+                 scan keeps only 16 levels) */
+typedef enum msx_intensity_mode {
+    MSX_INTENSITY_MINMAX = 0,
+    MSX_INTENSITY_PERCENTILE,
+    MSX_INTENSITY_WINDOW,
+    MSX_INTENSITY_HIGH_BYTE
+} msx_intensity_mode;
+typedef struct msx_intensity {
+    msx_intensity_mode mode;
+    double center, width; /* WINDOW only; width > 0 */
+} msx_intensity;
+/* Parses "minmax", "percentile", "window:C,W" or "high-byte"; MSX_E_ARG
+   naming the text otherwise. */
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out);
+/* The spelling msx_intensity_parse reads ("window:40,400"). */
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap);
+
+/* What a load found: bits per sample of the file (8 or 16) and, for 16-bit
+   files, the values mapped to 0 and 255. */
+typedef struct msx_image_info {
+    int bits;
+    double lo, hi;
+} msx_image_info;
+
 /* Loads PNG/JPEG/BMP/TGA/... with stb_image. Grayscale is replicated to
-   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do),
-   16-bit files keep their top 8 bits (stb_image's conversion, as cv2.imread).
+   R=G=B, alpha is dropped (as PIL's convert("RGB") and cv2.imread do).
+   16-bit files are decoded at full depth and mapped to 8 bits by the
+   default rule (MSX_INTENSITY_MINMAX; msx_image_load_ex takes another).
    Images wider/higher than MSX_MAX_IMAGE_SIDE or with more than
    MSX_MAX_IMAGE_PIXELS pixels are refused before decoding. `out` must be
    zero-initialised or hold an image (which is freed first); on failure it is
@@ -500,6 +639,11 @@ typedef struct msx_mask {
 MSXDEF msx_result msx_image_load(const char *path, msx_image *out);
 /* Same from a memory buffer; `what` names it in error messages. */
 MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out);
+/* Same with an intensity rule for 16-bit files (NULL = default) and what
+   was found (info may be NULL). */
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info);
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info);
 /* Allocates a w×h image, zero-filled or a copy of `rgb` (HWC) if non-NULL;
    frees what `out` held before (it must be zero-initialised or an image). */
 MSXDEF msx_result msx_image_init(msx_image *out, int w, int h, const unsigned char *rgb);
@@ -652,17 +796,166 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 }
 #endif
 /* ======================================================================== */
+/* API: volumes — NIfTI and nnU-Net (leave out with MSX_NO_NIFTI)           */
+/* ======================================================================== */
+/* This section owns 3-D medical data: NIfTI-1/2 volumes read and written
+   with nifti_clib (.nii, .nii.gz; no reorientation; the header kept so a
+   segmentation is written back on the input's grid), the MedSAMix
+   reference's volume-to-slice pipeline (podismine/MedSAMix@9328d4c
+   evaluation/dataloader.py: percentile clipping, z-score, min-max, uint8
+   slices along the last array axis, slices with foreground only, tight
+   boxes) and tasks built from nnU-Net raw datasets with a task table. */
+#ifndef MSX_NO_NIFTI
+
+#ifndef MSX_MAX_VOLUME_BYTES
+#define MSX_MAX_VOLUME_BYTES ((int64_t)1 << 31) /* voxel data of one file (header dims x bytes), checked before reading */
+#endif
+#ifndef MSX_MAX_VOLUME_SIDE
+#define MSX_MAX_VOLUME_SIDE 32768 /* one array dimension */
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A 3-D volume as nibabel's img.get_fdata() gives it: float64 with
+   scl_slope/scl_inter applied, array order as stored (no reorientation).
+   Element (i, j, k) of the nx × ny × nz array is data[i + nx·(j + ny·k)].
+   A slice [:, :, k] has rows = axis 0 (nx) and columns = axis 1 (ny).
+   Zero-initialise before the first load; free with msx_volume_free. */
+typedef struct msx_volume {
+    int nx, ny, nz;
+    double *data;
+    double affine[4][4]; /* voxel -> world, as nibabel's img.affine: sform, else qform, else pixdim */
+    int nifti_version;   /* 1 or 2 */
+    int datatype;        /* NIfTI datatype code of the file (2 uint8, 4 int16, 8 int32, 16 float32, 64 float64, ...) */
+    void *hdr;           /* private: the file's header (nifti_clib nifti_image without data) */
+} msx_volume;
+
+/* Reads a NIfTI-1 or NIfTI-2 file (.nii, .nii.gz). 3-D, or 4-D..7-D with
+   the extra dimensions 1; integer and float datatypes up to 64 bits. The
+   header's dims × bytes per voxel is checked against MSX_MAX_VOLUME_BYTES
+   before any voxel is read (a gzip bomb is refused there). NaN/inf values
+   are refused. `out` is freed first. */
+MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out);
+/* Reads only the header: dims (nx, ny, nz) and datatype, with the same
+   checks as msx_volume_load (cheap validation before long work). */
+MSXDEF msx_result msx_volume_probe(const char *path, int dims[3], int *datatype);
+MSXDEF void msx_volume_free(msx_volume *v); /* accepts NULL; leaves a zeroed struct */
+/* A zero-filled volume with ref's header (dims, pixdim, qform, sform,
+   NIfTI version): the container of a segmentation of ref. */
+MSXDEF msx_result msx_volume_like(const msx_volume *ref, msx_volume *out);
+/* A zero-filled nx × ny × nz volume whose qform and sform are `affine`
+   (NULL: identity), NIfTI-1 or -2 (version 1 or 2). */
+MSXDEF msx_result msx_volume_create(int nx, int ny, int nz, const double affine[4][4], int nifti_version,
+                                    msx_volume *out);
+/* Writes v->data converted to `dtype` (MSX_U8, MSX_I16, MSX_I32: rounded
+   to nearest and range-checked; MSX_F32, MSX_F64) with v's header, no
+   scaling (scl_slope 1, scl_inter 0). .nii.gz is gzip-compressed, .nii is
+   not; any other ending is refused. Atomic (temporary file + rename). */
+MSXDEF msx_result msx_volume_save(const char *path, const msx_volume *v, msx_dtype dtype);
+
+/* The reference's volume normalisation to uint8 (ref. evaluation/dataloader.py
+   get_single_item): clip to the 0.5 / 99.5 percentiles (numpy's linear
+   method, whole volume), z-score with the mean and population std (numpy's
+   pairwise sums), (x - min) / (max - min + 1e-5), uint8 = trunc(255·v).
+   out holds nx·ny·nz bytes. A constant volume gives zeros. */
+MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out);
+/* Label to 0/1: 1 where round-half-even(value) is one of fg[0..n_fg-1]. */
+MSXDEF msx_result msx_volume_label_mask(const msx_volume *label, const int *fg, int n_fg, unsigned char *out);
+/* Slice k of an nx × ny × nz byte volume as an image (h = nx rows, w = ny
+   columns, grey replicated to RGB) or a mask (any non-zero = 1). */
+MSXDEF msx_result msx_volume_slice_image(const unsigned char *vol, int nx, int ny, int nz, int k, msx_image *out);
+MSXDEF msx_result msx_volume_slice_mask(const unsigned char *vol, int nx, int ny, int nz, int k, msx_mask *out);
+/* Per-slice boxes for a volume of nz slices: {"format": "medsamix-boxes-v1",
+   "boxes": [{"z": k, "box": [x0, y0, x1, y1]}, ...]} (pixels of slice k,
+   x = column = axis 1, y = row = axis 0, maxima inclusive). has[k] = 1 and
+   boxes[4k..4k+3] for each listed slice; a z twice or out of range is an error. */
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes);
+/* Writes an 8-bit grey PNG holding exactly w×h bytes `grey` (atomic). */
+MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsigned char *grey);
+
+/* --- nnU-Net datasets and task tables ----------------------------------------
+   ROOT/DatasetXXX_Name/{dataset.json (file_ending), imagesTr/<case>_<XXXX><ending>,
+   labelsTr/<case><ending>}. A task table is
+   {"format": "medsamix-nnunet-tasks-v1", "tasks": {"<task>": [{"dataset":
+   "DatasetXXX_Name", "channel": 0, "foreground": [1, 2]}, ...]}}; the entries
+   of one task are pooled. Per entry, as the reference: cases = sorted,
+   de-duplicated names of the imagesTr files containing "0000", with the last
+   "_..." part cut; calib = the cases before int(N - N·(1 - calib_fraction))
+   (float64), test = the rest; slices in entry, case, z order. The
+   reference's dropping of the last pooled slice is not reproduced. */
+
+/* Zero-initialise, then set what you need. */
+typedef struct msx_nnunet_options {
+    double calib_fraction; /* 0 = 0.2 (the reference) */
+    int max_slices;        /* per task and split; 0 = all (the reference) */
+    uint64_t seed;         /* the --max-slices subset */
+} msx_nnunet_options;
+
+typedef struct msx_nnunet_slice {
+    const char *dataset, *case_id; /* borrowed from the task */
+    int entry;                     /* index in the task's entry list */
+    int channel, z;
+    int rows, cols;                /* nx, ny of the volume */
+    int box[4];                    /* x0 y0 x1 y1 = col_min row_min col_max row_max, maxima inclusive */
+    char *name;                    /* file stem: <case>_c<channel>_z<z>, "<dataset>_" first when two pooled datasets share the case name */
+    unsigned char *image;          /* rows × cols uint8 (row-major, row = axis 0) */
+    unsigned char *mask;           /* rows × cols, 0/1 */
+} msx_nnunet_slice;
+
+typedef struct msx_nnunet_entry {
+    char *dataset;
+    int channel;
+    int n_fg;
+    int *fg;
+    int n_cases[2];  /* [MSX_SPLIT_CALIB], [MSX_SPLIT_TEST] */
+    char **cases[2];
+} msx_nnunet_entry;
+
+typedef struct msx_nnunet_task {
+    char *name;
+    int n_entries;
+    msx_nnunet_entry *entries;
+    int n[2];                  /* slices per split */
+    msx_nnunet_slice *slices[2];
+} msx_nnunet_task;
+
+/* Task names of a table, in file order (free with msx_nnunet_names_free). */
+MSXDEF msx_result msx_nnunet_task_names(const char *table, char ***names, int *n);
+MSXDEF void msx_nnunet_names_free(char **names, int n);
+/* Loads one task: validates the whole table entry first (dataset folders,
+   dataset.json, every channel and label file present, image and label
+   headers of equal shape, foreground set non-empty), then reads the volumes
+   and keeps the used slices. Progress: on_case(done, total, user) after
+   each volume (may be NULL). */
+MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, const char *task,
+                                       const msx_nnunet_options *opt,
+                                       void (*on_case)(int done, int total, void *user), void *user,
+                                       msx_nnunet_task **out);
+MSXDEF void msx_nnunet_task_free(msx_nnunet_task *t);
+/* Writes out_dir/{calib,test}/{images,masks}/<name>.png (image = the uint8
+   slice, mask 0/255) and out_dir/slices.json ("medsamix-slices-v1"). */
+MSXDEF msx_result msx_nnunet_task_write(const msx_nnunet_task *t, const char *out_dir);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MSX_NO_NIFTI */
+/* ======================================================================== */
 /* API: layer-wise merging. Owns the four merge methods of the official     */
-/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP; ref §1), the mapping */
-/* of SAM state-dict keys to merge groups (ref §2.2), merge plans (JSON     */
-/* "medsamix-plan-v1"), the merger that runs a plan into a preallocated     */
-/* model every trial, and the export of a merged model.                     */
+/* MedSAMix code (Linear, Task Arithmetic, TIES, SLERP:                     */
+/* docs/semantics.md §2), the mapping of SAM state-dict keys to merge       */
+/* groups (docs/semantics.md §3), merge plans (JSON "medsamix-plan-v1"), the */
+/* merger that runs a plan into a preallocated model every trial, and the   */
+/* export of a merged model.                                                */
 /* ======================================================================== */
 
 #ifndef MSX_MERGE_MAX_WARNINGS
 #define MSX_MERGE_MAX_WARNINGS 32 /* warnings kept in a report (all are counted) */
 #endif
 #define MSX_GROUP_ID_LEN 48       /* bytes of a group id, NUL included */
+#define MSX_MERGE_N_FIXED_GROUPS 13 /* groups outside the encoder blocks (docs/semantics.md §3) */
 
 #ifdef __cplusplus
 extern "C" {
@@ -671,10 +964,10 @@ extern "C" {
 /* --- methods ----------------------------------------------------------------
    Model index 0 is always the base, 1..N the fine-tuned models in order. */
 typedef enum msx_merge_method {
-    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (ref §1.1) */
-    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (ref §1.2) */
-    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (ref §1.3) */
-    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (ref §1.4) */
+    MSX_MERGE_LINEAR = 0,         /* out = Σ_i (w_i/Σw) x_i over base + fine-tuned (docs/semantics.md §2.1) */
+    MSX_MERGE_TASK_ARITHMETIC,    /* out = base + λ Σ_i (x_i - base), fine-tuned only (docs/semantics.md §2.2) */
+    MSX_MERGE_TIES,               /* trim (drop rate r), elect sign, disjoint mean, base + λτ (docs/semantics.md §2.3) */
+    MSX_MERGE_SLERP,              /* pairwise SLERP of the two models with the largest t (docs/semantics.md §2.4) */
     MSX_MERGE_METHOD_COUNT
 } msx_merge_method;
 
@@ -701,17 +994,17 @@ typedef struct msx_group_plan {
 /* A merge plan: one msx_group_plan per group, in the canonical group order
      layer_0 .. layer_<L-1>, special_pos_embed, special_patch_embed,
      special_neck, prompt_encoder_group_0..3, mask_decoder_group_0..5
-   (L = ceil(depth / granularity); n_groups = L + 13). */
+   (L = ceil(depth / granularity); n_groups = L + MSX_MERGE_N_FIXED_GROUPS). */
 typedef struct msx_plan {
     int granularity;             /* encoder blocks per layer group (>= 1; the paper uses 1..4) */
     int n_models;                /* base + fine-tuned, 2..MSX_MAX_MODELS */
     int n_layer_groups;          /* L */
-    int n_groups;                /* L + 13 */
+    int n_groups;                /* L + MSX_MERGE_N_FIXED_GROUPS (13) */
     char (*ids)[MSX_GROUP_ID_LEN]; /* group ids, n_groups entries */
     msx_group_plan *groups;        /* n_groups entries, same order as ids */
 } msx_plan;
 
-/* --- layer groups (ref §2.2) --------------------------------------------- */
+/* --- layer groups (docs/semantics.md §3) --------------------------------------------- */
 /* Group id of a SAM state-dict key for this granularity: encoder block b ->
    "layer_<b / granularity>" (the last, shorter chunk gets its own id; the
    reference's remainder bug is not reproduced), "special_pos_embed",
@@ -743,7 +1036,7 @@ MSXDEF msx_result msx_plan_set_uniform(msx_plan *p, const msx_group_plan *g);
      "ties_d<r>_s<s>"      ties with drop rate r and scale s     (e.g. "ties_d0.5_s1.0")
      "slerp_<t>"           slerp with every per-model t = t (picks base vs model 1, t = 0.5) */
 MSXDEF msx_result msx_plan_set_preset(msx_plan *p, const char *name);
-/* The reference's hand-made initial configurations (ref §2.5), all uniform,
+/* The reference's hand-made initial configurations (docs/semantics.md §4.3), all uniform,
    in its order: linear one-hot on each model (n_models), slerp all-t
    0.3/0.5/0.7, task_arithmetic λ ∈ {0.3,0.5,0.6,0.7,0.8,1.0}, ties with the
    same λ and drop rate 0.2. Count = n_models + 15; i in [0, count). */
@@ -769,12 +1062,12 @@ MSXDEF msx_result msx_plan_to_json(const msx_plan *p, char **json);
 /* Writes the JSON atomically (temp file + rename). */
 MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p);
 
-/* Pair selection of SLERP (ref §1.4): stable sort of the models by t,
+/* Pair selection of SLERP (docs/semantics.md §2.4): stable sort of the models by t,
    descending; v0 = first, v1 = second, t = e^{t_v1} / (e^{t_v0} + e^{t_v1})
    in double. */
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out);
 
-/* --- per-tensor methods on float arrays (ref §1.1-1.4) --------------------
+/* --- per-tensor methods on float arrays (docs/semantics.md §2.1-2.4) --------------------
    float32 arithmetic in the reference's order (scalars rounded to float32
    first, sources accumulated sequentially), so Linear/TA/TIES are bit-exact
    with the official code. `out` must not alias the inputs. Linear and TA
@@ -792,14 +1085,11 @@ MSXDEF msx_result msx_merge_tensor_ta(float *out, const float *base, const float
    k-th smallest |ft_i - base| (1-based, found by selection, never a sort)
    is row i's threshold and |d| >= thr is kept; sign election by summed
    mass, zero sums take the tensor-wide majority sign; disjoint mean;
-   base + fl32(scale) τ. Selection: a sample brackets the k-th value, one
-   streaming pass counts below the bracket and gathers the ~1.5% inside,
-   and a histogram + quickselect picks the exact value among those (exact
-   fallback on a full copy if the bracket missed); a second pass combines.
-   (Repeated merges of the same sources go faster through a merger: with
-   two fine-tuned models it keeps rank tables and makes one pass, see
-   msx_merger_run.) `scratch` is NULL (allocated per call when trimming) or
-   holds msx_merge_ties_scratch_floats(n, n_ft) floats. */
+   base + fl32(scale) τ (docs/semantics.md §2.3). Tensors above 64K
+   elements with two fine-tuned models take a fast path with the same bits
+   (a sample-bracketed selection, then one vectorised combine pass).
+   `scratch` is NULL (allocated per call) or holds
+   msx_merge_ties_scratch_floats(n, n_ft) floats. */
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
                                         double drop_rate, double scale, int64_t n, float *scratch);
 MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft);
@@ -848,25 +1138,27 @@ MSXDEF msx_result msx_merger_plan_create(const msx_merger *m, msx_plan **out);
    region: threads take work items dynamically (whole tensors for TIES and
    SLERP, largest first, then 256K-element chunks of linear / TA / copied
    tensors). Nothing is allocated except, on the first run with a TIES
-   group, per-thread TIES scratch (about n_ft x the largest tensor) and, for
-   two fine-tuned models, rank tables of every tensor above 64K elements
-   (64 KB each), both kept for later runs. With two fine-tuned models the
-   first TIES merge of a tensor reads the sources twice, like
-   msx_merge_tensor_ties; the second also builds the tensor's tables; every
-   later one reads them once. The merger reads the base and fine-tuned
-   models on every run; they must not change while it lives (the tables
-   describe them). Different mergers may run concurrently on different
+   group, per-thread TIES scratch (about 2 x the largest tensor), kept for
+   later runs. The merger reads the base and fine-tuned models on every
+   run; they must not change while it lives. Different mergers may run concurrently on different
    outputs (e.g. 2 search threads with n_threads = 1 each); one merger is
    not re-entrant. `report` may be NULL. Errors (plan of another shape,
    strict-mode keep-the-base case) leave `out` untouched. */
 MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkpoint *out,
                                  msx_merge_report *report);
 
-/* Writes `merged` as .safetensors (the exact SAM key names, F32, the plan
-   JSON also in __metadata__["medsamix_plan"]) and the plan JSON beside it:
-   `path` with a trailing ".safetensors" replaced by ".plan.json" (otherwise
-   ".plan.json" is appended). plan may be NULL (no plan file). Atomic. */
+/* Writes `merged` in the format its name says: ".safetensors" (the exact
+   SAM key names, F32, the plan JSON also in __metadata__["medsamix_plan"])
+   or ".pth" / ".pt" (a torch.save zip checkpoint, msx_pth_save, that
+   torch.load(weights_only=True) reads and Sam.load_state_dict(strict=True)
+   accepts); any other name is MSX_E_ARG. The plan JSON goes beside it:
+   `path` with that extension replaced by ".plan.json". plan may be NULL (no
+   plan file). A model with NaN/infinite weights is refused. Atomic. */
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan);
+/* After msx_merger_run: MSX_E_ARG when `out` holds NaN/infinite weights,
+   naming the first such group, its method and hyperparameters, a tensor
+   and the count (e.g. task_arithmetic with scale 1e39 overflows float32). */
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out);
 
 #ifdef __cplusplus
 }
@@ -876,8 +1168,8 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 /* expected improvement, ParEGO, ask/tell with exact resume)                */
 /* ======================================================================== */
 /* A general optimiser for expensive black boxes, modelled on SMAC3 2.2's
-   HPO facade (see /work/shared/docs/optimizer-reference.md) with its weak
-   spots fixed. Typical use:
+   HPO facade (docs/semantics.md §7: what it re-implements, with the
+   automl/SMAC3 v2.2.0 files) with its weak spots fixed. Typical use:
 
      msx_space *s = msx_space_new();
      int m = msx_space_add_cat(s, "g0.method", 4, names);
@@ -961,6 +1253,7 @@ MSXDEF void msx_space_to_unit(const msx_space *s, const double *config, double *
 MSXDEF void msx_space_from_unit(const msx_space *s, const double *unit, double *config);
 
 /* --- random forest (SMAC/pyrfr-style regression forest) ------------------- */
+#define MSX_RF_MAX_CATEGORIES 64 /* values of one categorical feature: one bit each in a split mask */
 typedef struct msx_rf_options {
     int n_trees;           /* 0 -> 10 */
     int min_samples_split; /* 0 -> 2 (distinct points) */
@@ -975,8 +1268,8 @@ typedef struct msx_rf_options {
 } msx_rf_options;
 typedef struct msx_rf msx_rf;
 /* Fits (or refits, reusing *rf's buffers) on n rows of d features, X row-major.
-   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <= 64;
-   larger k is treated as continuous). Splits: best weighted-RSS split,
+   types[f] = 0 continuous, k > 0 categorical with values 0..k-1 (k <=
+   MSX_RF_MAX_CATEGORIES, else MSX_E_LIMIT). Splits: best weighted-RSS split,
    thresholds at midpoints between adjacent distinct values, categorical
    splits by Breiman's sorted-mean prefixes. */
 MSXDEF msx_result msx_rf_fit(msx_rf **rf, const double *X, const double *y, int n, int d,
@@ -1139,6 +1432,8 @@ typedef struct msx_task_options {
     double box_jitter;       /* each coordinate moved by U(-j, j) * box side; 0 = none */
     uint64_t box_seed;       /* jitter seed (always seeded: same boxes every run) */
     int max_images;          /* per split, 0 = all */
+    msx_intensity intensity; /* 16-bit images -> 8 bits (zero = MSX_INTENSITY_MINMAX) */
+    int max_slices;          /* nnU-Net tasks: per split, a seeded subset (split_seed) spread over the cases; 0 = all */
 } msx_task_options;
 
 typedef struct msx_task msx_task;
@@ -1151,8 +1446,18 @@ MSXDEF void msx_task_free(msx_task *t);
 MSXDEF const char *msx_task_name(const msx_task *t); /* folder base name */
 MSXDEF int msx_task_count(const msx_task *t, int split);
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i); /* path */
+/* Images of both splits stored with 16 bits per sample (mapped to 8 bits by
+   opt->intensity). */
+MSXDEF int msx_task_n_16bit(const msx_task *t);
 /* The prompt box (x0 y0 x1 y1, pixel indices, max inclusive) of image i. */
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]);
+/* A task of an nnU-Net task table (volumes section; not with MSX_NO_NIFTI):
+   the slices msx_nnunet_task_load gives (calib_fraction, max_slices,
+   split_seed), kept in memory, no PNG files; the same images, masks and
+   boxes as the folder `medsamix prepare` writes. mask_rule and split are
+   not used; msx_task_image names a slice "<dataset>/<name>". */
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out);
 
 /* --- evaluation ------------------------------------------------------------ */
 /* Mean Dice (image-pooled, 2ΣPG/(ΣP+ΣG+1e-8), box prompt, mask token 0) of the
@@ -1189,8 +1494,10 @@ typedef struct msx_search_options {
     const char *base;                 /* base checkpoint (.pth / .safetensors) */
     const char *const *models;        /* fine-tuned checkpoints */
     int n_models;
-    const char *const *tasks;         /* task folders */
+    const char *const *tasks;         /* task folders, or task names of nnunet_table */
     int n_tasks;
+    const char *nnunet_root;          /* non-NULL: tasks come from nnU-Net datasets under this root */
+    const char *nnunet_table;         /* ... and this task table (medsamix-nnunet-tasks-v1) */
     const char *arch_config;          /* optional architecture JSON (NULL: infer) */
     const char *out_dir;              /* run folder (created); NULL = "runs/search" */
     int multi;                        /* 0: MedSAMix-S on tasks[0]; 1: MedSAMix-M, one objective per task */
@@ -1238,10 +1545,21 @@ typedef struct msx_search_summary {
 
 /* Runs a whole search and writes, in out_dir: trials.jsonl, best_plan.json,
    best.safetensors, report.md, report.json, overlays/ (and pareto front in
-   best_plan.json for multi-task). */
+   best_plan.json for multi-task). Before any work it refuses a run folder
+   whose outputs would overwrite an input model or config, and locks the
+   folder (out_dir/.lock holds the PID; a POSIX record lock, released by the
+   system when the process dies, so a lock left by a killed search is
+   detected as stale and taken over): a second search on the same folder
+   fails with MSX_E_STATE naming the other PID. (Record locks belong to the
+   process: two searches on one folder from one process are not told apart.)
+   A trials.jsonl without a complete header line (a search killed before it
+   wrote one) is treated as absent. --resume checks every logged value
+   (Dice in [0, 1], costs = 1 - Dice, configurations inside the space) and
+   the task options (box margin, jitter, seeds, mask rule, split, max
+   images, intensity), naming the line or the option. */
 MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summary *summary);
 
-/* The MedSAMix search space (ref §2.3) for a model of `depth` encoder blocks:
+/* The MedSAMix search space (docs/semantics.md §4.1) for a model of `depth` encoder blocks:
    per layer group a categorical method {linear, task_arithmetic, ties,
    slerp} with its conditional parameters, named as in the reference with the
    models' stems (base first). prune = 1 leaves out the groups that cannot
@@ -1250,9 +1568,23 @@ MSXDEF msx_result msx_search_run(const msx_search_options *opt, msx_search_summa
 MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char *const *model_stems, int n_models,
                                           int prune, msx_space **out);
 
+/* Content fingerprint of a checkpoint (names, shapes and bytes of every
+   tensor; FNV-1a based, tells "same model" from "another model", not
+   cryptographic) as 16 hex digits: what the trial log and best_plan.json
+   record for every model of a search. */
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]);
+/* A plan written by a search records its models (base first) under
+   "medsamix": {"models": [{"stem": .., "digest": ..}, ..]}. MSX_E_STATE when
+   `models` (n_models, base first, as loaded by msx_sam_load) are not those
+   in that order (the message names the first mismatch); MSX_OK with
+   *recorded = 0 when the plan records none (hand-written plans).
+   `paths` (may be NULL) name the models in the message. */
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded);
+
 /* Starting points evaluated first for n fine-tuned models: the reference's
    (each model alone, uniform SLERP t = 0.5, TA and TIES r = 0.2 with
-   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; ref §2.5) plus linear equal weights
+   λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; docs/semantics.md §4.3) plus linear equal weights
    and TIES r = 0.5 λ = 1 (the report's uniform merges): n + 16. */
 MSXDEF int msx_search_n_initial(int n_models);
 
@@ -1360,11 +1692,16 @@ MSXDEF const char *msx_last_error(void) { return msx__errbuf; }
 MSXDEF void msx_clear_error(void) { msx__errbuf[0] = 0; }
 
 /* Sets the thread's message and returns r, so callers can `return msx__err(...)`. */
+/* Formats into a local buffer first: callers often wrap the previous message
+   (msx__err(r, "%s: %s", path, msx_last_error())), and formatting straight
+   into the slot the arguments point to cut and repeated such messages. */
 static MSX__PRINTF(2, 3) msx_result msx__err(msx_result r, const char *fmt, ...) {
+    char tmp[sizeof msx__errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msx__errbuf, sizeof msx__errbuf, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(msx__errbuf, tmp, sizeof tmp);
     msx__errcode = r;
     return r;
 }
@@ -1719,6 +2056,13 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     *len = 0;
     f = fopen(path, "rb");
     if (!f) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
+    {
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+            fclose(f);
+            return msx__err(MSX_E_IO, "%s: is a directory, not a file", path);
+        }
+    }
     if (fseek(f, 0, SEEK_END) != 0 || (sz = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return msx__err(MSX_E_IO, "%s: cannot determine the file size (not a regular file?)", path);
@@ -1741,39 +2085,204 @@ MSXDEF msx_result msx_read_file(const char *path, size_t max_bytes, void **data,
     return MSX_OK;
 }
 
+/* The file a chain of symbolic links ends at (relative targets taken from
+   the link's folder), malloc'd; NULL on a loop or error. */
+static char *msx__link_target(const char *path) {
+    char *cur = (char *)malloc(strlen(path) + 1);
+    int hops;
+    if (!cur) return NULL;
+    strcpy(cur, path);
+    for (hops = 0; hops < 40; hops++) {
+        struct stat st;
+        char buf[4096], *nx;
+        const char *slash;
+        ssize_t k;
+        size_t dl;
+        if (lstat(cur, &st) != 0 || !S_ISLNK(st.st_mode)) return cur;
+        k = readlink(cur, buf, sizeof buf - 1);
+        if (k <= 0) break;
+        buf[k] = 0;
+        slash = strrchr(cur, '/');
+        dl = buf[0] == '/' || !slash ? 0 : (size_t)(slash - cur) + 1;
+        nx = (char *)malloc(dl + (size_t)k + 1);
+        if (!nx) break;
+        memcpy(nx, cur, dl);
+        memcpy(nx + dl, buf, (size_t)k + 1);
+        free(cur);
+        cur = nx;
+    }
+    free(cur);
+    return NULL;
+}
+
+/* Where an atomic write of `path` lands and with which mode: the target of
+   a symbolic link (the link is kept), refusing directories, special files
+   and files the user may not write. *target is malloc'd (free()). */
+static msx_result msx__write_target(const char *path, char **target, int *keep_mode, mode_t *mode) {
+    struct stat st;
+    *target = NULL;
+    *keep_mode = 0;
+    *mode = 0;
+    if (lstat(path, &st) != 0) return MSX_OK; /* a new file */
+    if (S_ISLNK(st.st_mode)) {
+        *target = msx__link_target(path);
+        if (!*target || stat(*target, &st) != 0) {
+            free(*target);
+            *target = NULL;
+            return msx__err(MSX_E_IO, "%s: a symbolic link whose target does not exist; not written (remove the link or "
+                            "give the target's path)", path);
+        }
+    }
+    if (S_ISDIR(st.st_mode)) { free(*target); *target = NULL; return msx__err(MSX_E_IO, "%s: is a directory, not a file", path); }
+    if (!S_ISREG(st.st_mode)) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: exists and is not a regular file; not replaced", path);
+    }
+    if ((st.st_mode & 0222) == 0 || access(*target ? *target : path, W_OK) != 0) {
+        free(*target);
+        *target = NULL;
+        return msx__err(MSX_E_IO, "%s: read-only file (mode %04o); not replaced. Make it writable (chmod u+w) or choose "
+                        "another output", path, (unsigned)(st.st_mode & 07777));
+    }
+    *keep_mode = 1;
+    *mode = st.st_mode & 07777;
+    return MSX_OK;
+}
+
 MSXDEF msx_result msx_write_file_atomic(const char *path, const void *data, size_t len) {
-    size_t n = strlen(path);
-    char *tmp = (char *)MSX_MALLOC(n + 32);
-    int fd;
+    char *target = NULL, *tmp;
+    const char *dst;
+    int fd, keep_mode;
+    mode_t mode;
     const unsigned char *p = (const unsigned char *)data;
-    size_t left = len;
-    if (!tmp) return msx__err(MSX_E_NOMEM, "out of memory");
-    snprintf(tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    size_t left = len, n;
+    msx_result r;
+    if (!path || !*path) return msx__err(MSX_E_ARG, "write: empty file name");
+    if ((r = msx__write_target(path, &target, &keep_mode, &mode)) != MSX_OK) return r;
+    dst = target ? target : path;
+    n = strlen(dst);
+    tmp = (char *)MSX_MALLOC(n + 32);
+    if (!tmp) { free(target); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    snprintf(tmp, n + 32, "%s.tmp.%ld", dst, (long)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, keep_mode ? 0600 : 0666);
     if (fd < 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
+        r = msx__err(MSX_E_IO, "%s: cannot create temporary file %s (%s)", path, tmp, strerror(errno));
         MSX_FREE(tmp);
+        free(target);
+        return r;
+    }
+    if (keep_mode && fchmod(fd, mode) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot give the new file the old mode %04o (%s)", path, (unsigned)mode, strerror(errno));
+        close(fd);
+        unlink(tmp);
+        MSX_FREE(tmp);
+        free(target);
         return r;
     }
     while (left) {
         ssize_t w = write(fd, p, left);
         if (w < 0) {
             if (errno == EINTR) continue;
+            r = msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
             close(fd);
             unlink(tmp);
             MSX_FREE(tmp);
-            return msx__err(MSX_E_IO, "%s: write failed (%s)", path, strerror(errno));
+            free(target);
+            return r;
         }
         p += w;
         left -= (size_t)w;
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        msx_result r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, dst) != 0) {
+        r = msx__err(MSX_E_IO, "%s: cannot finish writing (%s)", path, strerror(errno));
         unlink(tmp);
         MSX_FREE(tmp);
+        free(target);
         return r;
     }
     MSX_FREE(tmp);
+    free(target);
+    return MSX_OK;
+}
+
+/* File identity: device + inode of an existing file (links followed), else
+   those of its folder + its last path component. */
+typedef struct msx__fid {
+    int kind; /* 0 unknown, 1 existing file, 2 not yet existing */
+    dev_t dev;
+    ino_t ino;
+    const char *name;
+    size_t name_len;
+} msx__fid;
+
+static void msx__file_id(const char *path, msx__fid *id) {
+    struct stat st;
+    const char *slash;
+    memset(id, 0, sizeof *id);
+    if (!path || !*path) return;
+    if (stat(path, &st) == 0) {
+        id->kind = 1;
+        id->dev = st.st_dev;
+        id->ino = st.st_ino;
+        return;
+    }
+    slash = strrchr(path, '/');
+    if (!slash) {
+        if (stat(".", &st) != 0) return;
+        id->name = path;
+    } else {
+        size_t dl = (size_t)(slash - path);
+        char *dir = (char *)MSX_MALLOC(dl + 2);
+        int ok;
+        if (!dir) return;
+        if (dl == 0) { dir[0] = '/'; dir[1] = 0; }
+        else { memcpy(dir, path, dl); dir[dl] = 0; }
+        ok = stat(dir, &st) == 0;
+        MSX_FREE(dir);
+        if (!ok) return;
+        id->name = slash + 1;
+    }
+    id->kind = 2;
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    id->name_len = strlen(id->name);
+}
+
+static int msx__fid_same(const msx__fid *a, const msx__fid *b) {
+    if (!a->kind || a->kind != b->kind || a->dev != b->dev || a->ino != b->ino) return 0;
+    return a->kind == 1 || (a->name_len == b->name_len && !memcmp(a->name, b->name, a->name_len));
+}
+
+MSXDEF int msx_same_file(const char *a, const char *b) {
+    msx__fid x, y;
+    msx__file_id(a, &x);
+    msx__file_id(b, &y);
+    return msx__fid_same(&x, &y);
+}
+
+MSXDEF msx_result msx_check_outputs(const char *const *inputs, int n_in, const char *const *outputs, int n_out) {
+    int i, j;
+    for (i = 0; i < n_out; i++) {
+        if (!outputs[i]) continue;
+        for (j = 0; j < n_in; j++)
+            if (inputs[j] && msx_same_file(outputs[i], inputs[j]))
+                return msx__err(MSX_E_ARG, "output %s is the same file as the input %s; refusing to overwrite an input "
+                                "(choose another output name)", outputs[i], inputs[j]);
+        for (j = 0; j < i; j++)
+            if (outputs[j] && msx_same_file(outputs[i], outputs[j]))
+                return msx__err(MSX_E_ARG, "outputs %s and %s are the same file; one would overwrite the other",
+                                outputs[j], outputs[i]);
+    }
+    for (i = 0; i < n_out; i++) {
+        char *target;
+        int keep;
+        mode_t mode;
+        msx_result r;
+        if (!outputs[i]) continue;
+        if ((r = msx__write_target(outputs[i], &target, &keep, &mode)) != MSX_OK) return r;
+        free(target);
+    }
     return MSX_OK;
 }
 
@@ -1839,6 +2348,53 @@ MSXDEF void msx_tensor_sums(const msx_tensor *t, double *sum, double *abs_sum) {
     }
     *sum = s;
     *abs_sum = a;
+}
+
+MSXDEF int64_t msx_tensor_count_nonfinite(const msx_tensor *t) {
+    int64_t i, n = 0;
+    if (!t || !t->data) return 0;
+    if (t->dtype == MSX_F32) {
+        /* exponent bits all ones = inf or NaN; blocks with a 32-bit count
+           vectorise */
+        const unsigned char *p = (const unsigned char *)t->data;
+        int64_t nb = (t->numel + 4095) / 4096, q;
+        for (q = 0; q < nb; q++) {
+            int64_t j0 = q * 4096, j1 = j0 + 4096 < t->numel ? j0 + 4096 : t->numel, j;
+            uint32_t c = 0;
+            for (j = j0; j < j1; j++) {
+                uint32_t b;
+                memcpy(&b, p + 4 * j, 4);
+                c += (b & 0x7F800000u) == 0x7F800000u;
+            }
+            n += c;
+        }
+        return n;
+    }
+    if (t->dtype != MSX_F64 && t->dtype != MSX_F16 && t->dtype != MSX_BF16) return 0;
+    for (i = 0; i < t->numel; i++) n += !isfinite(msx__elem_as_double(t->data, t->dtype, i));
+    return n;
+}
+
+MSXDEF msx_result msx_ckpt_check_finite(const msx_checkpoint *c, const char *what) {
+    msx__sb b = {0, 0, 0, 0};
+    int i, nt = 0;
+    int64_t total = 0;
+    msx_result r = MSX_OK;
+    if (!c) return msx__err(MSX_E_ARG, "msx_ckpt_check_finite: NULL checkpoint");
+    if (!what) what = c->path ? c->path : "checkpoint";
+    for (i = 0; i < c->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&c->tensors[i]);
+        if (!k) continue;
+        if (nt < 5) msx__sb_printf(&b, "%s'%s' (%lld of %lld)", nt ? ", " : "", c->tensors[i].name, (long long)k,
+                                   (long long)c->tensors[i].numel);
+        nt++;
+        total += k;
+    }
+    if (nt)
+        r = msx__err(MSX_E_FORMAT, "%s: %lld NaN/infinite weight(s) in %d tensor(s): %s%s; a broken model is refused "
+                     "(inspect lists every tensor)", what, (long long)total, nt, b.s ? b.s : "", nt > 5 ? ", ..." : "");
+    msx__sb_free(&b);
+    return r;
 }
 
 /* ---- the tensor table -------------------------------------------------------- */
@@ -2117,7 +2673,10 @@ static msx_result msx__map_file(const char *path, const void **map, size_t *len)
     if (!path) return msx__err(MSX_E_ARG, "file path is NULL");
     fd = open(path, O_RDONLY);
     if (fd < 0) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return msx__err(MSX_E_IO, "%s: not a regular file", path); }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return msx__err(MSX_E_IO, "%s: %s", path, S_ISDIR(st.st_mode) ? "is a directory, not a file" : "not a regular file");
+    }
     if ((uint64_t)st.st_size > (uint64_t)MSX_MAX_FILE_BYTES) { close(fd); return msx__err(MSX_E_LIMIT, "%s: larger than MSX_MAX_FILE_BYTES", path); }
     if (st.st_size == 0) { close(fd); return msx__err(MSX_E_FORMAT, "%s: empty file", path); }
     m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -2234,8 +2793,8 @@ MSXDEF double msx_time_now(void) {
 /* IMPLEMENTATION: ckpt. Owns reading checkpoints: the torch.save zip        */
 /* container, a safe pickle-subset interpreter, format sniffing, wrapper and */
 /* prefix handling, and the SAM architecture (inference from shapes, JSON    */
-/* override, key/shape validation, canonical order). Formats and the safe    */
-/* pickle subset follow docs/ecosystem-and-style.md section B5.              */
+/* override, key/shape validation, canonical order). The pickle opcodes and  */
+/* globals accepted are listed under "safe pickle subset" below.             */
 /* ======================================================================== */
 
 #ifndef MSX_MAX_PICKLE_BYTES
@@ -3256,6 +3815,180 @@ MSXDEF msx_result msx_ckpt_load(const char *path, msx_checkpoint **out) {
     return r;
 }
 
+/* ---- .pth writer (torch.save layout) ------------------------------------------ */
+
+static const char *msx__pth_storage_name(msx_dtype t) {
+    switch (t) {
+    case MSX_F32: return "FloatStorage";
+    case MSX_F16: return "HalfStorage";
+    case MSX_BF16: return "BFloat16Storage";
+    case MSX_F64: return "DoubleStorage";
+    case MSX_I64: return "LongStorage";
+    case MSX_I32: return "IntStorage";
+    case MSX_I16: return "ShortStorage";
+    case MSX_I8: return "CharStorage";
+    case MSX_U8: return "ByteStorage";
+    case MSX_BOOL: return "BoolStorage";
+    default: return NULL;
+    }
+}
+
+static void msx__pk_str(msx__sb *b, const char *s) { /* BINUNICODE */
+    size_t n = strlen(s);
+    unsigned char h[5];
+    h[0] = 'X';
+    h[1] = (unsigned char)n; h[2] = (unsigned char)(n >> 8); h[3] = (unsigned char)(n >> 16); h[4] = (unsigned char)(n >> 24);
+    msx__sb_putn(b, (const char *)h, 5);
+    msx__sb_putn(b, s, n);
+}
+static void msx__pk_int(msx__sb *b, int64_t v) {
+    unsigned char h[10];
+    int k;
+    if (v >= INT32_MIN && v <= INT32_MAX) { /* BININT */
+        uint32_t u = (uint32_t)(int32_t)v;
+        h[0] = 'J';
+        for (k = 0; k < 4; k++) h[1 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 5);
+    } else { /* LONG1, 8 bytes two's complement */
+        uint64_t u = (uint64_t)v;
+        h[0] = 0x8a;
+        h[1] = 8;
+        for (k = 0; k < 8; k++) h[2 + k] = (unsigned char)(u >> (8 * k));
+        msx__sb_putn(b, (const char *)h, 10);
+    }
+}
+static void msx__pk_global(msx__sb *b, const char *mod, const char *name) {
+    msx__sb_puts(b, "c");
+    msx__sb_puts(b, mod);
+    msx__sb_puts(b, "\n");
+    msx__sb_puts(b, name);
+    msx__sb_puts(b, "\n");
+}
+
+static void msx__zip_put16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void msx__zip_put32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+MSXDEF msx_result msx_pth_save(const char *path, const msx_checkpoint *c) {
+    msx__sb pk = {0, 0, 0, 0}, zf = {0, 0, 0, 0}, cd = {0, 0, 0, 0};
+    int i, k, n_ent;
+    msx_result r = MSX_OK;
+    if (!path || !c) return msx__err(MSX_E_ARG, "msx_pth_save: NULL argument");
+    /* data.pkl: OrderedDict((name, _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())), ...) */
+    msx__sb_putn(&pk, "\x80\x02", 2);
+    msx__pk_global(&pk, "collections", "OrderedDict");
+    msx__sb_puts(&pk, ")R(");
+    for (i = 0; i < c->n; i++) {
+        const msx_tensor *t = &c->tensors[i];
+        const char *sn = msx__pth_storage_name(t->dtype);
+        char key[24];
+        int64_t stride = 1, st[MSX_MAX_DIMS];
+        if (!sn) { msx__sb_free(&pk); return msx__err(MSX_E_UNSUPPORTED, "%s: tensor '%s' has a dtype torch cannot store", path, t->name); }
+        for (k = t->ndim - 1; k >= 0; k--) { st[k] = stride; stride *= t->shape[k]; }
+        snprintf(key, sizeof key, "%d", i);
+        msx__pk_str(&pk, t->name);
+        msx__pk_global(&pk, "torch._utils", "_rebuild_tensor_v2");
+        msx__sb_puts(&pk, "((");
+        msx__pk_str(&pk, "storage");
+        msx__pk_global(&pk, "torch", sn);
+        msx__pk_str(&pk, key);
+        msx__pk_str(&pk, "cpu");
+        msx__pk_int(&pk, t->numel);
+        msx__sb_puts(&pk, "tQ");
+        msx__pk_int(&pk, 0);
+        msx__sb_puts(&pk, "(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, t->shape[k]);
+        msx__sb_puts(&pk, "t(");
+        for (k = 0; k < t->ndim; k++) msx__pk_int(&pk, st[k]);
+        msx__sb_putn(&pk, "t\x89", 2);
+        msx__pk_global(&pk, "collections", "OrderedDict");
+        msx__sb_puts(&pk, ")RtR");
+    }
+    msx__sb_puts(&pk, "u.");
+    if (pk.oom) { msx__sb_free(&pk); return msx__err(MSX_E_NOMEM, "%s: out of memory", path); }
+    /* the archive: data.pkl, byteorder, data/0.., version; then the central directory */
+    n_ent = c->n + 3;
+    for (i = 0; i < n_ent && r == MSX_OK; i++) {
+        char name[64];
+        const unsigned char *data;
+        size_t len, pad, at;
+        unsigned char h[46];
+        uint32_t crc;
+        if (i == 0) { snprintf(name, sizeof name, "archive/data.pkl"); data = (const unsigned char *)pk.s; len = pk.n; }
+        else if (i == 1) { snprintf(name, sizeof name, "archive/byteorder"); data = (const unsigned char *)"little"; len = 6; }
+        else if (i < n_ent - 1) {
+            const msx_tensor *t = &c->tensors[i - 2];
+            snprintf(name, sizeof name, "archive/data/%d", i - 2);
+            data = (const unsigned char *)t->data;
+            len = (size_t)t->numel * msx_dtype_size(t->dtype);
+        } else { snprintf(name, sizeof name, "archive/version"); data = (const unsigned char *)"3\n"; len = 2; }
+        /* pad with an extra field so the data starts 64-byte aligned, as torch does */
+        at = zf.n + 30 + strlen(name);
+        pad = (64 - (at + 4) % 64) % 64;
+        if ((uint64_t)zf.n + 30 + strlen(name) + 4 + pad + len > 0xFFFFFFFFull) {
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB; the .pth writer has no zip64 (write .safetensors instead)", path);
+            break;
+        }
+        crc = msx__ck_crc32(data, len);
+        memset(h, 0, sizeof h);
+        msx__zip_put32(h, 0x04034b50u);
+        msx__zip_put16(h + 4, 20);
+        msx__zip_put32(h + 14, crc);
+        msx__zip_put32(h + 18, (uint32_t)len);
+        msx__zip_put32(h + 22, (uint32_t)len);
+        msx__zip_put16(h + 26, (uint32_t)strlen(name));
+        msx__zip_put16(h + 28, (uint32_t)(4 + pad));
+        {
+            unsigned char cdh[46];
+            memset(cdh, 0, sizeof cdh);
+            msx__zip_put32(cdh, 0x02014b50u);
+            msx__zip_put16(cdh + 4, 20);
+            msx__zip_put16(cdh + 6, 20);
+            msx__zip_put32(cdh + 16, crc);
+            msx__zip_put32(cdh + 20, (uint32_t)len);
+            msx__zip_put32(cdh + 24, (uint32_t)len);
+            msx__zip_put16(cdh + 28, (uint32_t)strlen(name));
+            msx__zip_put32(cdh + 42, (uint32_t)zf.n);
+            msx__sb_putn(&cd, (const char *)cdh, 46);
+            msx__sb_puts(&cd, name);
+        }
+        msx__sb_putn(&zf, (const char *)h, 30);
+        msx__sb_puts(&zf, name);
+        {
+            unsigned char x[4 + 64];
+            memset(x, 'Z', sizeof x);
+            msx__zip_put16(x, 0x4246); /* "FB", torch's padding record */
+            msx__zip_put16(x + 2, (uint32_t)pad);
+            msx__sb_putn(&zf, (const char *)x, 4 + pad);
+        }
+        if (len) msx__sb_putn(&zf, (const char *)data, len);
+        if (zf.oom || cd.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+    }
+    if (r == MSX_OK) {
+        unsigned char e[22];
+        uint32_t cd_off = (uint32_t)zf.n;
+        if ((uint64_t)zf.n + cd.n + 22 > 0xFFFFFFFFull || n_ent > 0xFFFF)
+            r = msx__err(MSX_E_LIMIT, "%s: more than 4 GiB or 65535 entries; the .pth writer has no zip64 (write .safetensors instead)", path);
+        else {
+            msx__sb_putn(&zf, cd.s, cd.n);
+            memset(e, 0, sizeof e);
+            msx__zip_put32(e, 0x06054b50u);
+            msx__zip_put16(e + 8, (uint32_t)n_ent);
+            msx__zip_put16(e + 10, (uint32_t)n_ent);
+            msx__zip_put32(e + 12, (uint32_t)cd.n);
+            msx__zip_put32(e + 16, cd_off);
+            msx__sb_putn(&zf, (const char *)e, 22);
+            if (zf.oom) r = msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+            else r = msx_write_file_atomic(path, zf.s, zf.n);
+        }
+    }
+    msx__sb_free(&pk);
+    msx__sb_free(&cd);
+    msx__sb_free(&zf);
+    return r;
+}
+
 /* ---- SAM architecture ----------------------------------------------------------- */
 
 MSXDEF void msx_sam_arch_default(msx_sam_arch *a) {
@@ -3464,6 +4197,22 @@ static const msx_tensor *msx__ck_need(const msx_checkpoint *ck, const char *name
     return t;
 }
 
+/* 1 + the largest N of any key "<prefix>N." (at most 64), 0 if none. */
+static int msx__ck_count_indexed(const msx_checkpoint *ck, const char *prefix) {
+    size_t pl = strlen(prefix);
+    int i, best = 0;
+    for (i = 0; i < ck->n; i++) {
+        const char *nm = ck->tensors[i].name, *p;
+        int v = 0;
+        if (strncmp(nm, prefix, pl)) continue;
+        p = nm + pl;
+        if (*p < '0' || *p > '9') continue;
+        while (*p >= '0' && *p <= '9' && v < 1000) v = v * 10 + (*p++ - '0');
+        if (*p == '.' && v < 64 && v + 1 > best) best = v + 1;
+    }
+    return best;
+}
+
 MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) {
     const char *what;
     const msx_tensor *t, *pe;
@@ -3485,10 +4234,9 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
         if (pe->ndim != 4 || pe->shape[1] != pe->shape[2] || pe->shape[1] <= 0) return msx__err(MSX_E_SHAPE, "%s: image_encoder.pos_embed must be 1 x H x H x C", what);
         g = (int)pe->shape[1];
     }
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "image_encoder.blocks.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
+    /* counts from the largest index present (not the first gap), so a
+       missing tensor is reported by name rather than as a shorter model */
+    i = msx__ck_count_indexed(ck, "image_encoder.blocks.");
     if (i == 0) return msx__err(MSX_E_KEY_MISMATCH, "%s: not a SAM checkpoint: no image_encoder.blocks.0.*", what);
     a->depth = i;
     t = msx__ck_need(ck, "image_encoder.blocks.0.mlp.lin1.weight", 2, &r);
@@ -3537,11 +4285,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "prompt_encoder.mask_downscaling.3.weight", 4, &r);
     if (!t) return r;
     a->mask_in_chans = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.transformer.layers.%d.norm1.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->dec_depth = i;
+    a->dec_depth = msx__ck_count_indexed(ck, "mask_decoder.transformer.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_token.weight", 2, &r);
     if (!t) return r;
     a->dec_dim = (int)t->shape[1];
@@ -3554,11 +4298,7 @@ MSXDEF msx_result msx_sam_arch_infer(const msx_checkpoint *ck, msx_sam_arch *a) 
     t = msx__ck_need(ck, "mask_decoder.mask_tokens.weight", 2, &r);
     if (!t) return r;
     a->num_mask_tokens = (int)t->shape[0];
-    for (i = 0; i < 64; i++) {
-        snprintf(b, sizeof b, "mask_decoder.iou_prediction_head.layers.%d.weight", i);
-        if (!msx_ckpt_find(ck, b)) break;
-    }
-    a->iou_head_depth = i;
+    a->iou_head_depth = msx__ck_count_indexed(ck, "mask_decoder.iou_prediction_head.layers.");
     t = msx__ck_need(ck, "mask_decoder.iou_prediction_head.layers.0.weight", 2, &r);
     if (!t) return r;
     a->iou_head_hidden = (int)t->shape[0];
@@ -3832,6 +4572,7 @@ MSXDEF msx_result msx_sam_load(const char *path, const char *config_json, msx_ch
     if (r == MSX_OK) r = msx_sam_arch_infer(c, &a);
     if (r == MSX_OK && config_json) r = msx_sam_arch_load_json(config_json, &a);
     if (r == MSX_OK) r = msx_sam_canonical_order(c, &a); /* validates first */
+    if (r == MSX_OK) r = msx_ckpt_check_finite(c, path); /* a NaN model segments to nothing, silently */
     if (r != MSX_OK) { msx_ckpt_free(c); return r; }
     if (arch) *arch = a;
     *ck = c;
@@ -5514,42 +6255,150 @@ static msx_result msx__img_probe(const void *buf, size_t len, const char *what, 
 }
 #endif
 
-MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+MSXDEF msx_result msx_intensity_parse(const char *s, msx_intensity *out) {
+    memset(out, 0, sizeof *out);
+    if (!s) return msx__err(MSX_E_ARG, "intensity rule is NULL");
+    if (!strcmp(s, "minmax")) out->mode = MSX_INTENSITY_MINMAX;
+    else if (!strcmp(s, "percentile")) out->mode = MSX_INTENSITY_PERCENTILE;
+    else if (!strcmp(s, "high-byte")) out->mode = MSX_INTENSITY_HIGH_BYTE;
+    else if (!strncmp(s, "window:", 7)) {
+        char *e;
+        double c = strtod(s + 7, &e), w;
+        if (e == s + 7 || *e != ',' || !isfinite(c))
+            return msx__err(MSX_E_ARG, "intensity '%s': window wants window:C,W (centre and width, numbers)", s);
+        w = strtod(e + 1, &e);
+        if (*e || !isfinite(w) || w <= 0)
+            return msx__err(MSX_E_ARG, "intensity '%s': the window width must be a number > 0", s);
+        out->mode = MSX_INTENSITY_WINDOW;
+        out->center = c;
+        out->width = w;
+    } else
+        return msx__err(MSX_E_ARG, "intensity '%s': use minmax, percentile, window:C,W or high-byte", s);
+    return MSX_OK;
+}
+
+MSXDEF void msx_intensity_str(const msx_intensity *it, char *buf, size_t cap) {
+    msx_intensity_mode m = it ? it->mode : MSX_INTENSITY_MINMAX;
+    if (m == MSX_INTENSITY_WINDOW) snprintf(buf, cap, "window:%g,%g", it->center, it->width);
+    else snprintf(buf, cap, "%s", m == MSX_INTENSITY_PERCENTILE ? "percentile" : m == MSX_INTENSITY_HIGH_BYTE ? "high-byte" : "minmax");
+}
+
+#ifndef MSX_NO_STB_IMAGE
+/* 16-bit samples -> 8 bits by the rule (see msx_intensity_mode). */
+static msx_result msx__img_map16(const unsigned short *px, size_t n, const msx_intensity *it, unsigned char *dst,
+                                 msx_image_info *info) {
+    msx_intensity_mode mode = it ? it->mode : MSX_INTENSITY_MINMAX;
+    double lo = 0, hi = 65535;
+    size_t i;
+    if (mode == MSX_INTENSITY_HIGH_BYTE) {
+        for (i = 0; i < n; i++) dst[i] = (unsigned char)(px[i] >> 8);
+        info->lo = 0;
+        info->hi = 65535;
+        return MSX_OK;
+    }
+    if (mode == MSX_INTENSITY_WINDOW) {
+        lo = it->center - 0.5 * it->width;
+        hi = it->center + 0.5 * it->width;
+    } else {
+        uint32_t *hist = (uint32_t *)msx__calloc(65536, sizeof(uint32_t));
+        size_t c = 0, qlo, qhi;
+        int v, vmin = 65535, vmax = 0;
+        if (!hist) return msx__err(MSX_E_NOMEM, "out of memory");
+        for (i = 0; i < n; i++) hist[px[i]]++;
+        for (v = 0; v < 65536; v++)
+            if (hist[v]) { if (v < vmin) vmin = v; vmax = v; }
+        lo = vmin;
+        hi = vmax;
+        if (mode == MSX_INTENSITY_PERCENTILE) {
+            /* smallest value whose cumulative count reaches 0.5 % / 99.5 % of the samples */
+            qlo = (size_t)ceil(0.005 * (double)n);
+            qhi = (size_t)ceil(0.995 * (double)n);
+            if (qlo < 1) qlo = 1;
+            if (qhi < 1) qhi = 1;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qlo) break; }
+            lo = v;
+            for (v = 0, c = 0; v < 65536; v++) { c += hist[v]; if (c >= qhi) break; }
+            hi = v;
+            if (hi <= lo) { lo = vmin; hi = vmax; }
+        }
+        MSX_FREE(hist);
+    }
+    info->lo = lo;
+    info->hi = hi;
+    for (i = 0; i < n; i++) {
+        double y = hi > lo ? floor(((double)px[i] - lo) * 255.0 / (hi - lo) + 0.5) : 0;
+        dst[i] = (unsigned char)(y < 0 ? 0 : y > 255 ? 255 : y);
+    }
+    return MSX_OK;
+}
+#endif
+
+MSXDEF msx_result msx_image_load_mem_ex(const void *buf, size_t len, const char *what, const msx_intensity *it,
+                                        msx_image *out, msx_image_info *info) {
+    msx_image_info dummy;
+    if (!info) info = &dummy;
+    memset(info, 0, sizeof *info);
 #ifdef MSX_NO_STB_IMAGE
-    (void)buf; (void)len;
+    (void)buf; (void)len; (void)it;
     msx_image_free(out);
     return msx__err(MSX_E_UNSUPPORTED, "%s: built with MSX_NO_STB_IMAGE, cannot decode images", what ? what : "image");
 #else
+    {
     int w, h, n;
-    stbi_uc *px;
     msx_result r;
     if (!what) what = "image";
     if (!out) return msx__err(MSX_E_ARG, "%s: out is NULL", what);
     msx_image_free(out);
+    if (it && it->mode == MSX_INTENSITY_WINDOW && !(it->width > 0 && isfinite(it->width) && isfinite(it->center)))
+        return msx__err(MSX_E_ARG, "%s: intensity window needs a finite centre and a width > 0", what);
     if ((r = msx__img_probe(buf, len, what, &w, &h, &n)) != MSX_OK) return r;
-    /* stb converts to 3 channels: grey replicated, alpha dropped, 16 bit -> top 8 bits. */
-    px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
-    if (!px) {
-        const char *why = stbi_failure_reason();
-        return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+    info->bits = 8;
+    if (stbi_is_16_bit_from_memory((const stbi_uc *)buf, (int)len)) {
+        /* full depth, grey replicated and alpha dropped by stb, then the rule */
+        stbi_us *px16 = stbi_load_16_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px16) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        info->bits = 16;
+        if ((r = msx_image_init(out, w, h, NULL)) == MSX_OK)
+            r = msx__img_map16(px16, (size_t)w * (size_t)h * 3, it, out->data, info);
+        stbi_image_free(px16);
+        if (r != MSX_OK) msx_image_free(out);
+        return r;
     }
-    r = msx_image_init(out, w, h, px);
-    stbi_image_free(px);
-    return r;
+    {
+        /* stb converts to 3 channels: grey replicated, alpha dropped. */
+        stbi_uc *px = stbi_load_from_memory((const stbi_uc *)buf, (int)len, &w, &h, &n, 3);
+        if (!px) {
+            const char *why = stbi_failure_reason();
+            return msx__err(MSX_E_FORMAT, "%s: cannot decode image (%s)", what, why ? why : "unknown error");
+        }
+        r = msx_image_init(out, w, h, px);
+        stbi_image_free(px);
+        return r;
+    }
+    }
 #endif
 }
 
-MSXDEF msx_result msx_image_load(const char *path, msx_image *out) {
+MSXDEF msx_result msx_image_load_mem(const void *buf, size_t len, const char *what, msx_image *out) {
+    return msx_image_load_mem_ex(buf, len, what, NULL, out, NULL);
+}
+
+MSXDEF msx_result msx_image_load_ex(const char *path, const msx_intensity *it, msx_image *out, msx_image_info *info) {
     void *buf;
     size_t len;
     msx_result r;
     if (!path) return msx__err(MSX_E_ARG, "msx_image_load: path is NULL");
     msx_image_free(out);
     if ((r = msx_read_file(path, MSX_MAX_IMAGE_FILE_BYTES, &buf, &len)) != MSX_OK) return r;
-    r = msx_image_load_mem(buf, len, path, out);
+    r = msx_image_load_mem_ex(buf, len, path, it, out, info);
     msx_free(buf);
     return r;
 }
+
+MSXDEF msx_result msx_image_load(const char *path, msx_image *out) { return msx_image_load_ex(path, NULL, out, NULL); }
 
 MSXDEF msx_result msx_mask_load_mem(const void *buf, size_t len, const char *what,
                                     const msx_mask_load_options *opt, msx_mask *out) {
@@ -6339,9 +7188,1273 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 }
 
 /* ======================================================================== */
+/* IMPLEMENTATION: volumes — NIfTI and nnU-Net. Owns NIfTI I/O on top of    */
+/* nifti_clib (header checks before any voxel is read, float64 + scaling as */
+/* nibabel, atomic uint8/float writing), the reference's normalisation     */
+/* (numpy-exact percentiles and pairwise sums), task tables, nnU-Net case  */
+/* lists and splits, slice selection and the prepare output.               */
+/* ======================================================================== */
+#ifndef MSX_NO_NIFTI
+#include <dirent.h>
+#include <nifti2_io.h>
+#include <sys/stat.h>
+#include <zlib.h>
+
+/* ---- NIfTI files ------------------------------------------------------------- */
+
+static int msx__vol_ends(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n > k && !strcmp(s + n - k, suffix);
+}
+
+/* Bytes per voxel of the datatypes we convert to float64 (0 = refused). */
+static int msx__vol_dtsize(int dt) {
+    switch (dt) {
+    case DT_UINT8: case DT_INT8: return 1;
+    case DT_INT16: case DT_UINT16: return 2;
+    case DT_INT32: case DT_UINT32: case DT_FLOAT32: return 4;
+    case DT_INT64: case DT_UINT64: case DT_FLOAT64: return 8;
+    default: return 0;
+    }
+}
+
+/* Checks the raw header (nifti_read_header: magic, sizeof_hdr, byte order)
+   and our limits, then lets nifti_clib parse it into a nifti_image without
+   data. Nothing larger than the header and its extensions is read. */
+static msx_result msx__vol_open(const char *path, nifti_image **out, int dims[3], int *version) {
+    struct stat st;
+    int nver = 0, k, nd, dt, nb;
+    int64_t d[8], voxoff, bytes;
+    nifti_image *nim;
+    *out = NULL;
+    if (!path) return msx__err(MSX_E_ARG, "msx_volume_load: path is NULL");
+    if (stat(path, &st) != 0) return msx__err(MSX_E_IO, "%s: cannot open (%s)", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) return msx__err(MSX_E_IO, "%s: not a regular file", path);
+    if (!msx__vol_ends(path, ".nii") && !msx__vol_ends(path, ".nii.gz"))
+        return msx__err(MSX_E_UNSUPPORTED, "%s: only .nii and .nii.gz NIfTI files are read (no .hdr/.img pairs)", path);
+    /* The header is checked here, from its raw bytes, before nifti_clib sees
+       it: nifti_clib prints to stderr about headers it dislikes. */
+    nifti_set_debug_level(0);
+    {
+        unsigned char hb[540];
+        size_t got;
+        int sw = 0;
+        int32_t sz;
+        znzFile zf = znzopen(path, "rb", msx__vol_ends(path, ".gz"));
+        if (znz_isnull(zf)) return msx__err(MSX_E_IO, "%s: cannot open", path);
+        got = znzread(hb, 1, sizeof hb, zf);
+        znzclose(zf);
+        if (got < 348) return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (%lu bytes, a header needs 348)", path, (unsigned long)got);
+        memcpy(&sz, hb, 4);
+        if (sz != 348 && sz != 540) {
+            sz = (int32_t)(((uint32_t)sz >> 24) | (((uint32_t)sz >> 8) & 0xff00u) | (((uint32_t)sz << 8) & 0xff0000u) | ((uint32_t)sz << 24));
+            sw = 1;
+        }
+        if (sz == 540 && got < 540) return msx__err(MSX_E_FORMAT, "%s: truncated NIfTI-2 header", path);
+        if (sz == 348) {
+            float vo;
+            nver = 1;
+            if (memcmp(hb + 344, "n+1", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+1\" (not a single-file NIfTI-1 image)", path);
+            for (k = 0; k < 8; k++) d[k] = (int16_t)(sw ? (hb[41 + 2 * k] | hb[40 + 2 * k] << 8) : (hb[40 + 2 * k] | hb[41 + 2 * k] << 8));
+            dt = (int16_t)(sw ? (hb[71] | hb[70] << 8) : (hb[70] | hb[71] << 8));
+            {
+                unsigned char t[4];
+                for (k = 0; k < 4; k++) t[k] = hb[108 + (sw ? 3 - k : k)];
+                memcpy(&vo, t, 4);
+            }
+            if (!(vo >= 0 && vo <= 16777216.0f)) return msx__err(MSX_E_FORMAT, "%s: vox_offset %g is not in [352, 16 MiB]", path, (double)vo);
+            voxoff = (int64_t)vo;
+        } else if (sz == 540) {
+            nver = 2;
+            if (memcmp(hb + 4, "n+2", 4) != 0) return msx__err(MSX_E_FORMAT, "%s: magic is not \"n+2\" (not a single-file NIfTI-2 image)", path);
+            for (k = 0; k < 9; k++) {
+                int64_t x = 0;
+                int q;
+                const unsigned char *f = hb + (k < 8 ? 16 + 8 * k : 168);
+                for (q = 0; q < 8; q++) x |= (int64_t)((uint64_t)f[sw ? q : 7 - q] << (8 * (7 - q)));
+                if (k < 8) d[k] = x;
+                else voxoff = x;
+            }
+            dt = (int16_t)(sw ? (hb[13] | hb[12] << 8) : (hb[12] | hb[13] << 8));
+        } else return msx__err(MSX_E_FORMAT, "%s: not a NIfTI-1/2 file (sizeof_hdr is %d, not 348 or 540)", path, (int)sz);
+    }
+    nd = (int)d[0];
+    if (d[0] < 1 || d[0] > 7) return msx__err(MSX_E_FORMAT, "%s: dim[0] = %lld, must be 1..7", path, (long long)d[0]);
+    for (k = 1; k <= nd; k++) {
+        if (d[k] < 1) return msx__err(MSX_E_FORMAT, "%s: dim[%d] = %lld, must be >= 1", path, k, (long long)d[k]);
+        if (k <= 3 && d[k] > MSX_MAX_VOLUME_SIDE)
+            return msx__err(MSX_E_LIMIT, "%s: dim[%d] = %lld exceeds MSX_MAX_VOLUME_SIDE (%d)", path, k, (long long)d[k], MSX_MAX_VOLUME_SIDE);
+        if (k > 3 && d[k] != 1)
+            return msx__err(MSX_E_UNSUPPORTED, "%s: a %d-D volume with dim[%d] = %lld; only 3-D volumes (extra dimensions 1) are read", path, nd, k, (long long)d[k]);
+    }
+    for (k = nd + 1; k <= 3; k++) d[k] = 1;
+    if (!(nb = msx__vol_dtsize(dt)))
+        return msx__err(MSX_E_UNSUPPORTED, "%s: NIfTI datatype %d is not read (integers up to 64 bits, float32, float64)", path, dt);
+    bytes = d[1] * d[2] * d[3] * nb; /* each side <= 2^15: no overflow */
+    if (bytes > (int64_t)MSX_MAX_VOLUME_BYTES)
+        return msx__err(MSX_E_LIMIT, "%s: %lld x %lld x %lld voxels of %d bytes exceed MSX_MAX_VOLUME_BYTES (%lld)", path,
+                        (long long)d[1], (long long)d[2], (long long)d[3], nb, (long long)MSX_MAX_VOLUME_BYTES);
+    if (voxoff < (nver == 2 ? 544 : 352) || voxoff > ((int64_t)1 << 24))
+        return msx__err(MSX_E_FORMAT, "%s: vox_offset %lld is not in [%d, 16 MiB]", path, (long long)voxoff, nver == 2 ? 544 : 352);
+    nim = nifti_image_read(path, 0);
+    if (!nim) return msx__err(MSX_E_FORMAT, "%s: nifti_clib cannot parse the header", path);
+    if (nim->nifti_type != NIFTI_FTYPE_NIFTI1_1 && nim->nifti_type != NIFTI_FTYPE_NIFTI2_1) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_UNSUPPORTED, "%s: not a single-file NIfTI-1/2 image (ANALYZE or header/image pair)", path);
+    }
+    if (nim->nvox != d[1] * d[2] * d[3] || nim->datatype != dt) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: inconsistent header (voxel count or datatype)", path);
+    }
+    dims[0] = (int)d[1];
+    dims[1] = (int)d[2];
+    dims[2] = (int)d[3];
+    *version = nver;
+    *out = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_probe(const char *path, int dims[3], int *datatype) {
+    nifti_image *nim;
+    int d[3], ver;
+    msx_result r = msx__vol_open(path, &nim, d, &ver);
+    if (r != MSX_OK) return r;
+    if (dims) memcpy(dims, d, sizeof d);
+    if (datatype) *datatype = nim->datatype;
+    nifti_image_free(nim);
+    return MSX_OK;
+}
+
+MSXDEF void msx_volume_free(msx_volume *v) {
+    if (!v) return;
+    MSX_FREE(v->data);
+    if (v->hdr) nifti_image_free((nifti_image *)v->hdr);
+    memset(v, 0, sizeof *v);
+}
+
+/* nibabel's img.affine: the sform when sform_code > 0, else the qform when
+   qform_code > 0, else nibabel's base affine (pixdim, x flipped, centred). */
+static void msx__vol_affine(const nifti_image *nim, double a[4][4]) {
+    int i, j;
+    if (nim->sform_code > 0 || nim->qform_code > 0) {
+        const nifti_dmat44 *m = nim->sform_code > 0 ? &nim->sto_xyz : &nim->qto_xyz;
+        for (i = 0; i < 4; i++)
+            for (j = 0; j < 4; j++) a[i][j] = m->m[i][j];
+        return;
+    }
+    memset(a, 0, sizeof(double) * 16);
+    {
+        double z[3], s[3];
+        s[0] = (double)nim->nx; s[1] = (double)nim->ny; s[2] = (double)nim->nz;
+        z[0] = -(double)nim->dx; z[1] = (double)nim->dy; z[2] = (double)nim->dz;
+        for (i = 0; i < 3; i++) {
+            a[i][i] = z[i];
+            a[i][3] = -((s[i] - 1) / 2.0) * z[i];
+        }
+        a[3][3] = 1;
+    }
+}
+
+MSXDEF msx_result msx_volume_load(const char *path, msx_volume *out) {
+    nifti_image *nim = NULL;
+    int d[3], ver;
+    size_t n, i;
+    double slope, inter, *v;
+    int scaled;
+    msx_result r;
+    if (!out) return msx__err(MSX_E_ARG, "msx_volume_load: out is NULL");
+    msx_volume_free(out);
+    if ((r = msx__vol_open(path, &nim, d, &ver)) != MSX_OK) return r;
+    if (nifti_image_load(nim) != 0 || !nim->data) {
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: voxel data truncated or unreadable (%dx%dx%d voxels expected)", path, d[0], d[1], d[2]);
+    }
+    n = (size_t)d[0] * (size_t)d[1] * (size_t)d[2];
+    v = (double *)MSX_MALLOC(n * sizeof(double) + 1);
+    if (!v) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "%s: cannot allocate %lu voxels", path, (unsigned long)n); }
+    /* nibabel get_slope_inter: a zero or non-finite slope means unscaled; a
+       finite slope needs a finite intercept. */
+    slope = nim->scl_slope;
+    inter = nim->scl_inter;
+    if (slope == 0 || !isfinite(slope)) { slope = 1; inter = 0; }
+    else if (!isfinite(inter)) {
+        MSX_FREE(v);
+        nifti_image_free(nim);
+        return msx__err(MSX_E_FORMAT, "%s: valid scl_slope but non-finite scl_inter", path);
+    }
+    scaled = !(slope == 1 && inter == 0);
+    for (i = 0; i < n; i++) {
+        double x;
+        switch (nim->datatype) {
+        case DT_UINT8: x = ((const uint8_t *)nim->data)[i]; break;
+        case DT_INT8: x = ((const int8_t *)nim->data)[i]; break;
+        case DT_INT16: x = ((const int16_t *)nim->data)[i]; break;
+        case DT_UINT16: x = ((const uint16_t *)nim->data)[i]; break;
+        case DT_INT32: x = ((const int32_t *)nim->data)[i]; break;
+        case DT_UINT32: x = ((const uint32_t *)nim->data)[i]; break;
+        case DT_INT64: x = (double)((const int64_t *)nim->data)[i]; break;
+        case DT_UINT64: x = (double)((const uint64_t *)nim->data)[i]; break;
+        case DT_FLOAT32: x = ((const float *)nim->data)[i]; break;
+        default: x = ((const double *)nim->data)[i]; break;
+        }
+        if (scaled) {
+            /* nibabel apply_read_scaling in float64: arr * slope, then + inter
+               (two roundings; volatile keeps a compiler from fusing them) */
+            volatile double t = x;
+            if (slope != 1.0) t = t * slope;
+            if (inter != 0.0) t = t + inter;
+            x = t;
+        }
+        if (!isfinite(x)) {
+            MSX_FREE(v);
+            nifti_image_free(nim);
+            return msx__err(MSX_E_FORMAT, "%s: voxel %lu is NaN or infinite; fix the volume", path, (unsigned long)i);
+        }
+        v[i] = x;
+    }
+    free(nim->data); /* nifti_clib's malloc */
+    nim->data = NULL;
+    out->nx = d[0];
+    out->ny = d[1];
+    out->nz = d[2];
+    out->data = v;
+    msx__vol_affine(nim, out->affine);
+    out->nifti_version = ver;
+    out->datatype = nim->datatype;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_like(const msx_volume *ref, msx_volume *out) {
+    nifti_image *nim;
+    size_t n;
+    if (!ref || !out || !ref->hdr) return msx__err(MSX_E_ARG, "msx_volume_like: no reference volume");
+    msx_volume_free(out);
+    nim = nifti_copy_nim_info((const nifti_image *)ref->hdr);
+    n = (size_t)ref->nx * (size_t)ref->ny * (size_t)ref->nz;
+    out->data = (double *)msx__calloc(n ? n : 1, sizeof(double));
+    if (!nim || !out->data) {
+        if (nim) nifti_image_free(nim);
+        MSX_FREE(out->data);
+        out->data = NULL;
+        return msx__err(MSX_E_NOMEM, "msx_volume_like: out of memory");
+    }
+    out->nx = ref->nx;
+    out->ny = ref->ny;
+    out->nz = ref->nz;
+    memcpy(out->affine, ref->affine, sizeof out->affine);
+    out->nifti_version = ref->nifti_version;
+    out->datatype = ref->datatype;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_create(int nx, int ny, int nz, const double affine[4][4], int nifti_version,
+                                    msx_volume *out) {
+    int64_t dims[8] = {3, 0, 0, 0, 1, 1, 1, 1};
+    nifti_image *nim;
+    int i, j;
+    if (!out) return msx__err(MSX_E_ARG, "msx_volume_create: out is NULL");
+    msx_volume_free(out);
+    if (nx < 1 || ny < 1 || nz < 1 || nx > MSX_MAX_VOLUME_SIDE || ny > MSX_MAX_VOLUME_SIDE || nz > MSX_MAX_VOLUME_SIDE)
+        return msx__err(MSX_E_ARG, "msx_volume_create: dims %d x %d x %d out of range", nx, ny, nz);
+    if (nifti_version != 1 && nifti_version != 2) return msx__err(MSX_E_ARG, "msx_volume_create: NIfTI version must be 1 or 2");
+    if ((int64_t)nx * ny * nz * 8 > (int64_t)MSX_MAX_VOLUME_BYTES) return msx__err(MSX_E_LIMIT, "msx_volume_create: exceeds MSX_MAX_VOLUME_BYTES");
+    dims[1] = nx;
+    dims[2] = ny;
+    dims[3] = nz;
+    nifti_set_debug_level(0);
+    nim = nifti_make_new_nim(dims, DT_FLOAT64, 0);
+    if (!nim) return msx__err(MSX_E_NOMEM, "msx_volume_create: out of memory");
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 4; j++) {
+            double v = affine ? affine[i][j] : (double)(i == j);
+            nim->sto_xyz.m[i][j] = v;
+            nim->qto_xyz.m[i][j] = v;
+        }
+    nim->sform_code = nim->qform_code = 1; /* NIFTI_XFORM_SCANNER_ANAT */
+    /* qform = the rotation part of the affine as a quaternion, its column
+       lengths as pixdim (nifti_clib's decomposition) */
+    nifti_dmat44_to_quatern(nim->qto_xyz, &nim->quatern_b, &nim->quatern_c, &nim->quatern_d, &nim->qoffset_x,
+                            &nim->qoffset_y, &nim->qoffset_z, &nim->dx, &nim->dy, &nim->dz, &nim->qfac);
+    nim->pixdim[1] = nim->dx;
+    nim->pixdim[2] = nim->dy;
+    nim->pixdim[3] = nim->dz;
+    nim->pixdim[0] = nim->qfac;
+    nim->qto_xyz = nifti_quatern_to_dmat44(nim->quatern_b, nim->quatern_c, nim->quatern_d, nim->qoffset_x,
+                                           nim->qoffset_y, nim->qoffset_z, nim->dx, nim->dy, nim->dz, nim->qfac);
+    nim->nifti_type = nifti_version == 2 ? NIFTI_FTYPE_NIFTI2_1 : NIFTI_FTYPE_NIFTI1_1;
+    out->data = (double *)msx__calloc((size_t)nx * ny * nz, sizeof(double));
+    if (!out->data) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "msx_volume_create: out of memory"); }
+    out->nx = nx;
+    out->ny = ny;
+    out->nz = nz;
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 4; j++) out->affine[i][j] = nim->sto_xyz.m[i][j];
+    out->nifti_version = nifti_version;
+    out->datatype = DT_FLOAT64;
+    out->hdr = nim;
+    return MSX_OK;
+}
+
+/* gzip (RFC 1952) of a buffer in memory, for an atomic .nii.gz write. */
+static msx_result msx__vol_gzip(const char *path, const unsigned char *src, size_t n, unsigned char **dst, size_t *dn) {
+    z_stream zs;
+    uLong cap;
+    unsigned char *buf;
+    int zr;
+    memset(&zs, 0, sizeof zs);
+    if (deflateInit2(&zs, 1, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        return msx__err(MSX_E_NOMEM, "%s: zlib deflateInit2 failed", path);
+    cap = deflateBound(&zs, (uLong)n) + 64;
+    buf = (unsigned char *)MSX_MALLOC((size_t)cap);
+    if (!buf) { deflateEnd(&zs); return msx__err(MSX_E_NOMEM, "%s: out of memory for gzip", path); }
+    zs.next_in = (Bytef *)(uintptr_t)src;
+    zs.avail_in = (uInt)n;
+    zs.next_out = buf;
+    zs.avail_out = (uInt)cap;
+    zr = deflate(&zs, Z_FINISH);
+    *dn = (size_t)zs.total_out;
+    deflateEnd(&zs);
+    if (zr != Z_STREAM_END) { MSX_FREE(buf); return msx__err(MSX_E_IO, "%s: gzip compression failed", path); }
+    *dst = buf;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_save(const char *path, const msx_volume *v, msx_dtype dtype) {
+    nifti_image *nim;
+    int gz, dt, nb, ver;
+    size_t n, i, hlen, total;
+    unsigned char *buf = NULL, *gzb = NULL, *px;
+    msx_result r = MSX_OK;
+    if (!path || !v || !v->hdr || !v->data) return msx__err(MSX_E_ARG, "msx_volume_save: NULL path or empty volume");
+    gz = msx__vol_ends(path, ".nii.gz");
+    if (!gz && !msx__vol_ends(path, ".nii")) return msx__err(MSX_E_ARG, "%s: the file name must end in .nii or .nii.gz", path);
+    switch (dtype) {
+    case MSX_U8: dt = DT_UINT8; nb = 1; break;
+    case MSX_I16: dt = DT_INT16; nb = 2; break;
+    case MSX_I32: dt = DT_INT32; nb = 4; break;
+    case MSX_F32: dt = DT_FLOAT32; nb = 4; break;
+    case MSX_F64: dt = DT_FLOAT64; nb = 8; break;
+    default: return msx__err(MSX_E_UNSUPPORTED, "%s: msx_volume_save writes U8, I16, I32, F32 or F64", path);
+    }
+    nim = nifti_copy_nim_info((const nifti_image *)v->hdr);
+    if (!nim) return msx__err(MSX_E_NOMEM, "%s: out of memory", path);
+    ver = v->nifti_version == 2 ? 2 : 1;
+    nim->datatype = dt;
+    nim->nbyper = nb;
+    nim->scl_slope = 1;
+    nim->scl_inter = 0;
+    nim->cal_min = nim->cal_max = 0;
+    nim->nifti_type = ver == 2 ? NIFTI_FTYPE_NIFTI2_1 : NIFTI_FTYPE_NIFTI1_1;
+    nim->iname_offset = ver == 2 ? 544 : 352; /* header + 4-byte extender, no extensions */
+    hlen = (size_t)nim->iname_offset;
+    n = (size_t)v->nx * (size_t)v->ny * (size_t)v->nz;
+    total = hlen + n * (size_t)nb;
+    buf = (unsigned char *)msx__calloc(total, 1);
+    if (!buf) { nifti_image_free(nim); return msx__err(MSX_E_NOMEM, "%s: out of memory", path); }
+    if (ver == 2) {
+        nifti_2_header h2;
+        if (nifti_convert_nim2n2hdr(nim, &h2) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-2 header", path);
+        else {
+            /* the full 8-byte signature (some nifti_clib versions write only "n+2") */
+            memcpy(h2.magic, "n+2\0\r\n\032\n", 8);
+            memcpy(buf, &h2, sizeof h2);
+        }
+    } else {
+        nifti_1_header h1;
+        if (nifti_convert_nim2n1hdr(nim, &h1) != 0) r = msx__err(MSX_E_FORMAT, "%s: cannot build a NIfTI-1 header (dims beyond NIfTI-1?)", path);
+        else memcpy(buf, &h1, sizeof h1);
+    }
+    nifti_image_free(nim);
+    px = buf + hlen;
+    for (i = 0; r == MSX_OK && i < n; i++) {
+        double x = v->data[i];
+        if (dtype == MSX_F32) { float f = (float)x; memcpy(px + 4 * i, &f, 4); }
+        else if (dtype == MSX_F64) memcpy(px + 8 * i, &x, 8);
+        else {
+            double lo = dtype == MSX_U8 ? 0 : dtype == MSX_I16 ? -32768.0 : -2147483648.0;
+            double hi = dtype == MSX_U8 ? 255 : dtype == MSX_I16 ? 32767.0 : 2147483647.0;
+            double rx = floor(x + 0.5);
+            if (!(rx >= lo && rx <= hi)) {
+                r = msx__err(MSX_E_ARG, "%s: voxel %lu = %g does not fit %s", path, (unsigned long)i, x, msx_dtype_name(dtype));
+                break;
+            }
+            if (dtype == MSX_U8) px[i] = (unsigned char)rx;
+            else if (dtype == MSX_I16) { int16_t s = (int16_t)rx; memcpy(px + 2 * i, &s, 2); }
+            else { int32_t s = (int32_t)rx; memcpy(px + 4 * i, &s, 4); }
+        }
+    }
+    if (r == MSX_OK && gz) {
+        size_t gn = 0;
+        if ((r = msx__vol_gzip(path, buf, total, &gzb, &gn)) == MSX_OK) r = msx_write_file_atomic(path, gzb, gn);
+    } else if (r == MSX_OK) r = msx_write_file_atomic(path, buf, total);
+    MSX_FREE(gzb);
+    MSX_FREE(buf);
+    return r;
+}
+
+/* ---- the reference's normalisation (numpy-exact) ------------------------------ */
+
+/* numpy's pairwise summation of float64 (loops_utils.h pairwise_sum: blocks
+   of 128, eight accumulators); np.sum/np.mean of a contiguous array. */
+static double msx__vol_pairwise(const double *a, size_t n) {
+    if (n < 8) {
+        double res = 0.;
+        size_t i;
+        for (i = 0; i < n; i++) res += a[i];
+        return res;
+    } else if (n <= 128) {
+        double r[8], res;
+        size_t i, j;
+        for (j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (j = 0; j < 8; j++) r[j] += a[i + j];
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    } else {
+        size_t n2 = n / 2;
+        n2 -= n2 % 8;
+        return msx__vol_pairwise(a, n2) + msx__vol_pairwise(a + n2, n - n2);
+    }
+}
+
+/* np.sum of a contiguous float64 array: the reduction runs over buffers of
+   8192 elements (numpy's default bufsize), each summed pairwise, the
+   buffers added one after the other. */
+static double msx__vol_sum(const double *a, size_t n) {
+    double res = 0;
+    size_t i;
+    for (i = 0; i < n; i += 8192) res += msx__vol_pairwise(a + i, n - i < 8192 ? n - i : 8192);
+    return res;
+}
+
+/* k-th smallest of a[0..n-1] (a is permuted): Hoare quickselect, which
+   stays balanced on the many equal values (zeros) of medical volumes. */
+static double msx__vol_select(double *a, size_t n, size_t k) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, kk = (ptrdiff_t)k;
+    while (lo < hi) {
+        double pivot = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                double t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (kk <= j) hi = j;
+        else if (kk >= i) lo = i;
+        else break; /* a[j+1..i-1] all equal the pivot */
+    }
+    return a[kk];
+}
+
+/* np.percentile(a, pct) with method "linear" (numpy 1.22+: virtual index
+   (n - 1)·q, q = pct / 100, and its two-sided lerp). a is permuted. */
+static double msx__vol_percentile(double *a, size_t n, double pct) {
+    double q = pct / 100.0, vi = (double)(n - 1) * q, prev = floor(vi), g, lo, hi, diff;
+    size_t k = (size_t)prev, m;
+    if (vi >= (double)(n - 1)) return msx__vol_select(a, n, n - 1);
+    lo = msx__vol_select(a, n, k);
+    hi = a[k + 1];
+    for (m = k + 2; m < n; m++)
+        if (a[m] < hi) hi = a[m];
+    g = vi - prev;
+    diff = hi - lo;
+    {
+        volatile double t = diff * (g >= 0.5 ? 1 - g : g);
+        return g >= 0.5 ? hi - t : lo + t;
+    }
+}
+
+MSXDEF msx_result msx_volume_to_u8(const msx_volume *v, unsigned char *out) {
+    size_t n, i;
+    double *w, lo, hi, mean, sd, zmin, zmax, den;
+    if (!v || !v->data || !out) return msx__err(MSX_E_ARG, "msx_volume_to_u8: empty volume or NULL output");
+    n = (size_t)v->nx * (size_t)v->ny * (size_t)v->nz;
+    w = (double *)MSX_MALLOC(n * sizeof(double));
+    if (!w) return msx__err(MSX_E_NOMEM, "msx_volume_to_u8: cannot allocate %lu doubles", (unsigned long)n);
+    /* 1. np.clip(x, P0.5, P99.5) over the whole volume, zeros included */
+    memcpy(w, v->data, n * sizeof(double));
+    lo = msx__vol_percentile(w, n, 0.5);
+    hi = msx__vol_percentile(w, n, 99.5);
+    for (i = 0; i < n; i++) {
+        double x = v->data[i];
+        w[i] = x < lo ? lo : x > hi ? hi : x;
+    }
+    /* 2. z-score: np.mean and np.std (population), numpy's sums in array
+       (file) order */
+    mean = msx__vol_sum(w, n) / (double)n;
+    {
+        double *d2 = (double *)MSX_MALLOC(n * sizeof(double));
+        if (!d2) { MSX_FREE(w); return msx__err(MSX_E_NOMEM, "msx_volume_to_u8: out of memory"); }
+        for (i = 0; i < n; i++) {
+            double d = w[i] - mean;
+            d2[i] = d * d;
+        }
+        sd = sqrt(msx__vol_sum(d2, n) / (double)n);
+        MSX_FREE(d2);
+    }
+    if (!(sd > 0)) { /* constant volume: numpy gives NaN, we give zeros */
+        memset(out, 0, n);
+        MSX_FREE(w);
+        return MSX_OK;
+    }
+    zmin = HUGE_VAL;
+    zmax = -HUGE_VAL;
+    for (i = 0; i < n; i++) {
+        w[i] = (w[i] - mean) / sd;
+        if (w[i] < zmin) zmin = w[i];
+        if (w[i] > zmax) zmax = w[i];
+    }
+    /* 3. (x - min) / (max - min + 1e-5), uint8 = trunc(255·v) */
+    den = (zmax - zmin) + 1e-5;
+    for (i = 0; i < n; i++) {
+        double t = (w[i] - zmin) / den;
+        double s = 255.0 * t;
+        out[i] = (unsigned char)(int)s;
+    }
+    MSX_FREE(w);
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_label_mask(const msx_volume *label, const int *fg, int n_fg, unsigned char *out) {
+    size_t n, i;
+    int k;
+    if (!label || !label->data || !out) return msx__err(MSX_E_ARG, "msx_volume_label_mask: empty label or NULL output");
+    if (!fg || n_fg < 1) return msx__err(MSX_E_ARG, "msx_volume_label_mask: empty foreground set; give at least one label value");
+    n = (size_t)label->nx * (size_t)label->ny * (size_t)label->nz;
+    for (i = 0; i < n; i++) {
+        double r = nearbyint(label->data[i]); /* np.round: half to even */
+        unsigned char m = 0;
+        for (k = 0; k < n_fg && !m; k++) m = r == (double)fg[k];
+        out[i] = m;
+    }
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_slice_image(const unsigned char *vol, int nx, int ny, int nz, int k, msx_image *out) {
+    msx_result r;
+    int i, j;
+    if (!vol || !out || k < 0 || k >= nz) return msx__err(MSX_E_ARG, "msx_volume_slice_image: slice %d not in [0, %d)", k, nz);
+    if ((r = msx_image_init(out, ny, nx, NULL)) != MSX_OK) return r;
+    for (i = 0; i < nx; i++)
+        for (j = 0; j < ny; j++) {
+            unsigned char g = vol[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * (size_t)k)];
+            unsigned char *p = out->data + ((size_t)i * ny + j) * 3;
+            p[0] = p[1] = p[2] = g;
+        }
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_volume_slice_mask(const unsigned char *vol, int nx, int ny, int nz, int k, msx_mask *out) {
+    msx_result r;
+    int i, j;
+    if (!vol || !out || k < 0 || k >= nz) return msx__err(MSX_E_ARG, "msx_volume_slice_mask: slice %d not in [0, %d)", k, nz);
+    if ((r = msx_mask_init(out, ny, nx)) != MSX_OK) return r;
+    for (i = 0; i < nx; i++)
+        for (j = 0; j < ny; j++)
+            out->data[(size_t)i * ny + j] = vol[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * (size_t)k)] != 0;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_grey_save_png(const char *path, int w, int h, const unsigned char *grey) {
+#ifdef MSX_NO_STB_IMAGE
+    (void)w; (void)h; (void)grey;
+    return msx__err(MSX_E_UNSUPPORTED, "%s: built with MSX_NO_STB_IMAGE, cannot write PNG", path ? path : "");
+#else
+    if (!path || !grey || w <= 0 || h <= 0) return msx__err(MSX_E_ARG, "msx_grey_save_png: NULL path or empty image");
+    return msx__img_write_png(path, w, h, 1, grey);
+#endif
+}
+
+MSXDEF msx_result msx_volume_boxes_load(const char *path, int nz, unsigned char *has, float *boxes) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *f, *bx;
+    int i, k;
+    msx_result r;
+    if (!path || nz < 1 || !has || !boxes) return msx__err(MSX_E_ARG, "msx_volume_boxes_load: bad arguments");
+    memset(has, 0, (size_t)nz);
+    if ((r = msx_read_file(path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, path);
+    msx_free(buf);
+    if (!j) return MSX_E_FORMAT;
+    f = msx__json_get(j, "format");
+    bx = msx__json_get(j, "boxes");
+    r = MSX_OK;
+    if (!f || f->type != MSX__JSTR || strcmp(f->str, "medsamix-boxes-v1") != 0)
+        r = msx__err(MSX_E_FORMAT, "%s: \"format\" must be \"medsamix-boxes-v1\"", path);
+    else if (!bx || bx->type != MSX__JARR)
+        r = msx__err(MSX_E_FORMAT, "%s: \"boxes\" must be a list of {\"z\": k, \"box\": [x0, y0, x1, y1]}", path);
+    for (i = 0; r == MSX_OK && i < bx->n; i++) {
+        const msx__json *z = msx__json_get(&bx->kids[i], "z"), *b = msx__json_get(&bx->kids[i], "box");
+        int zi;
+        if (!z || z->type != MSX__JNUM || z->num != floor(z->num) || z->num < 0 || z->num >= nz) {
+            r = msx__err(MSX_E_ARG, "%s: boxes[%d]: \"z\" must be an integer slice index in [0, %d)", path, i, nz);
+            break;
+        }
+        zi = (int)z->num;
+        if (has[zi]) { r = msx__err(MSX_E_ARG, "%s: slice z = %d has two boxes", path, zi); break; }
+        if (!b || b->type != MSX__JARR || b->n != 4) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: \"box\" must be [x0, y0, x1, y1]", path, i); break; }
+        for (k = 0; k < 4; k++) {
+            if (b->kids[k].type != MSX__JNUM || !isfinite(b->kids[k].num)) { r = msx__err(MSX_E_FORMAT, "%s: boxes[%d]: box values must be numbers", path, i); break; }
+            boxes[4 * zi + k] = (float)b->kids[k].num;
+        }
+        has[zi] = 1;
+    }
+    msx__json_free(j);
+    return r;
+}
+
+/* ---- nnU-Net datasets and task tables ------------------------------------------ */
+
+static char *msx__vol_join(const char *a, const char *b) {
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s%s%s", a, (a[0] && a[strlen(a) - 1] == '/') ? "" : "/", b);
+    return s;
+}
+
+static int msx__vol_isdir(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int msx__vol_isfile(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int msx__vol_cmpstr(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+MSXDEF void msx_nnunet_names_free(char **names, int n) {
+    int i;
+    if (!names) return;
+    for (i = 0; i < n; i++) MSX_FREE(names[i]);
+    MSX_FREE(names);
+}
+
+static msx_result msx__vol_table_read(const char *table, msx__json **out) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *f, *t;
+    msx_result r;
+    *out = NULL;
+    if (!table) return msx__err(MSX_E_ARG, "no task table given (--task-table TASKS.json)");
+    if ((r = msx_read_file(table, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, table);
+    msx_free(buf);
+    if (!j) return MSX_E_FORMAT;
+    f = msx__json_get(j, "format");
+    t = msx__json_get(j, "tasks");
+    if (!f || f->type != MSX__JSTR || strcmp(f->str, "medsamix-nnunet-tasks-v1") != 0) {
+        msx__json_free(j);
+        return msx__err(MSX_E_FORMAT, "%s: \"format\" must be \"medsamix-nnunet-tasks-v1\"", table);
+    }
+    if (!t || t->type != MSX__JOBJ || t->n < 1) {
+        msx__json_free(j);
+        return msx__err(MSX_E_FORMAT, "%s: \"tasks\" must be a non-empty object {\"<task>\": [entries]}", table);
+    }
+    *out = j;
+    return MSX_OK;
+}
+
+MSXDEF msx_result msx_nnunet_task_names(const char *table, char ***names, int *n) {
+    msx__json *j;
+    const msx__json *t;
+    char **v;
+    int i;
+    msx_result r;
+    *names = NULL;
+    *n = 0;
+    if ((r = msx__vol_table_read(table, &j)) != MSX_OK) return r;
+    t = msx__json_get(j, "tasks");
+    v = (char **)msx__calloc((size_t)t->n, sizeof *v);
+    if (!v) { msx__json_free(j); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    for (i = 0; i < t->n; i++)
+        if (!(v[i] = msx__strdup(t->keys[i]))) {
+            msx_nnunet_names_free(v, i);
+            msx__json_free(j);
+            return msx__err(MSX_E_NOMEM, "out of memory");
+        }
+    *names = v;
+    *n = t->n;
+    msx__json_free(j);
+    return MSX_OK;
+}
+
+MSXDEF void msx_nnunet_task_free(msx_nnunet_task *t) {
+    int e, s, i;
+    if (!t) return;
+    for (e = 0; e < t->n_entries; e++) {
+        msx_nnunet_entry *en = &t->entries[e];
+        MSX_FREE(en->dataset);
+        MSX_FREE(en->fg);
+        for (s = 0; s < 2; s++) msx_nnunet_names_free(en->cases[s], en->n_cases[s]);
+    }
+    MSX_FREE(t->entries);
+    for (s = 0; s < 2; s++) {
+        for (i = 0; i < t->n[s]; i++) {
+            MSX_FREE(t->slices[s][i].name);
+            MSX_FREE(t->slices[s][i].image);
+            MSX_FREE(t->slices[s][i].mask);
+        }
+        MSX_FREE(t->slices[s]);
+    }
+    MSX_FREE(t->name);
+    MSX_FREE(t);
+}
+
+/* The reference's case list: sorted, de-duplicated names of the imagesTr
+   files containing "0000", each cut before its last '_'. */
+static msx_result msx__vol_cases(const char *dir, char ***out, int *n_out) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char **v = NULL;
+    int n = 0, cap = 0, i, k;
+    *out = NULL;
+    *n_out = 0;
+    if (!d) return msx__err(MSX_E_IO, "%s: cannot open folder (%s)", dir, strerror(errno));
+    while ((e = readdir(d)) != NULL) {
+        const char *us;
+        if (e->d_name[0] == '.' || !strstr(e->d_name, "0000") || !(us = strrchr(e->d_name, '_'))) continue;
+        if (n == cap) {
+            char **nv;
+            cap = cap ? cap * 2 : 64;
+            nv = (char **)MSX_REALLOC(v, (size_t)cap * sizeof *v);
+            if (!nv) { closedir(d); msx_nnunet_names_free(v, n); return msx__err(MSX_E_NOMEM, "out of memory"); }
+            v = nv;
+        }
+        if (!(v[n] = (char *)MSX_MALLOC((size_t)(us - e->d_name) + 1))) {
+            closedir(d);
+            msx_nnunet_names_free(v, n);
+            return msx__err(MSX_E_NOMEM, "out of memory");
+        }
+        memcpy(v[n], e->d_name, (size_t)(us - e->d_name));
+        v[n][us - e->d_name] = 0;
+        n++;
+    }
+    closedir(d);
+    if (n) qsort(v, (size_t)n, sizeof *v, msx__vol_cmpstr);
+    for (i = k = 0; i < n; i++) {
+        if (k && !strcmp(v[k - 1], v[i])) { MSX_FREE(v[i]); continue; }
+        v[k++] = v[i];
+    }
+    *out = v;
+    *n_out = k;
+    return MSX_OK;
+}
+
+/* One table entry resolved on disk. */
+typedef struct msx__vol_ent {
+    char *dir;      /* ROOT/<dataset> */
+    char *ending;   /* dataset.json file_ending */
+    char **all;     /* every case, sorted */
+    int n_all, split;
+} msx__vol_ent;
+
+static char *msx__vol_image_path(const msx__vol_ent *e, const char *c, int ch) {
+    size_t n = strlen(e->dir) + strlen(c) + strlen(e->ending) + 32;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s/imagesTr/%s_%04d%s", e->dir, c, ch, e->ending);
+    return s;
+}
+
+static char *msx__vol_label_path(const msx__vol_ent *e, const char *c) {
+    size_t n = strlen(e->dir) + strlen(c) + strlen(e->ending) + 32;
+    char *s = (char *)MSX_MALLOC(n);
+    if (s) snprintf(s, n, "%s/labelsTr/%s%s", e->dir, c, e->ending);
+    return s;
+}
+
+/* Reads ROOT/<dataset>/dataset.json and lists the cases. */
+static msx_result msx__vol_dataset(const char *root, const char *table, const char *ds, msx__vol_ent *e) {
+    char *js = NULL, *img = NULL;
+    void *buf = NULL;
+    size_t len;
+    msx__json *j = NULL;
+    const char *fe;
+    msx_result r = MSX_OK;
+    memset(e, 0, sizeof *e);
+    if (!ds[0] || strchr(ds, '/') || !strcmp(ds, "..") || !strcmp(ds, "."))
+        return msx__err(MSX_E_ARG, "%s: dataset name '%s' must be a folder name under the nnU-Net root", table, ds);
+    if (!(e->dir = msx__vol_join(root, ds))) return msx__err(MSX_E_NOMEM, "out of memory");
+    if (!msx__vol_isdir(e->dir))
+        return msx__err(MSX_E_ARG, "%s names an unknown dataset '%s': no folder %s (nnU-Net raw root: %s)", table, ds, e->dir, root);
+    if (!(js = msx__vol_join(e->dir, "dataset.json")) || !(img = msx__vol_join(e->dir, "imagesTr"))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if (!msx__vol_isfile(js)) { r = msx__err(MSX_E_ARG, "%s: dataset without dataset.json (nnU-Net raw layout needs it for file_ending)", e->dir); goto done; }
+    if ((r = msx_read_file(js, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) goto done;
+    if (!(j = msx__json_parse((const char *)buf, len, js))) { r = MSX_E_FORMAT; goto done; }
+    fe = msx__json_str(j, "file_ending");
+    if (!fe || (strcmp(fe, ".nii.gz") != 0 && strcmp(fe, ".nii") != 0)) {
+        r = msx__err(fe ? MSX_E_UNSUPPORTED : MSX_E_FORMAT, "%s: \"file_ending\" %s%s%s; NIfTI datasets use \".nii.gz\" or \".nii\"", js,
+                     fe ? "is \"" : "is missing", fe ? fe : "", fe ? "\"" : "");
+        goto done;
+    }
+    if (!(e->ending = msx__strdup(fe))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if (!msx__vol_isdir(img)) { r = msx__err(MSX_E_ARG, "%s: no imagesTr folder", e->dir); goto done; }
+    if ((r = msx__vol_cases(img, &e->all, &e->n_all)) != MSX_OK) goto done;
+    if (!e->n_all) r = msx__err(MSX_E_ARG, "%s: no image files with \"0000\" in their name (nnU-Net names them <case>_0000%s)", img, fe);
+done:
+    msx__json_free(j);
+    msx_free(buf);
+    MSX_FREE(js);
+    MSX_FREE(img);
+    return r;
+}
+
+static void msx__vol_ent_free(msx__vol_ent *e) {
+    MSX_FREE(e->dir);
+    MSX_FREE(e->ending);
+    msx_nnunet_names_free(e->all, e->n_all);
+    memset(e, 0, sizeof *e);
+}
+
+/* One (entry, case) of a split with the z of its foreground slices. */
+typedef struct msx__vol_unit {
+    int entry, ci;       /* entry index, case index in the entry's split list */
+    int n_z, n_pick;
+    int *z;              /* foreground slices, ascending */
+    unsigned char *pick; /* 1 = selected */
+} msx__vol_unit;
+
+/* --max-slices: a seeded, case-stratified subset. Cases take one slice each
+   in a seeded random order, round after round, until `max` are taken (so
+   every case is represented before any gets a second slice); within a case
+   the slices are a seeded random sample. The kept slices stay in the
+   reference's order. */
+static msx_result msx__vol_subsample(msx__vol_unit *u, int nu, int max, uint64_t seed) {
+    msx_rng g;
+    int *ord, i, total = 0, left, progress;
+    for (i = 0; i < nu; i++) total += u[i].n_z;
+    if (!(max > 0 && total > max)) { /* all of them, as the reference */
+        for (i = 0; i < nu; i++) {
+            u[i].n_pick = u[i].n_z;
+            memset(u[i].pick, 1, (size_t)u[i].n_z);
+        }
+        return MSX_OK;
+    }
+    for (i = 0; i < nu; i++) u[i].n_pick = 0;
+    msx_rng_seed(&g, seed);
+    ord = (int *)MSX_MALLOC((size_t)(nu ? nu : 1) * sizeof(int));
+    if (!ord) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < nu; i++) ord[i] = i;
+    for (i = nu - 1; i > 0; i--) {
+        int j = (int)msx_rng_below(&g, (uint64_t)i + 1), t = ord[i];
+        ord[i] = ord[j];
+        ord[j] = t;
+    }
+    left = max;
+    do {
+        progress = 0;
+        for (i = 0; i < nu && left; i++) {
+            msx__vol_unit *x = &u[ord[i]];
+            if (x->n_pick < x->n_z) { x->n_pick++; left--; progress = 1; }
+        }
+    } while (left && progress);
+    MSX_FREE(ord);
+    for (i = 0; i < nu; i++) { /* partial Fisher-Yates over the slice indices */
+        msx__vol_unit *x = &u[i];
+        int k, *idx = (int *)MSX_MALLOC((size_t)(x->n_z ? x->n_z : 1) * sizeof(int));
+        if (!idx) return msx__err(MSX_E_NOMEM, "out of memory");
+        for (k = 0; k < x->n_z; k++) idx[k] = k;
+        for (k = 0; k < x->n_pick; k++) {
+            int j = k + (int)msx_rng_below(&g, (uint64_t)(x->n_z - k)), t = idx[k];
+            idx[k] = idx[j];
+            idx[j] = t;
+            x->pick[idx[k]] = 1;
+        }
+        MSX_FREE(idx);
+    }
+    return MSX_OK;
+}
+
+static msx_result msx__vol_parse_entry(const char *table, const char *task, int k, const msx__json *en,
+                                       msx_nnunet_entry *out) {
+    const msx__json *ds = msx__json_get(en, "dataset"), *ch = msx__json_get(en, "channel"), *fg = msx__json_get(en, "foreground");
+    int i;
+    if (en->type != MSX__JOBJ) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d is not an object", table, task, k);
+    if (!ds || ds->type != MSX__JSTR) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"dataset\" must be a string", table, task, k);
+    if (!ch || ch->type != MSX__JNUM || ch->num != floor(ch->num) || ch->num < 0 || ch->num > 9999)
+        return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"channel\" must be an integer 0..9999", table, task, k);
+    if (!fg || fg->type != MSX__JARR) return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: \"foreground\" must be a list of label values", table, task, k);
+    if (fg->n < 1) return msx__err(MSX_E_ARG, "%s: task '%s' entry %d: empty foreground set; list the label values that make the object", table, task, k);
+    out->channel = (int)ch->num;
+    out->n_fg = fg->n;
+    out->fg = (int *)MSX_MALLOC((size_t)fg->n * sizeof(int));
+    out->dataset = msx__strdup(ds->str);
+    if (!out->fg || !out->dataset) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (i = 0; i < fg->n; i++) {
+        const msx__json *v = &fg->kids[i];
+        if (v->type != MSX__JNUM || v->num != floor(v->num) || fabs(v->num) > 1e9)
+            return msx__err(MSX_E_FORMAT, "%s: task '%s' entry %d: foreground value %d is not an integer", table, task, k, i);
+        out->fg[i] = (int)v->num;
+    }
+    return MSX_OK;
+}
+
+/* Loads one volume pair's u8 image (if want_image) and 0/1 mask. */
+static msx_result msx__vol_load_pair(const msx__vol_ent *e, const msx_nnunet_entry *en, const char *c, int want_image,
+                                     unsigned char **img, unsigned char **mask, int dims[3]) {
+    char *ip = NULL, *lp = NULL;
+    msx_volume v;
+    size_t n;
+    msx_result r = MSX_OK;
+    memset(&v, 0, sizeof v);
+    *img = *mask = NULL;
+    if (!(ip = msx__vol_image_path(e, c, en->channel)) || !(lp = msx__vol_label_path(e, c))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if ((r = msx_volume_load(lp, &v)) != MSX_OK) goto done;
+    dims[0] = v.nx;
+    dims[1] = v.ny;
+    dims[2] = v.nz;
+    n = (size_t)v.nx * v.ny * v.nz;
+    if (!(*mask = (unsigned char *)MSX_MALLOC(n))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+    if ((r = msx_volume_label_mask(&v, en->fg, en->n_fg, *mask)) != MSX_OK) goto done;
+    if (want_image) {
+        if ((r = msx_volume_load(ip, &v)) != MSX_OK) goto done;
+        if (v.nx != dims[0] || v.ny != dims[1] || v.nz != dims[2]) {
+            r = msx__err(MSX_E_SHAPE, "%s is %dx%dx%d but its label %s is %dx%dx%d", ip, v.nx, v.ny, v.nz, lp, dims[0], dims[1], dims[2]);
+            goto done;
+        }
+        if (!(*img = (unsigned char *)MSX_MALLOC(n))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        r = msx_volume_to_u8(&v, *img);
+    }
+done:
+    if (r != MSX_OK) {
+        MSX_FREE(*img);
+        MSX_FREE(*mask);
+        *img = *mask = NULL;
+    }
+    msx_volume_free(&v);
+    MSX_FREE(ip);
+    MSX_FREE(lp);
+    return r;
+}
+
+/* Tight box of slice k of a 0/1 volume: col_min, row_min, col_max, row_max
+   (maxima inclusive); 0 when the slice is empty. */
+static int msx__vol_slice_box(const unsigned char *m, int nx, int ny, int k, int box[4]) {
+    int i, j, any = 0;
+    box[0] = ny; box[1] = nx; box[2] = -1; box[3] = -1;
+    for (j = 0; j < ny; j++)
+        for (i = 0; i < nx; i++)
+            if (m[(size_t)i + (size_t)nx * ((size_t)j + (size_t)ny * k)]) {
+                any = 1;
+                if (j < box[0]) box[0] = j;
+                if (j > box[2]) box[2] = j;
+                if (i < box[1]) box[1] = i;
+                if (i > box[3]) box[3] = i;
+            }
+    return any;
+}
+
+/* Whether another dataset of the task has a case named c (then file names
+   carry the dataset). */
+static int msx__vol_collides(const msx_nnunet_task *t, int e, const char *c) {
+    int e2, s, i;
+    for (e2 = 0; e2 < t->n_entries; e2++) {
+        if (!strcmp(t->entries[e2].dataset, t->entries[e].dataset)) continue;
+        for (s = 0; s < 2; s++)
+            for (i = 0; i < t->entries[e2].n_cases[s]; i++)
+                if (!strcmp(t->entries[e2].cases[s][i], c)) return 1;
+    }
+    return 0;
+}
+
+MSXDEF msx_result msx_nnunet_task_load(const char *root, const char *table, const char *task,
+                                       const msx_nnunet_options *opt,
+                                       void (*on_case)(int done, int total, void *user), void *user,
+                                       msx_nnunet_task **out) {
+    msx__json *j = NULL;
+    const msx__json *tasks, *ents;
+    msx_nnunet_task *t = NULL;
+    msx__vol_ent *ve = NULL;
+    msx__vol_unit *u[2] = {NULL, NULL};
+    int nu[2] = {0, 0}, e, s, i, k, done = 0, total = 0;
+    double frac = opt && opt->calib_fraction > 0 ? opt->calib_fraction : 0.2;
+    unsigned char *img = NULL, *msk = NULL;
+    uint64_t h = 1469598103934665603ULL;
+    const char *p;
+    msx__sb names = {NULL, 0, 0, 0};
+    msx_result r = MSX_OK;
+    if (!out) return msx__err(MSX_E_ARG, "msx_nnunet_task_load: out is NULL");
+    *out = NULL;
+    if (!root || !msx__vol_isdir(root)) return msx__err(MSX_E_IO, "%s: the nnU-Net raw root is not a folder", root ? root : "(null)");
+    if (!task || !task[0] || strchr(task, '/') || !strcmp(task, ".") || !strcmp(task, ".."))
+        return msx__err(MSX_E_ARG, "task name '%s' must be a plain folder name (prepare writes DIR/<task>/)", task ? task : "");
+    if (!(frac > 0 && frac < 1)) return msx__err(MSX_E_ARG, "calib fraction %g must be in (0, 1)", frac);
+    if ((r = msx__vol_table_read(table, &j)) != MSX_OK) return r;
+    tasks = msx__json_get(j, "tasks");
+    if (!(ents = msx__json_get(tasks, task))) {
+        for (i = 0; i < tasks->n; i++) msx__sb_printf(&names, "%s%s", i ? ", " : "", tasks->keys[i]);
+        r = msx__err(MSX_E_ARG, "%s: no task '%s' (tasks: %.400s)", table, task, names.s ? names.s : "");
+        goto done;
+    }
+    if (ents->type != MSX__JARR || ents->n < 1) { r = msx__err(MSX_E_FORMAT, "%s: task '%s' must be a non-empty list of entries", table, task); goto done; }
+    t = (msx_nnunet_task *)msx__calloc(1, sizeof *t);
+    ve = (msx__vol_ent *)msx__calloc((size_t)ents->n, sizeof *ve);
+    if (!t || !ve || !(t->name = msx__strdup(task)) ||
+        !(t->entries = (msx_nnunet_entry *)msx__calloc((size_t)ents->n, sizeof *t->entries))) {
+        r = msx__err(MSX_E_NOMEM, "out of memory");
+        goto done;
+    }
+    t->n_entries = ents->n;
+    /* 1. the table and the datasets: names, dataset.json, case lists, splits */
+    for (e = 0; e < ents->n; e++) {
+        msx_nnunet_entry *en = &t->entries[e];
+        int n, sp;
+        if ((r = msx__vol_parse_entry(table, task, e, &ents->kids[e], en)) != MSX_OK) goto done;
+        for (k = 0; k < e; k++)
+            if (!strcmp(t->entries[k].dataset, en->dataset) && t->entries[k].channel == en->channel) {
+                r = msx__err(MSX_E_ARG, "%s: task '%s' lists dataset %s channel %d twice", table, task, en->dataset, en->channel);
+                goto done;
+            }
+        if ((r = msx__vol_dataset(root, table, en->dataset, &ve[e])) != MSX_OK) goto done;
+        n = ve[e].n_all;
+        sp = (int)((double)n - (double)n * (1.0 - frac)); /* ref: int(N - N * 0.8) */
+        if (sp < 0) sp = 0;
+        if (sp > n) sp = n;
+        ve[e].split = sp;
+        for (s = 0; s < 2; s++) {
+            int a = s ? sp : 0, b = s ? n : sp;
+            en->n_cases[s] = b - a;
+            en->cases[s] = (char **)msx__calloc((size_t)(b - a ? b - a : 1), sizeof(char *));
+            if (!en->cases[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+            for (i = a; i < b; i++)
+                if (!(en->cases[s][i - a] = msx__strdup(ve[e].all[i]))) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        }
+    }
+    /* 2. every file present with matching image/label headers, before any
+       voxel is read */
+    for (e = 0; e < t->n_entries; e++)
+        for (s = 0; s < 2; s++)
+            for (i = 0; i < t->entries[e].n_cases[s]; i++) {
+                const char *c = t->entries[e].cases[s][i];
+                char *ip = msx__vol_image_path(&ve[e], c, t->entries[e].channel), *lp = msx__vol_label_path(&ve[e], c);
+                int di[3], dl[3];
+                if (!ip || !lp) r = msx__err(MSX_E_NOMEM, "out of memory");
+                else if (!msx__vol_isfile(ip))
+                    r = msx__err(MSX_E_ARG, "%s: channel %d is missing for case %s (no file %s)", t->entries[e].dataset, t->entries[e].channel, c, ip);
+                else if (!msx__vol_isfile(lp))
+                    r = msx__err(MSX_E_ARG, "%s: case %s has no label (no file %s)", t->entries[e].dataset, c, lp);
+                else if ((r = msx_volume_probe(ip, di, NULL)) == MSX_OK && (r = msx_volume_probe(lp, dl, NULL)) == MSX_OK &&
+                         (di[0] != dl[0] || di[1] != dl[1] || di[2] != dl[2]))
+                    r = msx__err(MSX_E_SHAPE, "%s is %dx%dx%d but its label %s is %dx%dx%d; image and label must share the grid", ip, di[0], di[1], di[2], lp, dl[0], dl[1], dl[2]);
+                MSX_FREE(ip);
+                MSX_FREE(lp);
+                if (r != MSX_OK) goto done;
+                total += 2;
+            }
+    /* 3. labels: the foreground slices of every case */
+    for (s = 0; s < 2; s++) {
+        int m = 0;
+        for (e = 0; e < t->n_entries; e++) m += t->entries[e].n_cases[s];
+        u[s] = (msx__vol_unit *)msx__calloc((size_t)(m ? m : 1), sizeof(msx__vol_unit));
+        if (!u[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        for (e = 0; e < t->n_entries; e++)
+            for (i = 0; i < t->entries[e].n_cases[s]; i++) {
+                msx__vol_unit *x = &u[s][nu[s]++];
+                int d[3], z, box[4];
+                x->entry = e;
+                x->ci = i;
+                if ((r = msx__vol_load_pair(&ve[e], &t->entries[e], t->entries[e].cases[s][i], 0, &img, &msk, d)) != MSX_OK) goto done;
+                x->z = (int *)MSX_MALLOC((size_t)d[2] * sizeof(int));
+                x->pick = (unsigned char *)msx__calloc((size_t)d[2], 1);
+                if (!x->z || !x->pick) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+                for (z = 0; z < d[2]; z++)
+                    if (msx__vol_slice_box(msk, d[0], d[1], z, box)) x->z[x->n_z++] = z;
+                MSX_FREE(msk);
+                msk = NULL;
+                if (on_case) on_case(++done, total, user);
+            }
+    }
+    /* 4. --max-slices subset, then images: the chosen slices */
+    for (p = task; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    for (s = 0; s < 2; s++) {
+        int m = 0, q;
+        if ((r = msx__vol_subsample(u[s], nu[s], opt ? opt->max_slices : 0, (opt ? opt->seed : 0) ^ h ^ (uint64_t)s)) != MSX_OK) goto done;
+        for (q = 0; q < nu[s]; q++) m += u[s][q].n_pick;
+        t->slices[s] = (msx_nnunet_slice *)msx__calloc((size_t)(m ? m : 1), sizeof(msx_nnunet_slice));
+        if (!t->slices[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+        for (q = 0; q < nu[s]; q++) {
+            msx__vol_unit *x = &u[s][q];
+            msx_nnunet_entry *en = &t->entries[x->entry];
+            const char *c = en->cases[s][x->ci];
+            int d[3], pre = msx__vol_collides(t, x->entry, c);
+            if (x->n_pick) {
+                if ((r = msx__vol_load_pair(&ve[x->entry], en, c, 1, &img, &msk, d)) != MSX_OK) goto done;
+                for (k = 0; k < x->n_z; k++) {
+                    msx_nnunet_slice *sl;
+                    int z = x->z[k], row, col;
+                    size_t nn = (size_t)d[0] * d[1], nl;
+                    if (!x->pick[k]) continue;
+                    sl = &t->slices[s][t->n[s]++];
+                    sl->dataset = en->dataset;
+                    sl->case_id = c;
+                    sl->entry = x->entry;
+                    sl->channel = en->channel;
+                    sl->z = z;
+                    sl->rows = d[0];
+                    sl->cols = d[1];
+                    msx__vol_slice_box(msk, d[0], d[1], z, sl->box);
+                    nl = strlen(c) + strlen(en->dataset) + 48;
+                    sl->name = (char *)MSX_MALLOC(nl);
+                    sl->image = (unsigned char *)MSX_MALLOC(nn);
+                    sl->mask = (unsigned char *)MSX_MALLOC(nn);
+                    if (!sl->name || !sl->image || !sl->mask) { r = msx__err(MSX_E_NOMEM, "out of memory"); goto done; }
+                    snprintf(sl->name, nl, "%s%s%s_c%d_z%d", pre ? en->dataset : "", pre ? "_" : "", c, en->channel, z);
+                    for (row = 0; row < d[0]; row++)
+                        for (col = 0; col < d[1]; col++) {
+                            size_t v = (size_t)row + (size_t)d[0] * ((size_t)col + (size_t)d[1] * z);
+                            sl->image[(size_t)row * d[1] + col] = img[v];
+                            sl->mask[(size_t)row * d[1] + col] = msk[v];
+                        }
+                }
+                MSX_FREE(img);
+                MSX_FREE(msk);
+                img = msk = NULL;
+            }
+            if (on_case) on_case(++done, total, user);
+        }
+    }
+done:
+    MSX_FREE(img);
+    MSX_FREE(msk);
+    msx__sb_free(&names);
+    for (s = 0; s < 2; s++) {
+        for (i = 0; i < nu[s]; i++) { MSX_FREE(u[s][i].z); MSX_FREE(u[s][i].pick); }
+        MSX_FREE(u[s]);
+    }
+    if (ve)
+        for (e = 0; e < (t ? t->n_entries : 0); e++) msx__vol_ent_free(&ve[e]);
+    MSX_FREE(ve);
+    msx__json_free(j);
+    if (r != MSX_OK) { msx_nnunet_task_free(t); return r; }
+    *out = t;
+    return MSX_OK;
+}
+
+static msx_result msx__vol_mkdir(const char *path) {
+    if (mkdir(path, 0755) == 0 || (errno == EEXIST && msx__vol_isdir(path))) return MSX_OK;
+    return msx__err(MSX_E_IO, "%s: cannot create folder (%s)", path, errno == EEXIST ? "a file has that name" : strerror(errno));
+}
+
+MSXDEF msx_result msx_nnunet_task_write(const msx_nnunet_task *t, const char *out_dir) {
+    static const char *const split_name[2] = {"calib", "test"};
+    msx__sb js = {NULL, 0, 0, 0};
+    char *path = NULL;
+    int s, i, k;
+    msx_result r;
+    if (!t || !out_dir) return msx__err(MSX_E_ARG, "msx_nnunet_task_write: NULL task or folder");
+    if ((r = msx__vol_mkdir(out_dir)) != MSX_OK) return r;
+    /* a folder written before with other slices keeps no stale pair: PNGs
+       of our four folders that are not in this task are removed, but only
+       when slices.json says the folder is prepare's own */
+    for (s = 0; s < 2 && r == MSX_OK; s++)
+        for (k = 0; k < 2 && r == MSX_OK; k++) {
+            char sub[64];
+            DIR *d;
+            struct dirent *de;
+            snprintf(sub, sizeof sub, "%s/%s", split_name[s], k ? "masks" : "images");
+            MSX_FREE(path);
+            if (!(path = msx__vol_join(out_dir, sub))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            if (!(d = opendir(path))) continue;
+            while (r == MSX_OK && (de = readdir(d)) != NULL) {
+                int keep = 0;
+                char *fp;
+                if (de->d_name[0] == '.') continue;
+                for (i = 0; i < t->n[s] && !keep; i++) {
+                    size_t ln = strlen(t->slices[s][i].name);
+                    keep = !strncmp(de->d_name, t->slices[s][i].name, ln) && !strcmp(de->d_name + ln, ".png");
+                }
+                if (keep) continue;
+                {
+                    char *sj = msx__vol_join(out_dir, "slices.json");
+                    int ours = sj && msx__vol_isfile(sj);
+                    MSX_FREE(sj);
+                    if (!ours) {
+                        r = msx__err(MSX_E_ARG, "%s holds %s, which prepare did not write (no slices.json); use an empty --out folder", path, de->d_name);
+                        break;
+                    }
+                }
+                if ((fp = msx__vol_join(path, de->d_name)) != NULL) {
+                    if (remove(fp) != 0) r = msx__err(MSX_E_IO, "%s: cannot remove stale file (%s)", fp, strerror(errno));
+                    MSX_FREE(fp);
+                }
+            }
+            closedir(d);
+        }
+    msx__sb_printf(&js, "{\"format\": \"medsamix-slices-v1\",\n \"task\": ");
+    msx__sb_json_str(&js, t->name);
+    for (s = 0; s < 2 && r == MSX_OK; s++) {
+        char sub[64];
+        msx__sb_printf(&js, ",\n \"%s\": [", split_name[s]);
+        MSX_FREE(path);
+        if (!(path = msx__vol_join(out_dir, split_name[s]))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+        if ((r = msx__vol_mkdir(path)) != MSX_OK) break;
+        for (k = 0; k < 2 && r == MSX_OK; k++) {
+            snprintf(sub, sizeof sub, "%s/%s", split_name[s], k ? "masks" : "images");
+            MSX_FREE(path);
+            if (!(path = msx__vol_join(out_dir, sub))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            r = msx__vol_mkdir(path);
+        }
+        for (i = 0; i < t->n[s] && r == MSX_OK; i++) {
+            const msx_nnunet_slice *sl = &t->slices[s][i];
+            size_t nn = (size_t)sl->rows * sl->cols, q;
+            size_t pl = strlen(out_dir) + strlen(sl->name) + 64;
+            unsigned char *m255;
+            char rel_i[512], rel_m[512];
+            snprintf(rel_i, sizeof rel_i, "%s/images/%s.png", split_name[s], sl->name);
+            snprintf(rel_m, sizeof rel_m, "%s/masks/%s.png", split_name[s], sl->name);
+            MSX_FREE(path);
+            if (!(path = (char *)MSX_MALLOC(pl))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            snprintf(path, pl, "%s/%s", out_dir, rel_i);
+            if ((r = msx_grey_save_png(path, sl->cols, sl->rows, sl->image)) != MSX_OK) break;
+            if (!(m255 = (unsigned char *)MSX_MALLOC(nn))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            for (q = 0; q < nn; q++) m255[q] = sl->mask[q] ? 255 : 0;
+            snprintf(path, pl, "%s/%s", out_dir, rel_m);
+            r = msx_grey_save_png(path, sl->cols, sl->rows, m255);
+            MSX_FREE(m255);
+            if (r != MSX_OK) break;
+            msx__sb_printf(&js, "%s\n  {\"dataset\": ", i ? "," : "");
+            msx__sb_json_str(&js, sl->dataset);
+            msx__sb_printf(&js, ", \"case\": ");
+            msx__sb_json_str(&js, sl->case_id);
+            msx__sb_printf(&js, ", \"channel\": %d, \"z\": %d, \"box\": [%d, %d, %d, %d], \"image\": ", sl->channel, sl->z,
+                           sl->box[0], sl->box[1], sl->box[2], sl->box[3]);
+            msx__sb_json_str(&js, rel_i);
+            msx__sb_printf(&js, ", \"mask\": ");
+            msx__sb_json_str(&js, rel_m);
+            msx__sb_printf(&js, "}");
+        }
+        msx__sb_printf(&js, "%s]", t->n[s] ? "\n " : "");
+    }
+    msx__sb_printf(&js, "\n}\n");
+    if (r == MSX_OK) {
+        MSX_FREE(path);
+        if (!(path = msx__vol_join(out_dir, "slices.json"))) r = msx__err(MSX_E_NOMEM, "out of memory");
+        else if (js.oom) r = msx__err(MSX_E_NOMEM, "out of memory");
+        else r = msx_write_file_atomic(path, js.s, js.n);
+    }
+    MSX_FREE(path);
+    msx__sb_free(&js);
+    return r;
+}
+#endif /* MSX_NO_NIFTI */
+/* ======================================================================== */
 /* IMPLEMENTATION: merge. Owns the four merge methods (bit-compatible with   */
-/* the official MedSAMix code, ref §1), the key -> group mapping (ref §2.2),  */
-/* merge plans and their JSON, the per-trial merger and the export.          */
+/* the official MedSAMix code: docs/semantics.md §2), the key -> group      */
+/* mapping (docs/semantics.md §3), merge plans and their JSON, the         */
+/* per-trial merger and the export.                                          */
 /* ======================================================================== */
 
 #if defined(__AVX2__)
@@ -6355,21 +8468,32 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
 #endif
 
 /* Bit-exactness with the reference needs w*x + y rounded twice: no FMA
-   contraction in this section (gcc's GNU modes and clang would contract). */
+   contraction in this section (gcc's GNU modes and clang would contract).
+   no-trapping-math (values unchanged; the library never reads the FP
+   exception flags) lets gcc turn the TIES selects into vector blends on
+   any x86-64 level, not only with AVX-512 masks. */
 #if defined(__clang__)
 #pragma float_control(push)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC optimize("fp-contract=off", "tree-vectorize", "vect-cost-model=dynamic")
+#pragma GCC optimize("fp-contract=off", "no-trapping-math", "tree-vectorize", "vect-cost-model=dynamic")
 #endif
 
 #define MSX__MERGE_BLOCK 1024         /* elements per block of the streaming kernels */
 #define MSX__MERGE_PAR_MIN 32768      /* smaller tensors run on one thread */
-#define MSX__TIES_DIRECT 65536        /* up to this size TIES selects on a full copy */
+#define MSX__TIES_DIRECT 65536        /* up to this size TIES runs its plain definition */
+/* The two loops of the TIES fast path also get an AVX2 clone, picked at
+   run time, when the build targets baseline x86-64 (GCC/clang on Linux):
+   a portable build keeps its speed on AVX2 machines. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__AVX2__) && \
+    !defined(MSX_NO_TARGET_CLONES) && (defined(__clang__) || __GNUC__ >= 6)
+#define MSX__HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MSX__HOT_CLONES
+#endif
 #define MSX__TIES_SAMPLE 32768        /* largest sample for the bracketed selection */
 #define MSX__TIES_SAMPLE_CHUNK 64     /* ... drawn in contiguous chunks of this size */
-#define MSX__MERGE_MAX_THREADS 64
 
 static int msx__merge_nthreads(int n) {
 #ifdef _OPENMP
@@ -6378,7 +8502,6 @@ static int msx__merge_nthreads(int n) {
     n = 1;
 #endif
     if (n < 1) n = 1;
-    if (n > MSX__MERGE_MAX_THREADS) n = MSX__MERGE_MAX_THREADS;
     return n;
 }
 
@@ -6399,10 +8522,10 @@ MSXDEF msx_result msx_merge_method_parse(const char *name, msx_merge_method *out
                     name ? name : "(null)");
 }
 
-/* ---- key -> group (ref §2.2) -------------------------------------------- */
+/* ---- key -> group (docs/semantics.md §3) -------------------------------------------- */
 
 /* The 13 groups after the layer groups, in canonical order. */
-static const char *const msx__merge_fixed_ids[13] = {
+static const char *const msx__merge_fixed_ids[MSX_MERGE_N_FIXED_GROUPS] = {
     "special_pos_embed",      "special_patch_embed",    "special_neck",           "prompt_encoder_group_0",
     "prompt_encoder_group_1", "prompt_encoder_group_2", "prompt_encoder_group_3", "mask_decoder_group_0",
     "mask_decoder_group_1",   "mask_decoder_group_2",   "mask_decoder_group_3",   "mask_decoder_group_4",
@@ -6467,7 +8590,7 @@ MSXDEF msx_result msx_merge_key_group(const char *key, int granularity, char id[
 
 MSXDEF int msx_merge_n_groups(int depth, int granularity) {
     if (depth < 1 || granularity < 1) return 0;
-    return (depth + granularity - 1) / granularity + 13;
+    return (depth + granularity - 1) / granularity + MSX_MERGE_N_FIXED_GROUPS;
 }
 
 /* ---- plans ------------------------------------------------------------------ */
@@ -6487,7 +8610,7 @@ static msx_result msx__plan_alloc(int n_layer_groups, int n_models, int granular
     p->granularity = granularity;
     p->n_models = n_models;
     p->n_layer_groups = n_layer_groups;
-    p->n_groups = n_layer_groups + 13;
+    p->n_groups = n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     p->ids = (char(*)[MSX_GROUP_ID_LEN])msx__calloc((size_t)p->n_groups, MSX_GROUP_ID_LEN);
     p->groups = (msx_group_plan *)msx__calloc((size_t)p->n_groups, sizeof *p->groups);
     if (!p->ids || !p->groups) { msx_plan_free(p); return msx__err(MSX_E_NOMEM, "out of memory"); }
@@ -6577,7 +8700,7 @@ MSXDEF msx_result msx_plan_validate(const msx_plan *p) {
     if (p->granularity < 1) return msx__err(MSX_E_ARG, "plan: granularity %d must be >= 1", p->granularity);
     if (p->n_models != 0 && (p->n_models < 2 || p->n_models > MSX_MAX_MODELS))
         return msx__err(MSX_E_ARG, "plan: n_models %d must be 2..%d", p->n_models, MSX_MAX_MODELS);
-    if (p->n_groups != p->n_layer_groups + 13) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
+    if (p->n_groups != p->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS) return msx__err(MSX_E_STATE, "plan: inconsistent group count");
     for (g = 0; g < p->n_groups; g++)
         if ((r = msx__group_validate(&p->groups[g], p->n_models, p->ids[g])) != MSX_OK) return r;
     return MSX_OK;
@@ -6865,7 +8988,7 @@ MSXDEF msx_result msx_plan_save_json(const char *path, const msx_plan *p) {
     return r;
 }
 
-/* ---- SLERP pair selection (ref §1.4) --------------------------------------- */
+/* ---- SLERP pair selection (docs/semantics.md §2.4) --------------------------------------- */
 
 MSXDEF void msx_merge_slerp_pair(const double *t, int n_models, int *v0, int *v1, double *t_out) {
     int i, a = 0, b = -1;
@@ -6895,7 +9018,7 @@ static void msx__linear_range(float *out, const float *const *src, const float *
     for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1;
         int i;
-        /* ref §1.1: w_0 x_0, then + w_i x_i in source order, float32 */
+        /* docs/semantics.md §2.1: w_0 x_0, then + w_i x_i in source order, float32 */
         {
             const float *x = src[0];
             float w = wf[0];
@@ -6913,11 +9036,13 @@ static void msx__linear_range(float *out, const float *const *src, const float *
 }
 
 /* Normalised float32 weights; 0 when Σw == 0 (the reference raises). */
+/* 1 on success; 0 when the weights sum to 0, -1 when the sum overflows. */
 static int msx__merge_linear_weights(const double *w, int n, float *wf) {
     double s = 0;
     int i;
     for (i = 0; i < n; i++) s += w[i];
-    if (s == 0 || !isfinite(s)) return 0;
+    if (!isfinite(s)) return -1;
+    if (s == 0) return 0;
     for (i = 0; i < n; i++) wf[i] = (float)(w[i] / s);
     return 1;
 }
@@ -6930,7 +9055,7 @@ static void msx__ta_range(float *out, const float *base, const float *const *ft,
         int64_t e = b0 + MSX__MERGE_BLOCK < j1 ? b0 + MSX__MERGE_BLOCK : j1, len = e - b0;
         const float *b = base + b0, *x0 = ft[0] + b0, *x1 = ft[1] + b0;
         int i;
-        /* ref §1.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
+        /* docs/semantics.md §2.2: s = τ_1 + τ_2, s += τ_3 ...; out = base + fl32(λ) s */
         for (j = 0; j < len; j++) {
             float d0 = x0[j] - b[j], d1 = x1[j] - b[j];
             s[j] = d0 + d1;
@@ -6975,7 +9100,7 @@ static void msx__slerp_reduce(const float *v0, const float *v1, int64_t j0, int6
 /* The two float32 coefficients of SLERP from the norms and the dot product. */
 static void msx__slerp_coef(const double acc[3], double t, float *f0, float *f1) {
     double n0 = sqrt(acc[0]), n1 = sqrt(acc[1]), c, s0, s1;
-    /* ref §1.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
+    /* docs/semantics.md §2.4: a tensor with norm <= 1e-10 is left unnormalised (a zero
        tensor gives c = 0, theta = pi/2) */
     c = acc[2] / ((n0 > 1e-10 ? n0 : 1.0) * (n1 > 1e-10 ? n1 : 1.0));
     if (fabs(c) > 0.9995) { /* lerp on the un-normalised tensors */
@@ -7008,7 +9133,9 @@ MSXDEF msx_result msx_merge_tensor_linear(float *out, const float *const *src, c
     for (i = 0; i < n_src; i++)
         if (!isfinite(weights[i]) || weights[i] < 0)
             return msx__err(MSX_E_ARG, "linear: weight %d (%g) must be a finite number >= 0", i, weights[i]);
-    if (!msx__merge_linear_weights(weights, n_src, wf))
+    if ((i = msx__merge_linear_weights(weights, n_src, wf)) < 0)
+        return msx__err(MSX_E_ARG, "linear: the weights sum to infinity (too large to normalise)");
+    if (!i)
         return msx__err(MSX_E_ARG, "linear: the weights sum to 0 (the reference raises ZeroDivisionError and its "
                         "pipeline keeps the base tensor)");
     (void)nth;
@@ -7051,10 +9178,21 @@ MSXDEF msx_result msx_merge_tensor_slerp(float *out, const float *v0, const floa
     return MSX_OK;
 }
 
-/* -- TIES ------------------------------------------------------------------------ */
-/* Two schemes, the same bits: two fine-tuned models (the paper's setting)
-   take one pass per tensor with rank tables (msx__ties_coop2 below); other
-   model counts take two (sample bracket, count + gather, select, combine). */
+/* ---- TIES: the definition ----------------------------------------------------------
+   TIES-merging as podismine/MedSAMix@9328d4c methods/ties.py implements it
+   (docs/semantics.md §2.3). On one tensor of n elements with task vectors τ_i = ft_i - base
+   (float32, i = 1..N in model order) and k = (int64)(n * drop_rate):
+     1. trim    model i keeps τ_ij where |τ_ij| >= θ_i and zeroes the rest;
+                θ_i is the k-th smallest |τ_i| (1-based), or 0 when k = 0.
+     2. elect   s_j = τ_1j + τ_2j + ... (float32, in order); σ_j = sign(s_j);
+                where s_j = 0, σ_j is the tensor's majority sign,
+                sign(Σ_j sign(s_j)).
+     3. mean    τ_j = (Σ of the τ_ij with the sign σ_j) / max(their count, 1).
+     4. out_j = base_j + fl32(λ) τ_j, rounded twice (no FMA).
+   msx__ties_plain is this definition, and it is what runs on tensors up to
+   MSX__TIES_DIRECT elements and for any number of fine-tuned models but
+   two; larger two-model tensors take the fast path below, which the tests
+   prove byte-identical to it (tests/test_merge_coop.c, tests/ref_ties.h). */
 
 static uint32_t msx__abs_bits(float d) {
     uint32_t u;
@@ -7100,128 +9238,96 @@ static uint32_t msx__qselect_u32(uint32_t *a, int64_t len, int64_t r) {
     return a[r];
 }
 
-
-#if defined(__AVX2__)
-/* Set bits of an 8-bit mask. */
-static int msx__popcnt8(int m) {
-    m = (m & 0x55) + ((m >> 1) & 0x55);
-    m = (m & 0x33) + ((m >> 2) & 0x33);
-    return (m & 0x0F) + (m >> 4);
+/* Steps 2-4 for element j given the thresholds (0 when k = 0). The sum s_j
+   goes to *sum; major is the tensor's majority sign (used where s_j = 0). */
+static float msx__ties_elem(const float *base, const float *const *ft, int n_ft, int64_t j, const float *thr,
+                            float lam, int major, float *sum) {
+    float t[MSX_MAX_MODELS], s = 0.0f, acc = 0.0f, tau, p;
+    int i, cnt = 0, sg;
+    for (i = 0; i < n_ft; i++) {
+        float v = ft[i][j] - base[j];
+        t[i] = fabsf(v) >= thr[i] ? v : 0.0f;
+        s = i ? s + t[i] : t[0];
+    }
+    sg = s > 0 ? 1 : s < 0 ? -1 : major;
+    for (i = 0; i < n_ft; i++)
+        if ((sg > 0 && t[i] > 0) || (sg < 0 && t[i] < 0)) { acc = acc + t[i]; cnt++; }
+    tau = acc / (float)(cnt > 1 ? cnt : 1);
+    p = lam * tau;
+    *sum = s;
+    return base[j] + p;
 }
 
-/* Index of the lowest set bit of x != 0. */
-static int msx__ctz32(unsigned x) {
-#if defined(__GNUC__)
-    return __builtin_ctz(x);
-#else
-    int i = 0;
-    while (!(x & 1u)) { x >>= 1; i++; }
-    return i;
-#endif
+/* The definition on one tensor; keys: n words of scratch (k > 0). */
+static void msx__ties_plain(float *out, const float *base, const float *const *ft, int n_ft, int64_t k, float lam,
+                            int64_t n, uint32_t *keys) {
+    float thr[MSX_MAX_MODELS], s;
+    int64_t j, votes = 0;
+    int i, major;
+    for (i = 0; i < n_ft; i++) { /* 1. θ_i */
+        uint32_t u = 0;
+        if (k > 0) {
+            for (j = 0; j < n; j++) keys[j] = msx__abs_bits(ft[i][j] - base[j]);
+            u = msx__qselect_u32(keys, n, k - 1);
+        }
+        memcpy(&thr[i], &u, 4);
+    }
+    for (j = 0; j < n; j++) { /* 2. the majority sign */
+        (void)msx__ties_elem(base, ft, n_ft, j, thr, lam, 0, &s);
+        votes += (s > 0) - (s < 0);
+    }
+    major = (votes > 0) - (votes < 0);
+    for (j = 0; j < n; j++) out[j] = msx__ties_elem(base, ft, n_ft, j, thr, lam, major, &s); /* 2-4 */
 }
 
-/* The two-model TIES element (ref §1.3 steps 2-4) on 8 lanes: t_i = v_i where
-   |v_i| >= h_i (else +0), sm = t0 + t1 elects the sign, the agreeing t_i are
-   averaged, result b + lam * tau. The same float operations as the scalar
-   form (msx__ties2_one), so vector and scalar lanes agree bit for bit. */
-typedef struct msx__ties2_v8 { __m256 res, t0, sm, sp, sn; } msx__ties2_v8;
 
-static inline msx__ties2_v8 msx__ties2_lanes(__m256 b, __m256 v0, __m256 v1, __m256 h0, __m256 h1, __m256 lv) {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    msx__ties2_v8 o;
-    __m256 t1, nz, k0, k1, acc, tau;
-    o.t0 = _mm256_and_ps(v0, _mm256_cmp_ps(_mm256_and_ps(v0, absm), h0, _CMP_GE_OQ));
-    t1 = _mm256_and_ps(v1, _mm256_cmp_ps(_mm256_and_ps(v1, absm), h1, _CMP_GE_OQ));
-    o.sm = _mm256_add_ps(o.t0, t1);
-    o.sp = _mm256_cmp_ps(o.sm, zero, _CMP_GT_OQ);
-    o.sn = _mm256_cmp_ps(o.sm, zero, _CMP_LT_OQ);
-    /* k_i: t_i is non-zero and has the sign of sm (sm != 0, not NaN):
-       blendv picks zero where t_i ^ sm has its sign bit set */
-    nz = _mm256_or_ps(o.sp, o.sn);
-    k0 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(o.t0, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(o.t0, o.sm));
-    k1 = _mm256_blendv_ps(_mm256_and_ps(nz, _mm256_cmp_ps(t1, zero, _CMP_NEQ_OQ)), zero, _mm256_xor_ps(t1, o.sm));
-    /* 0 + (t0 & k0) is t0 & k0 (never -0); acc / max(cnt, 1) with cnt in
-       {0, 1, 2} is acc * 1 or acc * 0.5, both exact as the division (same
-       real value, one rounding) */
-    acc = _mm256_add_ps(_mm256_and_ps(o.t0, k0), _mm256_and_ps(t1, k1));
-    tau = _mm256_mul_ps(acc, _mm256_blendv_ps(one, half, _mm256_and_ps(k0, k1)));
-    o.res = _mm256_add_ps(b, _mm256_mul_ps(lv, tau));
-    return o;
-}
-
-/* Lanes where t0 != 0 but sm == 0 (an exact cancellation), as a bit mask. */
-static inline int msx__ties2_cancel(const msx__ties2_v8 *o) {
-    const __m256 zero = _mm256_setzero_ps();
-    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(o->sm, zero, _CMP_EQ_OQ), _mm256_cmp_ps(o->t0, zero, _CMP_NEQ_UQ)));
-}
-
-/* vpermd control that moves the lanes set in mk (8 bits) to the front. */
-static inline __m256i msx__lpack_perm(int mk) {
-#if defined(__BMI2__)
-    uint64_t sel = _pext_u64(0x0706050403020100ull, _pdep_u64((unsigned)mk, 0x0101010101010101ull) * 0xFF);
-#else
-    uint64_t sel = 0;
-    int l, c = 0;
-    for (l = 0; l < 8; l++)
-        if ((mk >> l) & 1) sel |= (uint64_t)l << (8 * c++);
-#endif
-    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sel));
-}
-#endif
+/* ---- TIES: the fast path -----------------------------------------------------------
+   The same bits as msx__ties_plain, for tensors above MSX__TIES_DIRECT
+   elements and two fine-tuned models (the paper's setting), in two passes
+   over the sources. (a) The thresholds without a
+   full copy: a sample brackets the k-th value, one streaming pass counts
+   the keys below the bracket and gathers the ~1.5% inside, and a histogram
+   + quickselect picks the exact value among those (an exact fallback on a
+   full copy if the bracket missed). (b) Steps 2-4 in blocks written
+   branch-free so the compiler vectorises them; the rare zero-sum elements
+   are listed and finished once the majority sign is known. Without (a) and
+   (b) a ViT-B merge takes seconds instead of a fraction of one encoder
+   pass (README, bench-merge). */
 
 /* Over [j0, j1) of |x - b| (as bit keys u <= 0x7FFFFFFF), with
    l <= h <= 0x7FFFFFFF: counts u < l into *lt; if l == h counts u == l
    into *eq, else appends every l <= u <= h to c[*nc..] (*nc never passes
-   j, so c of n entries suffices). The AVX2 path compares in vectors and
-   packs only the rare vectors holding a candidate. */
+   j, so c of n entries suffices). Per block, a loop the compiler
+   vectorises makes the keys, counts and in-bracket flags; a scalar one
+   gathers the few (~1.5%) flagged keys, 8 flags at a time. */
+MSX__HOT_CLONES
 static void msx__ties_count_gather(const float *x, const float *b, int64_t j0, int64_t j1, uint32_t l, uint32_t h,
                                    int64_t *lt, int64_t *eq, uint32_t *c, int64_t *nc) {
-    int64_t j = j0, L = 0, E = 0, C = *nc;
-#if defined(__AVX2__)
-    {
-        const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), lv = _mm256_set1_epi32((int)l), hv = _mm256_set1_epi32((int)h);
-        __m256i aL = _mm256_setzero_si256(), aE = aL;
-        int32_t tmp[8];
-        int q;
-        if (l == h) {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm);
-                aL = _mm256_sub_epi32(aL, _mm256_cmpgt_epi32(lv, u)); /* masks are -1 */
-                aE = _mm256_sub_epi32(aE, _mm256_cmpeq_epi32(u, lv));
-            }
-        } else {
-            for (; j + 8 <= j1; j += 8) {
-                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j));
-                __m256i u = _mm256_and_si256(_mm256_castps_si256(d), absm), mlt = _mm256_cmpgt_epi32(lv, u);
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(mlt, _mm256_cmpgt_epi32(u, hv)))) & 0xFF;
-                aL = _mm256_sub_epi32(aL, mlt);
-                if (mk) { /* rare with a narrow bracket: a well-predicted branch */
-                    /* left-pack; the 8-lane store stays below c + j + 8 <= c + j1 */
-                    _mm256_storeu_si256((__m256i *)(void *)(c + C), _mm256_permutevar8x32_epi32(u, msx__lpack_perm(mk)));
-                    C += msx__popcnt8(mk);
-                }
-            }
+    uint32_t key[MSX__MERGE_BLOCK], span = h - l;
+    unsigned char in[MSX__MERGE_BLOCK];
+    int64_t b0, L = 0, E = 0, C = *nc;
+    for (b0 = j0; b0 < j1; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(j1 - b0 < MSX__MERGE_BLOCK ? j1 - b0 : MSX__MERGE_BLOCK), j, q;
+        for (j = 0; j < len; j++) {
+            uint32_t u = msx__abs_bits(x[b0 + j] - b[b0 + j]);
+            key[j] = u;
+            L += u < l;
+            E += u == l;
+            in[j] = u - l <= span;
         }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aL);
-        for (q = 0; q < 8; q++) L += (uint32_t)tmp[q];
-        _mm256_storeu_si256((__m256i *)(void *)tmp, aE);
-        for (q = 0; q < 8; q++) E += (uint32_t)tmp[q];
-    }
-#endif
-    for (; j < j1; j++) {
-        uint32_t u = msx__abs_bits(x[j] - b[j]);
-        L += u < l;
-        E += u == l;
-        c[C] = u; /* branch-free gather */
-        C += l != h && u >= l && u <= h;
+        for (; j % 8; j++) in[j] = 0;
+        for (j = 0; l != h && j < len; j += 8) { /* 8 flags at a time: most groups hold no candidate */
+            uint64_t w;
+            memcpy(&w, in + j, 8);
+            if (w)
+                for (q = j; q < j + 8; q++)
+                    if (in[q]) c[C++] = key[q];
+        }
     }
     *lt += L;
     if (l == h) *eq += E;
     *nc = C;
 }
-
 
 /* Element of 0-based rank r among c[0..m), all in [lo, hi): a 4096-bin
    histogram over the key range finds the bin, quickselect finishes within
@@ -7309,8 +9415,7 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 }
 
 /* Row thresholds thr[i] = k-th smallest |ft_i - base| (1-based k >= 1) as
-   |float| bit keys, on the calling thread. Small tensors: quickselect on a
-   full copy. Large: a sample brackets the k-th value in [lo, hi]; one pass
+   |float| bit keys, on the calling thread: a sample brackets the k-th value in [lo, hi]; one pass
    counts the elements below lo, equal to lo and equal to hi and gathers
    those strictly between; quickselect then runs on the few gathered. If the
    bracket missed, a full copy is selected on (exact either way).
@@ -7318,10 +9423,6 @@ static void msx__ties_bracket(const float *base, const float *x, int64_t n, int6
 static void msx__ties_thresholds(const float *base, const float *const *ft, int n_ft, int64_t n, int64_t k,
                                  uint32_t *scratch, uint32_t *thr) {
     int i;
-    if (n <= MSX__TIES_DIRECT) {
-        for (i = 0; i < n_ft; i++) thr[i] = msx__select_full(ft[i], base, n, k, scratch + (size_t)i * (size_t)n);
-        return;
-    }
     {
         uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS];
         int64_t lt[MSX_MAX_MODELS], eql[MSX_MAX_MODELS], nc[MSX_MAX_MODELS], b0;
@@ -7346,629 +9447,66 @@ static void msx__ties_thresholds(const float *base, const float *const *ft, int 
     }
 }
 
-#define MSX__TIES_BLOCK 512
-
-/* The TIES combination (ref §1.3 steps 2-4) on [0, n) given the row
-   thresholds, in blocks written branch-free so they vectorise. Elements
-   whose trimmed sum is 0 get τ = 0 here; the tensor-wide sign sum is
-   returned, and the positions of zero-sum elements that hold a non-zero
-   trimmed value go to amb[] (capacity >= n, or NULL: count only), for
-   msx__ties_fix to apply the majority sign. */
-
-static void msx__ties_combine(float *out, const float *base, const float *const *ft, int n_ft, const float *thr,
-                              int trim, float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    float tv[MSX_MAX_MODELS][MSX__TIES_BLOCK], sum[MSX__TIES_BLOCK], acc[MSX__TIES_BLOCK], cnt[MSX__TIES_BLOCK];
-    int nz[MSX__TIES_BLOCK];
-    int64_t b0, j, ss = 0, na = 0;
-    for (b0 = 0; b0 < n; b0 += MSX__TIES_BLOCK) {
-        int64_t len = n - b0 < MSX__TIES_BLOCK ? n - b0 : MSX__TIES_BLOCK;
-        const float *b = base + b0;
-        int i;
-        for (i = 0; i < n_ft; i++) {
-            const float *x = ft[i] + b0;
-            float th = trim ? thr[i] : 0.0f, *d = tv[i];
-            for (j = 0; j < len; j++) {
-                float v = x[j] - b[j];
-                d[j] = fabsf(v) >= th ? v : 0.0f; /* th = 0 keeps everything (NaN aside) */
-            }
-        }
+/* Steps 2-4 for two fine-tuned models on [0, n) given the thresholds, as a
+   loop the compiler vectorises: msx__ties_elem's float operations with its
+   branches made 0/1 factors. Elements whose sum is 0
+   but hold a non-zero trimmed value get τ = 0 here and their positions go
+   to amb[*n_amb..] (capacity n), to take the majority sign once it is
+   known. Returns the sign sum Σ_j sign(s_j). */
+MSX__HOT_CLONES
+static int64_t msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float h0, float h1,
+                                  float lam, int64_t n, uint32_t *amb, int64_t *n_amb) {
+    float z[MSX__MERGE_BLOCK];
+    int64_t b0, ss = 0;
+    for (b0 = 0; b0 < n; b0 += MSX__MERGE_BLOCK) {
+        int len = (int)(n - b0 < MSX__MERGE_BLOCK ? n - b0 : MSX__MERGE_BLOCK), j, bs = 0, zs = 0;
+        const float *b = base + b0, *y0 = x0 + b0, *y1 = x1 + b0;
         for (j = 0; j < len; j++) {
-            sum[j] = tv[0][j];
-            nz[j] = tv[0][j] != 0;
-            acc[j] = 0.0f;
-            cnt[j] = 0.0f;
-        }
-        for (i = 1; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                sum[j] = sum[j] + tv[i][j];
-                nz[j] |= tv[i][j] != 0;
-            }
-        for (j = 0; j < len; j++) ss += (sum[j] > 0) - (sum[j] < 0);
-        {
-            int64_t a = 0;
-            for (j = 0; j < len; j++) a += (sum[j] == 0) & nz[j];
-            if (a) /* rare: exact cancellation */
-                for (j = 0; j < len; j++)
-                    if (sum[j] == 0 && nz[j]) {
-                        if (amb) amb[na] = (uint32_t)(b0 + j);
-                        na++;
-                    }
-        }
-        for (i = 0; i < n_ft; i++)
-            for (j = 0; j < len; j++) {
-                float v = tv[i][j], s = sum[j];
-                /* the reference's (τ * mask).sum: a dropped entry adds ±0 */
-                float kf = (float)(((s > 0) & (v > 0)) | ((s < 0) & (v < 0))), kv = v * kf;
-                acc[j] = acc[j] + kv;
-                cnt[j] = cnt[j] + kf;
-            }
-        for (j = 0; j < len; j++) {
-            float c = cnt[j] > 1.0f ? cnt[j] : 1.0f, tau = acc[j] / c, p = lam * tau;
+            float v0 = y0[j] - b[j], v1 = y1[j] - b[j];
+            float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f, sm = t0 + t1;
+            float sp = sm > 0 ? 1.0f : 0.0f, sn = sm < 0 ? 1.0f : 0.0f; /* σ_j = sp - sn */
+            float k0 = (t0 > 0 ? sp : 0.0f) + (t0 < 0 ? sn : 0.0f), k1 = (t1 > 0 ? sp : 0.0f) + (t1 < 0 ? sn : 0.0f);
+            float acc = 0.0f + t0 * k0, cnt = k0 + k1, tau, p;
+            acc = acc + t1 * k1; /* a t_i of the other sign adds ±0: no change */
+            tau = acc / (cnt > 1.0f ? cnt : 1.0f);
+            p = lam * tau;
             out[b0 + j] = b[j] + p;
+            bs += (int)(sp - sn);
+            z[j] = sm == 0 ? t0 : 0.0f;
         }
+        ss += bs;
+        for (j = 0; j < len; j++) zs += z[j] != 0;
+        for (j = 0; zs && j < len; j++) /* rare: an exact cancellation t0 = -t1 != 0 */
+            if (z[j] != 0) amb[(*n_amb)++] = (uint32_t)(b0 + j);
     }
-    *sign_sum = ss;
-    *n_amb = na;
+    return ss;
 }
 
-/* Zero-sum elections with a non-zero trimmed value take the tensor-wide
-   majority sign `sg` (ref §1.3 step 2): recomputes the listed elements
-   (amb != NULL) or scans for them. */
-static void msx__ties_fix(float *out, const float *base, const float *const *ft, int n_ft, const float *thr, int trim,
-                          float lam, int64_t n, int sg, const uint32_t *amb, int64_t n_amb) {
-    int64_t q, total = amb ? n_amb : n;
-    int i;
-    for (q = 0; q < total; q++) {
-        int64_t j = amb ? (int64_t)amb[q] : q;
-        float tv[MSX_MAX_MODELS], s, acc = 0.0f, tau, p;
-        int any = 0, cnt = 0;
-        for (i = 0; i < n_ft; i++) {
-            float v = ft[i][j] - base[j];
-            tv[i] = (!trim || fabsf(v) >= thr[i]) ? v : 0.0f;
-            any |= tv[i] != 0;
-        }
-        s = tv[0];
-        for (i = 1; i < n_ft; i++) s = s + tv[i];
-        if (s != 0 || !any) continue;
-        for (i = 0; i < n_ft; i++)
-            if ((sg > 0 && tv[i] > 0) || (sg < 0 && tv[i] < 0)) { acc = acc + tv[i]; cnt++; }
-        tau = acc / (float)(cnt > 1 ? cnt : 1);
-        p = lam * tau;
-        out[j] = base[j] + p;
-    }
-}
-
-/* ---- one-pass TIES for two fine-tuned models, with rank tables -----------------
-   The two-pass scheme streams base and models twice (count, then combine):
-   28 bytes per element against the 16 a merge must move. Here the combine
-   pass also finds the threshold. A rank table of |delta_i| (below) gives an
-   exact bracket [lo_i, hi_i) of the k-th key together with the exact number
-   of keys below lo_i. In the pass an element with |delta_i| < lo_i is
-   trimmed and one with |delta_i| >= hi_i kept whatever the exact threshold
-   is, so its output (computed with the threshold lo_i) is final; an element
-   inside either bracket is "pending": it gets a provisional output and its
-   (index, base, x0, x1) go to a record list. The records hold every key in
-   the bracket, so the exact k-th value follows from them; a fix-up then
-   redoes the pending elements whose keep/trim decision changed. Every
-   element ends with the float operations of the two-pass combine under the
-   exact thresholds (msx__ties_combine2 is this pass with nothing pending):
-   bit-identical to the two-pass result.
-
-   The table of a tensor and model is a histogram of the |delta| keys in
-   65,537 bins (key 0 alone, then 256 bins per octave), kept as the bin
-   boundaries where the running count passes each 1/4096 of the tensor. A
-   bracket then holds at most n/4096 keys plus one bin, ~0.1% of a tensor
-   against ~3% for a sample-based bracket; building it takes one extra read
-   of base and models. The merger keeps the tables (its sources are
-   immutable): its first TIES run of a tensor makes the usual two passes,
-   the second builds the tables and makes one, every later run makes one. */
-
-#define MSX__TIES_TQ 4096          /* table points per tensor and model */
-#define MSX__TIES_NBIN 65537       /* histogram bins: key 0, then key >> 15 */
-
-typedef struct msx__ties_table {
-    uint32_t m;                        /* points used */
-    uint32_t key[MSX__TIES_TQ + 4];    /* bin boundary keys, increasing */
-    uint32_t lt[MSX__TIES_TQ + 4];     /* exact count of keys below key[e] */
-} msx__ties_table;
-
-#define MSX__TIES_HIST_WORDS ((MSX__TIES_NBIN + 15) & ~15)
-
-/* Record capacity per thread for a range of n elements. */
-static int64_t msx__ties_rec_cap(int64_t n) { return n / 8 + 64; }
-
-/* Scratch layout of the two-model path (words): zero-sum list [0, n),
-   candidates [n, 2n), sample [2n, 2n + 2S), records, two histograms. */
-static size_t msx__ties_off_rec(int64_t n) { return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE; }
-static size_t msx__ties_off_hist(int64_t n) { return msx__ties_off_rec(n) + 4 * (size_t)(n / 8 + 72); }
-
-static uint32_t msx__ties_bin(uint32_t u) { return u ? (u >> 15) + 1 : 0; }
-/* First key of bin b (b = MSX__TIES_NBIN: one past the largest key). */
-static uint32_t msx__ties_bin_key(uint32_t b) { return b < 2 ? b : (b - 1) << 15; }
-
-/* Histograms of |x0 - b| and |x1 - b| keys over [j0, j1) (zeroed here).
-   About 1.7 ns per element on one core (the increments bound it): paid
-   once per merger and tensor. */
-static void msx__ties_hist2(const float *base, const float *x0, const float *x1, int64_t j0, int64_t j1,
-                            uint32_t *h0, uint32_t *h1) {
-    int64_t j = j0;
-    memset(h0, 0, MSX__TIES_NBIN * sizeof *h0);
-    memset(h1, 0, MSX__TIES_NBIN * sizeof *h1);
-#if defined(__AVX2__)
-    {
-        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-        uint32_t t0[8], t1[8];
-        int q;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 b = _mm256_loadu_ps(base + j);
-            __m256i u0 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), absm));
-            __m256i u1 = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x1 + j), b), absm));
-            /* bin: 0 for key 0, else (key >> 15) + 1 */
-            u0 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u0, zero), _mm256_add_epi32(_mm256_srli_epi32(u0, 15), one));
-            u1 = _mm256_andnot_si256(_mm256_cmpeq_epi32(u1, zero), _mm256_add_epi32(_mm256_srli_epi32(u1, 15), one));
-            _mm256_storeu_si256((__m256i *)(void *)t0, u0);
-            _mm256_storeu_si256((__m256i *)(void *)t1, u1);
-            for (q = 0; q < 8; q++) {
-                h0[t0[q]]++;
-                h1[t1[q]]++;
-            }
-        }
-    }
-#endif
-    for (; j < j1; j++) {
-        h0[msx__ties_bin(msx__abs_bits(x0[j] - base[j]))]++;
-        h1[msx__ties_bin(msx__abs_bits(x1[j] - base[j]))]++;
-    }
-}
-
-/* Table from the sum of nh histograms (hist[u] + h_stride * u, u < nh) of
-   an n-element tensor: a point at every bin boundary where the running
-   count reaches the next multiple of n / MSX__TIES_TQ, plus the boundaries
-   around key 0 and the end. */
-static void msx__ties_table_build(const uint32_t *hist, size_t h_stride, int nh, int64_t n, msx__ties_table *t) {
-    int64_t cum = 0, next = 0;
-    uint32_t b, m = 0;
-    int u;
-    t->key[m] = 0;
-    t->lt[m++] = 0;
-    for (b = 0; b < MSX__TIES_NBIN; b++) {
-        for (u = 0; u < nh; u++) cum += hist[(size_t)u * h_stride + b];
-        if (b + 1 == MSX__TIES_NBIN || b == 0 || cum >= next) {
-            t->key[m] = msx__ties_bin_key(b + 1);
-            t->lt[m++] = (uint32_t)cum;
-            next = ((int64_t)(m - 1) * n) / MSX__TIES_TQ + 1;
-            if (m >= MSX__TIES_TQ + 3) next = n + 1; /* only the end point is left */
-        }
-    }
-    t->m = m;
-}
-
-/* Bracket of the k-th smallest key (1 <= k <= n): lo <= key < hx, with L
-   keys below lo and C inside. */
-static void msx__ties_table_find(const msx__ties_table *t, int64_t k, uint32_t *lo, uint32_t *hx, int64_t *L,
-                                 int64_t *C) {
-    uint32_t a = 1, z = t->m - 1; /* smallest e >= 1 with lt[e] >= k: lt[m - 1] = n >= k */
-    while (a < z) {
-        uint32_t mid = (a + z) / 2;
-        if ((int64_t)t->lt[mid] >= k) z = mid;
-        else a = mid + 1;
-    }
-    *lo = t->key[a - 1];
-    *hx = t->key[a];
-    *L = t->lt[a - 1];
-    *C = (int64_t)t->lt[a] - (int64_t)t->lt[a - 1];
-}
-
-typedef struct msx__ties_pass_out {
-    int64_t n_rec, ss, n_amb;
-    int overflow; /* more pending elements than the record capacity: the tensor is redone */
-} msx__ties_pass_out;
-
-/* The two-model TIES element, scalar (tails, the fix-up, builds without
-   AVX2): keeps v_i where |v_i| >= h_i, returns b + lam * tau; *t0o and *smo
-   are t0 and the elected sum, as in msx__ties2_lanes. */
-static float msx__ties2_one(float b, float v0, float v1, float h0, float h1, float lam, float *t0o, float *smo) {
-    float t0 = fabsf(v0) >= h0 ? v0 : 0.0f, t1 = fabsf(v1) >= h1 ? v1 : 0.0f;
-    float sm = t0 + t1, acc = 0.0f, cnt = 0.0f, tau, p;
-    int sg = (sm > 0) - (sm < 0);
-    if ((sg > 0 && t0 > 0) || (sg < 0 && t0 < 0)) { acc = acc + t0; cnt = cnt + 1.0f; }
-    if ((sg > 0 && t1 > 0) || (sg < 0 && t1 < 0)) { acc = acc + t1; cnt = cnt + 1.0f; }
-    tau = acc / (cnt > 1.0f ? cnt : 1.0f);
-    p = lam * tau;
-    *t0o = t0;
-    *smo = sm;
-    return b + p;
-}
-
-/* One element of the pass in scalar form; plo/phi: inclusive pending range
-   per model (empty when plo > phi). A decided zero-sum position goes to
-   amb[*na] (amb NULL: counted only); returns 1 if the element is pending. */
-static int msx__ties_spec_elem(float *out, const float *base, const float *x0, const float *x1, int64_t j,
-                               const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                               msx__ties_pass_out *po, uint32_t *amb, int64_t *na) {
-    float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b, t0, sm;
-    uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-    int pend = (u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]);
-    out[j] = msx__ties2_one(b, v0, v1, g0, g1, lam, &t0, &sm);
-    po->ss += (sm > 0) - (sm < 0); /* provisional for a pending element: the fix-up trades it for the exact one */
-    if (!pend && sm == 0 && t0 != 0) {
-        if (amb) amb[*na] = (uint32_t)j;
-        (*na)++;
-    }
-    return pend;
-}
-
-/* The pass over [j0, j1): outputs, records (pj/pb/p0/p1, capacity cap),
-   the sign sum (provisional for the pending elements), and the decided
-   elements' zero-sum positions (absolute indices) in amb (capacity j1 - j0,
-   or NULL: count only). */
-static void msx__ties_spec_pass(float *out, const float *base, const float *x0, const float *x1, int64_t j0,
-                                int64_t j1, const uint32_t *plo, const uint32_t *phi, float g0, float g1, float lam,
-                                uint32_t *pj, float *pb, float *p0, float *p1, int64_t cap, uint32_t *amb,
-                                msx__ties_pass_out *po) {
-    int64_t b0, j, R = 0, na = 0;
-#if defined(__AVX2__)
-    int nt = ((uintptr_t)(out + j0) & 31) == 0 && j1 - j0 >= MSX__MERGE_PAR_MIN;
-#endif
-    memset(po, 0, sizeof *po);
-    for (b0 = j0; b0 < j1; b0 += MSX__TIES_BLOCK) {
-        int64_t e = j1 - b0 < MSX__TIES_BLOCK ? j1 : b0 + MSX__TIES_BLOCK;
-        int z = 0;
-        if (R + MSX__TIES_BLOCK + 8 > cap) { po->overflow = 1; break; }
-        j = b0;
-#if defined(__AVX2__)
-        {
-            const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            const __m256 h0 = _mm256_set1_ps(g0), h1 = _mm256_set1_ps(g1);
-            const __m256i l0 = _mm256_set1_epi32((int)plo[0]), l1 = _mm256_set1_epi32((int)plo[1]);
-            const __m256i e0 = _mm256_set1_epi32((int)phi[0]), e1 = _mm256_set1_epi32((int)phi[1]);
-            __m256i bs = _mm256_setzero_si256();
-            int32_t tmp[8];
-            int q;
-            for (; j + 8 <= e; j += 8) {
-                __m256 b = _mm256_loadu_ps(base + j);
-                __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(x1 + j), b);
-                __m256i u0 = _mm256_castps_si256(_mm256_and_ps(v0, absm)), u1 = _mm256_castps_si256(_mm256_and_ps(v1, absm));
-                /* decided for model i: outside [plo_i, phi_i]; pending: not decided for both */
-                __m256i d0 = _mm256_or_si256(_mm256_cmpgt_epi32(l0, u0), _mm256_cmpgt_epi32(u0, e0));
-                __m256i d1 = _mm256_or_si256(_mm256_cmpgt_epi32(l1, u1), _mm256_cmpgt_epi32(u1, e1));
-                int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(d0, d1))) & 0xFF;
-                msx__ties2_v8 o = msx__ties2_lanes(b, v0, v1, h0, h1, lv);
-                if (nt) _mm256_stream_ps(out + j, o.res);
-                else _mm256_storeu_ps(out + j, o.res);
-                bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(o.sp)), _mm256_castps_si256(o.sn));
-                z |= msx__ties2_cancel(&o);
-                while (mk) { /* rare with a table bracket */
-                    int64_t jl = j + msx__ctz32((unsigned)mk);
-                    mk &= mk - 1;
-                    pj[R] = (uint32_t)jl;
-                    pb[R] = base[jl];
-                    p0[R] = x0[jl];
-                    p1[R++] = x1[jl];
-                }
-            }
-            _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-            for (q = 0; q < 8; q++) po->ss += tmp[q];
-        }
-#endif
-        for (; j < e; j++)
-            if (msx__ties_spec_elem(out, base, x0, x1, j, plo, phi, g0, g1, lam, po, amb, &na)) {
-                pj[R] = (uint32_t)j;
-                pb[R] = base[j];
-                p0[R] = x0[j];
-                p1[R++] = x1[j];
-            }
-        if (z) /* rare: an exact cancellation t0 = -t1 != 0 in the vector part */
-            for (j = b0; j < e - ((e - b0) & 7); j++) {
-                float b = base[j], v0 = x0[j] - b, v1 = x1[j] - b;
-                uint32_t u0 = msx__abs_bits(v0), u1 = msx__abs_bits(v1);
-                float t0 = fabsf(v0) >= g0 ? v0 : 0.0f, t1 = fabsf(v1) >= g1 ? v1 : 0.0f;
-                if (t0 + t1 == 0 && t0 != 0 && !((u0 >= plo[0] && u0 <= phi[0]) || (u1 >= plo[1] && u1 <= phi[1]))) {
-                    if (amb) amb[na] = (uint32_t)j;
-                    na++;
-                }
-            }
-    }
-#if defined(__AVX2__)
-    if (nt) _mm_sfence(); /* the streamed stores are ordered before the fix-up's and other threads' reads */
-#endif
-    po->n_rec = R;
-    po->n_amb = na;
-}
-
-/* msx__ties_combine for two fine-tuned models given the exact thresholds:
-   the one-pass kernel with nothing pending (empty ranges), so the two
-   schemes share every float operation. amb: as for the pass. */
-static void msx__ties_combine2(float *out, const float *base, const float *x0, const float *x1, float th0, float th1,
-                               float lam, int64_t n, int64_t *sign_sum, uint32_t *amb, int64_t *n_amb) {
-    static const uint32_t none_lo[2] = {1, 1}, none_hi[2] = {0, 0};
-    msx__ties_pass_out po;
-    msx__ties_spec_pass(out, base, x0, x1, 0, n, none_lo, none_hi, th0, th1, lam, NULL, NULL, NULL, NULL, INT64_MAX / 2,
-                        amb, &po);
-    *sign_sum = po.ss;
-    *n_amb = po.n_amb;
-}
-
-/* Exact threshold key of model i: the (k - L)-th smallest of the record keys
-   in [lo, hx) of all n_parts threads. *miss when their number differs from
-   the table's C (records overflowed, or the sources changed after the table
-   was built): the exact value then comes from a full copy in c (n entries). */
-static uint32_t msx__ties_spec_select(int i, const float *base, const float *x, int64_t n, int64_t k, uint32_t lo,
-                                      uint32_t hx, int64_t L, int64_t Cx, const msx__ties_pass_out *po,
-                                      float *const *recs, int n_parts, int64_t rec_cap, uint32_t *c, int *miss) {
-    int64_t C = 0, q;
-    int u;
-    for (u = 0; u < n_parts; u++) {
-        const float *pb = recs[u] + rec_cap, *px = recs[u] + (size_t)(2 + i) * (size_t)rec_cap;
-        for (q = 0; q < po[u].n_rec; q++) {
-            uint32_t key = msx__abs_bits(px[q] - pb[q]);
-            c[C] = key;
-            C += key >= lo && key < hx;
-        }
-    }
-    *miss = 0;
-    if (C == Cx && k - L >= 1 && k - L <= C) return msx__select_in_range(c, C, k - L - 1, lo, hx);
-    *miss = 1;
-    return msx__select_full(x, base, n, k, c);
-}
-
-/* Fix-up of one thread's records under the exact thresholds: the sign sum
-   trades each pending element's provisional sign for its exact one, its
-   zero-sum position (if any) is appended to amb, and its output rewritten
-   when a keep/trim decision differs from the guess's. The rewrites land on
-   random cache lines long evicted: they are first compacted into the front
-   of the records (pj, pb; w <= q, so in place), then written with the lines
-   prefetched for writing well ahead, so the misses overlap. */
-static void msx__ties_spec_fix(float *out, uint32_t *pj, float *pb, const float *p0, const float *p1, int64_t n_rec,
-                               float g0, float g1, float th0, float th1, float lam, int64_t *ss, uint32_t *amb,
-                               int64_t *n_amb) {
-    int64_t q = 0, S = 0, na = *n_amb, w = 0;
-#if defined(__AVX2__)
-    { /* vectors: every decision here is a coin flip, too costly as branches */
-        const __m256 lv = _mm256_set1_ps(lam), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        const __m256 G0 = _mm256_set1_ps(g0), G1 = _mm256_set1_ps(g1), T0 = _mm256_set1_ps(th0), T1 = _mm256_set1_ps(th1);
-        __m256i bs = _mm256_setzero_si256();
-        int32_t tmp[8];
-        int l;
-        for (; q + 8 <= n_rec; q += 8) {
-            __m256 b = _mm256_loadu_ps(pb + q);
-            __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(p0 + q), b), v1 = _mm256_sub_ps(_mm256_loadu_ps(p1 + q), b);
-            __m256 w0 = _mm256_and_ps(v0, absm), w1 = _mm256_and_ps(v1, absm);
-            __m256i jv = _mm256_loadu_si256((const __m256i *)(const void *)(pj + q)), perm;
-            msx__ties2_v8 ex = msx__ties2_lanes(b, v0, v1, T0, T1, lv), gs = msx__ties2_lanes(b, v0, v1, G0, G1, lv);
-            int zm = msx__ties2_cancel(&ex);
-            int dm = _mm256_movemask_ps(_mm256_or_ps(
-                _mm256_xor_ps(_mm256_cmp_ps(w0, T0, _CMP_GE_OQ), _mm256_cmp_ps(w0, G0, _CMP_GE_OQ)),
-                _mm256_xor_ps(_mm256_cmp_ps(w1, T1, _CMP_GE_OQ), _mm256_cmp_ps(w1, G1, _CMP_GE_OQ))));
-            bs = _mm256_add_epi32(_mm256_sub_epi32(bs, _mm256_castps_si256(ex.sp)), _mm256_castps_si256(ex.sn));
-            bs = _mm256_sub_epi32(_mm256_add_epi32(bs, _mm256_castps_si256(gs.sp)), _mm256_castps_si256(gs.sn));
-            while (zm) { /* rare */
-                amb[na++] = pj[q + msx__ctz32((unsigned)zm)];
-                zm &= zm - 1;
-            }
-            perm = msx__lpack_perm(dm);
-            _mm256_storeu_si256((__m256i *)(void *)(pj + w), _mm256_permutevar8x32_epi32(jv, perm));
-            _mm256_storeu_ps(pb + w, _mm256_permutevar8x32_ps(ex.res, perm));
-            w += msx__popcnt8(dm);
-        }
-        _mm256_storeu_si256((__m256i *)(void *)tmp, bs);
-        for (l = 0; l < 8; l++) S += tmp[l];
-    }
-#endif
-    for (; q < n_rec; q++) { /* the last < 8 records (all of them without AVX2) */
-        float b = pb[q], v0 = p0[q] - b, v1 = p1[q] - b, t0, sm, t0g, smg;
-        float res = msx__ties2_one(b, v0, v1, th0, th1, lam, &t0, &sm);
-        (void)msx__ties2_one(b, v0, v1, g0, g1, lam, &t0g, &smg);
-        S += ((sm > 0) - (sm < 0)) - ((smg > 0) - (smg < 0));
-        if (sm == 0 && t0 != 0) amb[na++] = pj[q];
-        if ((fabsf(v0) >= th0) != (fabsf(v0) >= g0) || (fabsf(v1) >= th1) != (fabsf(v1) >= g1)) {
-            pj[w] = pj[q];
-            pb[w++] = res;
-        }
-    }
-    for (q = 0; q < w; q++) {
-#if defined(__GNUC__)
-        if (q + 24 < w) __builtin_prefetch(out + pj[q + 24], 1, 0);
-#endif
-        out[pj[q]] = pb[q];
-    }
-    *ss += S;
-    *n_amb = na;
-}
-
-MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
-    /* two models: the one-pass layout (msx__ties_off_*); otherwise candidates
-       per model and the sample */
-    if (n_ft == 2) return msx__ties_off_hist(n) + 2 * MSX__TIES_HIST_WORDS + 16;
-    return (size_t)n_ft * (size_t)n + 2 * MSX__TIES_SAMPLE;
-}
-
-/* ---- TIES on one large tensor by the whole thread team ----------------------
-   Every thread of the team works on the same tensor, on its own element
-   range. Two fine-tuned models (the paper's setting): the rank tables (built
-   from per-thread histograms when the caller keeps none yet), one pass, the
-   owner of each model (model i: thread i % nt) selects its exact threshold
-   from all threads' records, then each thread fixes up its own pending
-   elements. Other model counts: the two-pass scheme (sample bracket, count +
-   gather, select, combine), whose combine re-reads the range it counted,
-   backwards, so the inputs come from the shared L3. Results are
-   bit-identical to a single thread's for any number of threads: the k-th
-   value is order-independent and every element gets the same float
-   operations. Called by all team threads (it holds barriers, skipped when
-   nt == 1, so msx__ties_tensor can run it alone); each writes only its own
-   scratch, and reads the others' between barriers. tab/tab_ok: the caller's
-   two tables of this tensor and their state: 0 on the first call, which runs
-   the two-pass scheme (a one-off merge is not slowed by building tables it
-   would never reuse), 1 build them during this call, 2 built. NULL: the
-   two-pass scheme. */
-
-#ifndef MSX__TIES_COOP_MIN
-#define MSX__TIES_COOP_MIN 1048576 /* tensors from this size go to the whole team */
-#endif
-#define MSX__TIES_COOP_SUB 65536   /* combine sub-range, walked last-to-first */
-
-typedef struct msx__ties_coop_state {
-    uint32_t lo[MSX_MAX_MODELS], hi[MSX_MAX_MODELS], thr[MSX_MAX_MODELS];
-    int miss[MSX_MAX_MODELS];
-    int64_t lt[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], eq[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS];
-    int64_t nc[MSX__MERGE_MAX_THREADS][MSX_MAX_MODELS], ss[MSX__MERGE_MAX_THREADS];
-    msx__ties_pass_out po[MSX__MERGE_MAX_THREADS];
-} msx__ties_coop_state;
-
-#define MSX__COOP_BARRIER() do { if (nt > 1) { MSX__MOMP("omp barrier") } } while (0)
-
-/* The two-model path with the caller's tables (trim only; *tab_ok 1: build
-   them first, 2: built); returns 1 when the
-   outputs, *ss and the zero-sum list (scr[0..*na)) are complete, 0 when the
-   tensor must be recombined with the exact thresholds left in thr. */
-static int msx__ties_coop2(float *out, const float *base, const float *const *ft, int64_t k, float lam, int64_t n,
-                           uint32_t *scr_all, size_t per, int tid, int nt, int64_t j0, int64_t j1, int64_t cap,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok, float *thr,
-                           int64_t *ss, int64_t *na) {
-    uint32_t *scr = scr_all + per * (size_t)tid, lo[2], hx[2], plo[2], phi[2];
-    float *rec = (float *)(void *)(scr + msx__ties_off_rec(n)), g[2];
-    int64_t L[2], C[2];
-    int i, u, ovf = 0, redo;
-    if (*tab_ok < 2) {
-        uint32_t *h = scr + msx__ties_off_hist(n);
-        msx__ties_hist2(base, ft[0], ft[1], j0, j1, h, h + MSX__TIES_HIST_WORDS);
-        MSX__COOP_BARRIER();
-        for (i = tid; i < 2; i += nt)
-            msx__ties_table_build(scr_all + msx__ties_off_hist(n) + (size_t)i * MSX__TIES_HIST_WORDS, per, nt, n, &tab[i]);
-        MSX__COOP_BARRIER();
-    }
-    for (i = 0; i < 2; i++) {
-        msx__ties_table_find(&tab[i], k, &lo[i], &hx[i], &L[i], &C[i]);
-        plo[i] = lo[i];
-        phi[i] = hx[i] - 1;
-        if (hx[i] == lo[i] + 1) { plo[i] = 1; phi[i] = 0; } /* one key (key 0's bin): it is the threshold */
-        memcpy(&g[i], &lo[i], 4);
-    }
-    msx__ties_spec_pass(out, base, ft[0], ft[1], j0, j1, plo, phi, g[0], g[1], lam, (uint32_t *)(void *)rec, rec + cap,
-                        rec + 2 * cap, rec + 3 * cap, cap, scr, &sh->po[tid]);
-    MSX__COOP_BARRIER();
-    for (u = 0; u < nt; u++) ovf |= sh->po[u].overflow;
-    for (i = tid; i < 2; i += nt) { /* owner of model i */
-        sh->miss[i] = 0;
-        if (ovf) {
-            sh->thr[i] = msx__select_full(ft[i], base, n, k, scr + n);
-            sh->miss[i] = 1;
-        } else if (plo[i] > phi[i]) sh->thr[i] = lo[i];
-        else {
-            float *recs[MSX__MERGE_MAX_THREADS];
-            for (u = 0; u < nt; u++) recs[u] = (float *)(void *)(scr_all + per * (size_t)u + msx__ties_off_rec(n));
-            sh->thr[i] = msx__ties_spec_select(i, base, ft[i], n, k, lo[i], hx[i], L[i], C[i], sh->po, recs, nt, cap,
-                                               scr + n, &sh->miss[i]);
-        }
-    }
-    MSX__COOP_BARRIER();
-    memcpy(thr, sh->thr, 2 * sizeof(float));
-    redo = ovf || sh->miss[0] || sh->miss[1];
-    if (tid == 0) *tab_ok = (unsigned char)(ovf || !redo ? 2 : 1); /* a miss without overflow: rebuild next time */
-    if (redo) return 0;
-    *ss = sh->po[tid].ss;
-    *na = sh->po[tid].n_amb;
-    msx__ties_spec_fix(out, (uint32_t *)(void *)rec, rec + cap, rec + 2 * cap, rec + 3 * cap, sh->po[tid].n_rec, g[0],
-                       g[1], thr[0], thr[1], lam, ss, scr, na);
-    return 1;
-}
-
-static void msx__ties_coop(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                           float lam, int64_t n, uint32_t *scr_all, size_t per, int tid, int nt,
-                           msx__ties_coop_state *sh, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), chunk, j0, j1, s, na = 0, ss = 0, tot;
-    uint32_t *scr = scr_all + per * (size_t)tid;
-    float thr[MSX_MAX_MODELS];
-    int i, u, trim, combine = 1;
-    if (k > n) k = n;
-    trim = k > 0 && n > 0;
-    chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* 64-byte aligned ranges keep the streamed stores aligned */
-    j0 = (int64_t)tid * chunk < n ? (int64_t)tid * chunk : n;
-    j1 = j0 + chunk < n ? j0 + chunk : n;
-    if (trim && n_ft == 2 && tab && *tab_ok)
-        combine = !msx__ties_coop2(out, base, ft, k, lam, n, scr_all, per, tid, nt, j0, j1, msx__ties_rec_cap(chunk), sh,
-                                   tab, tab_ok, thr, &ss, &na);
-    else if (trim) {
-        for (i = tid; i < n_ft; i += nt)
-            msx__ties_bracket(base, ft[i], n, k, scr + (size_t)n_ft * (size_t)n, &sh->lo[i], &sh->hi[i]);
-        MSX__COOP_BARRIER();
-        for (i = 0; i < n_ft; i++) sh->lt[tid][i] = sh->eq[tid][i] = sh->nc[tid][i] = 0;
-        for (s = j0; s < j1; s += MSX__MERGE_BLOCK) {
-            int64_t e = s + MSX__MERGE_BLOCK < j1 ? s + MSX__MERGE_BLOCK : j1;
-            for (i = 0; i < n_ft; i++)
-                msx__ties_count_gather(ft[i], base, s, e, sh->lo[i], sh->hi[i], &sh->lt[tid][i], &sh->eq[tid][i],
-                                       scr + (size_t)i * (size_t)n, &sh->nc[tid][i]);
-        }
-        MSX__COOP_BARRIER();
-        for (i = tid; i < n_ft; i += nt) { /* owner: gather all candidates of model i, select */
-            uint32_t *c = scr + (size_t)i * (size_t)n, lo = sh->lo[i], hi = sh->hi[i];
-            int64_t L = 0, E = 0, C = sh->nc[tid][i], r;
-            for (u = 0; u < nt; u++) {
-                L += sh->lt[u][i];
-                E += sh->eq[u][i];
-                if (u != tid && lo != hi && sh->nc[u][i] > 0) {
-                    memcpy(c + C, scr_all + per * (size_t)u + (size_t)i * (size_t)n, (size_t)sh->nc[u][i] * 4);
-                    C += sh->nc[u][i];
-                }
-            }
-            r = k - L; /* 1-based rank within the bracket */
-            if (lo == hi && r >= 1 && r <= E) sh->thr[i] = lo;
-            else if (lo != hi && r >= 1 && r <= C)
-                sh->thr[i] = msx__select_in_range(c, C, r - 1, lo, hi == 0x7FFFFFFFu ? 0x80000000u : hi + 1);
-            else sh->thr[i] = msx__select_full(ft[i], base, n, k, c);
-        }
-        MSX__COOP_BARRIER();
-        memcpy(thr, sh->thr, (size_t)n_ft * sizeof(float));
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    /* combine [j0, j1) last sub-range first (most recently counted = most
-       likely still cached); zero-sum positions go to scr[0..) as absolute indices */
-    for (s = j0 + ((j1 - j0 - 1) / MSX__TIES_COOP_SUB) * MSX__TIES_COOP_SUB; combine && j1 > j0 && s >= j0;
-         s -= MSX__TIES_COOP_SUB) {
-        int64_t len = j1 - s < MSX__TIES_COOP_SUB ? j1 - s : MSX__TIES_COOP_SUB, s1 = 0, a = 0, q;
-        const float *fo[MSX_MAX_MODELS];
-        if (n_ft == 2)
-            msx__ties_combine2(out + s, base + s, ft[0] + s, ft[1] + s, thr[0], thr[1], lam, len, &s1, scr + na, &a);
-        else {
-            for (i = 0; i < n_ft; i++) fo[i] = ft[i] + s;
-            msx__ties_combine(out + s, base + s, fo, n_ft, thr, trim, lam, len, &s1, scr + na, &a);
-        }
-        for (q = na; q < na + a; q++) scr[q] += (uint32_t)s;
-        na += a;
-        ss += s1;
-    }
-    sh->ss[tid] = ss;
-    MSX__COOP_BARRIER();
-    for (tot = 0, u = 0; u < nt; u++) tot += sh->ss[u];
-    if (na > 0 && tot != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, tot > 0 ? 1 : -1, scr, na);
-    if (trim && n_ft == 2 && tab && *tab_ok == 0 && tid == 0) *tab_ok = 1; /* all have read it: build next time */
-}
-
-/* TIES of one tensor on the calling thread; scratch as for
-   msx__ties_thresholds, or NULL when nothing is trimmed. */
+/* TIES of one tensor on the calling thread; scratch: msx_merge_ties_scratch_floats(n, n_ft) words, or NULL when
+   nothing is trimmed. */
 static void msx__ties_tensor(float *out, const float *base, const float *const *ft, int n_ft, double drop_rate,
-                             float lam, int64_t n, uint32_t *scratch, msx__ties_table *tab, unsigned char *tab_ok) {
-    int64_t k = (int64_t)((double)n * drop_rate), ss = 0, amb = 0;
-    float thr[MSX_MAX_MODELS];
-    uint32_t *idx = scratch && n <= (int64_t)UINT32_MAX ? scratch : NULL;
-    int i, trim = k > 0 && n > 0;
+                             float lam, int64_t n, uint32_t *scratch) {
+    int64_t k = (int64_t)((double)n * drop_rate), ss, q, na = 0;
+    uint32_t tb[2] = {0, 0};
+    float thr[2], s;
+    int major;
     if (k > n) k = n;
-    if (trim && n_ft == 2 && tab && n > MSX__TIES_DIRECT && n <= (int64_t)UINT32_MAX) { /* the caller keeps tables */
-        msx__ties_coop_state st;
-        msx__ties_coop(out, base, ft, 2, drop_rate, lam, n, scratch, 0, 0, 1, &st, tab, tab_ok);
+    if (n <= MSX__TIES_DIRECT || n_ft != 2 || n > (int64_t)UINT32_MAX) {
+        msx__ties_plain(out, base, ft, n_ft, k, lam, n, scratch);
         return;
     }
-    if (trim) {
-        uint32_t tb[MSX_MAX_MODELS];
-        msx__ties_thresholds(base, ft, n_ft, n, k, scratch, tb);
-        for (i = 0; i < n_ft; i++) memcpy(&thr[i], &tb[i], 4);
-    } else
-        for (i = 0; i < n_ft; i++) thr[i] = 0;
-    if (n_ft == 2)
-        msx__ties_combine2(out, base, ft[0], ft[1], trim ? thr[0] : 0.0f, trim ? thr[1] : 0.0f, lam, n, &ss, idx, &amb);
-    else msx__ties_combine(out, base, ft, n_ft, thr, trim, lam, n, &ss, idx, &amb);
-    if (amb > 0 && ss != 0) msx__ties_fix(out, base, ft, n_ft, thr, trim, lam, n, ss > 0 ? 1 : -1, idx, amb);
+    if (k > 0) msx__ties_thresholds(base, ft, 2, n, k, scratch, tb); /* 1. */
+    memcpy(thr, tb, sizeof thr);
+    ss = msx__ties_combine2(out, base, ft[0], ft[1], thr[0], thr[1], lam, n, scratch, &na); /* 2-4. */
+    major = (ss > 0) - (ss < 0);
+    for (q = 0; q < na; q++) out[scratch[q]] = msx__ties_elem(base, ft, 2, scratch[q], thr, lam, major, &s);
+}
+
+/* Plain form: n keys; fast path: n candidates per model (the first list
+   reused for the zero-sum positions) and the sample. */
+MSXDEF size_t msx_merge_ties_scratch_floats(int64_t n, int n_ft) {
+    if (n <= MSX__TIES_DIRECT || n_ft != 2) return (size_t)n;
+    return 2 * (size_t)n + 2 * MSX__TIES_SAMPLE;
 }
 
 MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const float *const *ft, int n_ft,
@@ -7978,12 +9516,12 @@ MSXDEF msx_result msx_merge_tensor_ties(float *out, const float *base, const flo
     if (!isfinite(drop_rate) || drop_rate < 0 || drop_rate > 1)
         return msx__err(MSX_E_ARG, "ties: drop_rate %g must lie in [0, 1]", drop_rate);
     if (!isfinite(scale)) return msx__err(MSX_E_ARG, "ties: scale is not a finite number");
-    if (!scratch && (int64_t)((double)n * drop_rate) > 0) {
+    if (!scratch) {
         own = (float *)msx__aligned_alloc(msx_merge_ties_scratch_floats(n, n_ft) * sizeof(float));
         if (!own) return msx__err(MSX_E_NOMEM, "ties: cannot allocate scratch for %lld elements", (long long)n);
         scratch = own;
     }
-    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch, NULL, NULL);
+    msx__ties_tensor(out, base, ft, n_ft, drop_rate, (float)scale, n, (uint32_t *)(void *)scratch);
     msx__aligned_free(own);
     return MSX_OK;
 }
@@ -8017,9 +9555,6 @@ struct msx_merger {
     uint32_t *scratch;      /* TIES, per thread */
     size_t scratch_per_thread;
     int scratch_threads;
-    msx__ties_table *ties_tab;  /* two fine-tuned models: 2 rank tables per large tensor */
-    int *ties_tab_idx;          /* per tensor: its pair of tables, or -1 */
-    unsigned char *ties_tab_ok; /* per pair: built */
     msx_merge_options opt;
 };
 
@@ -8131,7 +9666,7 @@ MSXDEF msx_result msx_merger_create(const msx_checkpoint *base, const msx_checkp
     if (r != MSX_OK) { msx_merger_free(m); return r; }
     m->depth = max_block + 1;
     m->n_layer_groups = (m->depth + granularity - 1) / granularity;
-    m->n_groups = m->n_layer_groups + 13;
+    m->n_groups = m->n_layer_groups + MSX_MERGE_N_FIXED_GROUPS;
     m->n_items_cap = (int)n_items;
     m->group_tensors = (int *)msx__calloc((size_t)m->n_groups, sizeof(int));
     m->gs = (msx__merge_gstate *)msx__calloc((size_t)m->n_groups, sizeof *m->gs);
@@ -8160,9 +9695,6 @@ MSXDEF void msx_merger_free(msx_merger *m) {
     MSX_FREE(m->items);
     MSX_FREE(m->gs);
     msx__aligned_free(m->scratch);
-    MSX_FREE(m->ties_tab);
-    MSX_FREE(m->ties_tab_idx);
-    MSX_FREE(m->ties_tab_ok);
     MSX_FREE(m);
 }
 
@@ -8202,12 +9734,7 @@ static void msx__merge_item_run(const msx_merger *m, const msx_plan *plan, msx_c
     switch (s ? s->action : 0) {
     case 1 + MSX_MERGE_LINEAR: msx__linear_range(o, src, s->wf, m->n_ft + 1, it->j0, it->j1); break;
     case 1 + MSX_MERGE_TASK_ARITHMETIC: msx__ta_range(o, src[0], src + 1, m->n_ft, (float)gp->scale, it->j0, it->j1); break;
-    case 1 + MSX_MERGE_TIES: {
-        int ti = m->ties_tab_idx ? m->ties_tab_idx[i] : -1;
-        msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch,
-                         ti >= 0 ? m->ties_tab + 2 * (size_t)ti : NULL, ti >= 0 ? m->ties_tab_ok + ti : NULL);
-        break;
-    }
+    case 1 + MSX_MERGE_TIES: msx__ties_tensor(o, src[0], src + 1, m->n_ft, gp->drop_rate, (float)gp->scale, n, scratch); break;
     case 1 + MSX_MERGE_SLERP: {
         double acc[3] = {0, 0, 0};
         float f0, f1;
@@ -8224,7 +9751,7 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
     const msx_checkpoint *base = m->base;
     double t0 = msx_time_now();
     int i, g, q, nth = msx__merge_nthreads(m->opt.n_threads), n_models = m->n_ft + 1, n_items = 0, pass;
-    int need_scratch = 0, n_coop = 0;
+    int need_scratch = 0, k = 0;
     msx_result r;
     if (report) memset(report, 0, sizeof *report);
     if (!plan || !out) return msx__err(MSX_E_ARG, "merge: plan or output is NULL");
@@ -8251,7 +9778,9 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         msx__merge_gstate *s = &m->gs[g];
         const char *why = NULL;
         s->action = 1 + (int)gp->method;
-        if (gp->method == MSX_MERGE_LINEAR && !msx__merge_linear_weights(gp->weights, n_models, s->wf))
+        if (gp->method == MSX_MERGE_LINEAR && (k = msx__merge_linear_weights(gp->weights, n_models, s->wf)) < 0)
+            return msx__err(MSX_E_ARG, "merge: group %s: the linear weights sum to infinity (too large to normalise)", plan->ids[g]);
+        if (gp->method == MSX_MERGE_LINEAR && !k)
             why = "linear weights sum to 0 (the reference raises ZeroDivisionError and keeps the base)";
         else if (gp->method == MSX_MERGE_TASK_ARITHMETIC && m->n_ft < 2)
             why = "task_arithmetic with one fine-tuned model (the reference raises IndexError and keeps the base)";
@@ -8261,18 +9790,14 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         s->action = 0;
         msx__merge_warn(report, "group %s: %s: %d tensors kept the base", plan->ids[g], why, m->group_tensors[g]);
     }
-    /* work list: first the large TIES tensors, which the whole team runs
-       one at a time (msx__ties_coop), then whole tensors for TIES / SLERP
-       (largest first), then chunks of the streaming ones; threads take the
-       last two kinds dynamically */
-    for (pass = 0; pass < 3; pass++)
+    /* work list: whole tensors for TIES / SLERP (largest first), then
+       chunks of the streaming ones; threads take items dynamically */
+    for (pass = 0; pass < 2; pass++)
         for (q = 0; q < base->n; q++) {
             int ti = m->order[q], a = m->tgroup[ti] >= 0 ? m->gs[m->tgroup[ti]].action : 0;
             int64_t n = base->tensors[ti].numel, j0;
-            int coop = a == 1 + MSX_MERGE_TIES && n >= MSX__TIES_COOP_MIN && n <= (int64_t)UINT32_MAX;
             int whole = a == 1 + MSX_MERGE_TIES || a == 1 + MSX_MERGE_SLERP;
-            if ((pass == 0) != coop || (!coop && whole != (pass == 1))) continue;
-            if (coop) n_coop++;
+            if (whole != (pass == 0)) continue;
             if (whole || n == 0) {
                 m->items[n_items].tensor = ti;
                 m->items[n_items].j0 = 0;
@@ -8295,55 +9820,19 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
         m->scratch = s;
         m->scratch_threads = nth;
     }
-    if (need_scratch && m->n_ft == 2 && !m->ties_tab) {
-        /* first TIES run: rank tables for the tensors the one-pass scheme takes */
-        int nb = 0;
-        m->ties_tab_idx = (int *)MSX_MALLOC((size_t)base->n * sizeof(int));
-        if (!m->ties_tab_idx) return msx__err(MSX_E_NOMEM, "merge: out of memory");
-        for (i = 0; i < base->n; i++)
-            m->ties_tab_idx[i] = base->tensors[i].numel > MSX__TIES_DIRECT && base->tensors[i].numel <= (int64_t)UINT32_MAX
-                                     ? nb++ : -1;
-        m->ties_tab = (msx__ties_table *)MSX_MALLOC(2 * (size_t)(nb ? nb : 1) * sizeof(msx__ties_table));
-        m->ties_tab_ok = (unsigned char *)MSX_MALLOC((size_t)(nb ? nb : 1));
-        if (!m->ties_tab || !m->ties_tab_ok) {
-            MSX_FREE(m->ties_tab);
-            MSX_FREE(m->ties_tab_ok);
-            MSX_FREE(m->ties_tab_idx);
-            m->ties_tab = NULL;
-            m->ties_tab_ok = NULL;
-            m->ties_tab_idx = NULL;
-            return msx__err(MSX_E_NOMEM, "merge: cannot allocate the TIES rank tables");
-        }
-        memset(m->ties_tab_ok, 0, (size_t)(nb ? nb : 1));
-    }
     {
         const msx_merger *cm = m;
         uint32_t *scr = m->scratch;
         size_t per = m->scratch_per_thread;
         msx__merge_item *items = m->items;
-        msx__ties_coop_state coop_state;
-        msx__ties_coop_state *cs = &coop_state;
-        const int nc0 = n_coop;
         (void)per;
-        MSX__MOMP("omp parallel num_threads(nth) if(n_items > 1)")
-        {
-            int tid = 0, it, nt = 1;
+        MSX__MOMP("omp parallel for schedule(dynamic, 1) num_threads(nth) if(n_items > 1)")
+        for (q = 0; q < n_items; q++) {
+            int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
-            nt = omp_get_num_threads();
 #endif
-            for (it = 0; it < nc0; it++) {
-                const msx__merge_item *ci = &items[it];
-                int ti = ci->tensor;
-                const msx_group_plan *gp = &plan->groups[cm->tgroup[ti]];
-                int tx = cm->ties_tab_idx ? cm->ties_tab_idx[ti] : -1;
-                msx__ties_coop((float *)out->tensors[ti].data, cm->srcp[(size_t)ti * (size_t)(cm->n_ft + 1)],
-                               cm->srcp + (size_t)ti * (size_t)(cm->n_ft + 1) + 1, cm->n_ft, gp->drop_rate,
-                               (float)gp->scale, base->tensors[ti].numel, scr, per, tid, nt, cs,
-                               tx >= 0 ? cm->ties_tab + 2 * (size_t)tx : NULL, tx >= 0 ? cm->ties_tab_ok + tx : NULL);
-            }
-            MSX__MOMP("omp for schedule(dynamic, 1)")
-            for (it = nc0; it < n_items; it++) msx__merge_item_run(cm, plan, out, &items[it], scr ? scr + per * (size_t)tid : NULL);
+            msx__merge_item_run(cm, plan, out, &items[q], scr ? scr + per * (size_t)tid : NULL);
         }
     }
     if (report) {
@@ -8360,29 +9849,83 @@ MSXDEF msx_result msx_merger_run(msx_merger *m, const msx_plan *plan, msx_checkp
 
 /* ---- export ------------------------------------------------------------------------ */
 
+/* 1 = safetensors, 2 = torch zip, 0 = unknown; *stem_len = length before the extension. */
+static int msx__export_format(const char *path, size_t *stem_len) {
+    static const char *const ext[3] = {".safetensors", ".pth", ".pt"};
+    size_t n = strlen(path), k;
+    int i;
+    for (i = 0; i < 3; i++) {
+        k = strlen(ext[i]);
+        if (n > k && !strcmp(path + n - k, ext[i])) { *stem_len = n - k; return i ? 2 : 1; }
+    }
+    *stem_len = n;
+    return 0;
+}
+
+static void msx__group_describe(const msx_group_plan *g, int n_models, char *buf, size_t cap) {
+    int k;
+    size_t n;
+    snprintf(buf, cap, "%s", msx_merge_method_name(g->method));
+    n = strlen(buf);
+    switch (g->method) {
+    case MSX_MERGE_LINEAR:
+    case MSX_MERGE_SLERP:
+        snprintf(buf + n, cap - n, g->method == MSX_MERGE_LINEAR ? ", weights" : ", t");
+        for (k = 0; k < n_models && (n = strlen(buf)) < cap; k++) snprintf(buf + n, cap - n, "%s%g", k ? "," : " ", g->method == MSX_MERGE_LINEAR ? g->weights[k] : g->t[k]);
+        break;
+    case MSX_MERGE_TIES: snprintf(buf + n, cap - n, ", drop_rate %g, scale %g", g->drop_rate, g->scale); break;
+    default: snprintf(buf + n, cap - n, ", scale %g", g->scale); break;
+    }
+}
+
+MSXDEF msx_result msx_merger_check_finite(const msx_merger *m, const msx_plan *plan, const msx_checkpoint *out) {
+    int i, bad = -1, gbad = -1;
+    int64_t total = 0, first = 0;
+    char desc[256];
+    if (!m || !plan || !out) return msx__err(MSX_E_ARG, "msx_merger_check_finite: NULL argument");
+    for (i = 0; i < out->n; i++) {
+        int64_t k = msx_tensor_count_nonfinite(&out->tensors[i]);
+        if (!k) continue;
+        total += k;
+        if (bad < 0) { bad = i; first = k; gbad = msx_merger_tensor_group(m, i); }
+    }
+    if (bad < 0) return MSX_OK;
+    if (gbad >= 0 && gbad < plan->n_groups) {
+        msx__group_describe(&plan->groups[gbad], msx_merger_n_models(m), desc, sizeof desc);
+        return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in group %s (%s): %lld in tensor "
+                        "'%s'; the hyperparameters overflow float32 (use a smaller scale or weights)",
+                        (long long)total, plan->ids[gbad], desc, (long long)first, out->tensors[bad].name);
+    }
+    return msx__err(MSX_E_ARG, "the merge produced %lld NaN/infinite weight(s), first in tensor '%s' (not merged: a "
+                    "source model holds them)", (long long)total, out->tensors[bad].name);
+}
+
 MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merged, const msx_plan *plan) {
     char *js = NULL, *pp;
     const char *meta[4];
-    size_t n = strlen(path), suf = strlen(".safetensors");
-    int n_meta = 1, i;
+    size_t stem;
+    int n_meta = 1, i, fmt;
     msx_result r;
-    if (!merged) return msx__err(MSX_E_ARG, "export: no model");
+    if (!merged || !path) return msx__err(MSX_E_ARG, "export: no model or no file name");
+    fmt = msx__export_format(path, &stem);
+    if (!fmt)
+        return msx__err(MSX_E_ARG, "%s: unknown output format; name the file .safetensors or .pth (PyTorch zip checkpoint)", path);
     for (i = 0; i < merged->n; i++)
         if (merged->tensors[i].dtype != MSX_F32)
             return msx__err(MSX_E_UNSUPPORTED, "export %s: tensor '%s' is %s, expected float32", path,
                             merged->tensors[i].name, msx_dtype_name(merged->tensors[i].dtype));
+    if ((r = msx_ckpt_check_finite(merged, path)) != MSX_OK) return r;
     if (plan && (r = msx_plan_to_json(plan, &js)) != MSX_OK) return r;
     meta[0] = "format";
     meta[1] = "pt"; /* what torch's safetensors writer records */
     if (js) { meta[2] = "medsamix_plan"; meta[3] = js; n_meta = 2; }
-    r = msx_safetensors_save(path, merged, meta, n_meta);
+    r = fmt == 1 ? msx_safetensors_save(path, merged, meta, n_meta) : msx_pth_save(path, merged);
     if (r == MSX_OK && js) {
-        pp = (char *)MSX_MALLOC(n + 16);
+        pp = (char *)MSX_MALLOC(stem + 16);
         if (!pp) r = msx__err(MSX_E_NOMEM, "out of memory");
         else {
-            size_t base = (n >= suf && !strcmp(path + n - suf, ".safetensors")) ? n - suf : n;
-            memcpy(pp, path, base);
-            strcpy(pp + base, ".plan.json");
+            memcpy(pp, path, stem);
+            strcpy(pp + stem, ".plan.json");
             r = msx_write_file_atomic(pp, js, strlen(js));
             MSX_FREE(pp);
         }
@@ -8399,8 +9942,8 @@ MSXDEF msx_result msx_merge_export(const char *path, const msx_checkpoint *merge
 /* ======================================================================== */
 /* IMPLEMENTATION: opt. Owns search spaces, the random-forest surrogate,     */
 /* EI / log-EI, ParEGO, the Pareto archive, hypervolume and the ask/tell     */
-/* optimiser with its JSON state. Section numbers (§) refer to              */
-/* /work/shared/docs/optimizer-reference.md.                                 */
+/* optimiser with its JSON state. What follows SMAC3 v2.2.0 and pyrfr, and  */
+/* where, is in docs/semantics.md §7.                                       */
 /* ======================================================================== */
 
 /* ---- small helpers ----------------------------------------------------------- */
@@ -8441,7 +9984,7 @@ static int msx__opt_cmp_desc(const void *a, const void *b) {
     return (x->i > y->i) - (x->i < y->i);
 }
 
-/* ---- search spaces (§2) ------------------------------------------------------ */
+/* ---- search spaces (docs/semantics.md §7.1) ---------------------------------------------- */
 
 typedef struct msx__oparam {
     char *name;
@@ -8706,7 +10249,7 @@ MSXDEF msx_result msx_space_canonicalize(const msx_space *s, const double *in, d
     }
     return MSX_OK;
 }
-/* Random-forest input (§2.2): unit value, inactive floats/ints -1, inactive
+/* Random-forest input (docs/semantics.md §7.1): unit value, inactive floats/ints -1, inactive
    categoricals k (an extra category). */
 static double msx__sp_enc1(const msx__oparam *p, double v) {
     if (v != v) return p->type == MSX_PARAM_CAT ? (double)p->k : -1.0;
@@ -8768,7 +10311,7 @@ static int msx__sp_equal(const msx_space *a, const msx_space *b, char *msg, size
     return 1;
 }
 
-/* ---- random forest (§4) ------------------------------------------------------ */
+/* ---- random forest (docs/semantics.md §7.2) ---------------------------------------------- */
 
 typedef struct msx__rfnode {
     int feat, left, right; /* feat < 0: leaf */
@@ -8844,18 +10387,35 @@ static msx_result msx__rf_reserve(msx_rf *rf, int n, int d, int trees) {
     return MSX_OK;
 }
 
-/* Grows tree t breadth-first (§4.2). Each node owns the range [a,b) of the
-   per-feature sorted index lists, which are stably partitioned on a split,
-   so a split search costs O(points in node) per feature. */
-static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+/* One tree is grown in named steps: msx__rf_bootstrap draws the rows,
+   msx__rf_node_stats summarises a node, msx__rf_split_numeric and
+   msx__rf_split_categorical search one feature for the best split,
+   msx__rf_leaf and msx__rf_grow finish the node (docs/semantics.md §7.2).
+   Each node owns the range [a,b) of the per-feature sorted index lists,
+   which are stably partitioned on a split, so a split search costs
+   O(points in node) per feature. One RNG stream per tree, drawn in this
+   order: bootstrap, then per node the feature order, random thresholds
+   (option) and the side of unobserved categories. */
+
+typedef struct msx__rf_stats {
+    double W, S, mean, y0; /* weight, weighted sum, mean and first response of the node */
+    int pure, alleq;       /* all responses within eps_purity / exactly equal */
+} msx__rf_stats;
+
+typedef struct msx__rf_split {
+    double gain, thr; /* numeric: go left iff x <= thr */
+    uint64_t mask;    /* categorical: go left iff bit x is set */
+    int feat;         /* -1: no split found */
+} msx__rf_split;
+
+/* Bootstrap weights (n draws with replacement, or all 1) and each feature's
+   sorted list restricted to the drawn rows; returns their number. */
+static int msx__rf_bootstrap(msx_rf *rf, msx_rng *rng) {
     const int n = rf->n, d = rf->d, cn = rf->cap_n;
-    const int min_split = rf->o.min_samples_split, min_leaf = rf->o.min_samples_leaf;
-    msx_rng rng;
-    int i, f, m = 0, qh = 0, qt = 0, root;
-    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    int i, f, m = 0;
     for (i = 0; i < n; i++) rf->w[i] = rf->o.no_bootstrap ? 1.0 : 0.0;
     if (!rf->o.no_bootstrap)
-        for (i = 0; i < n; i++) rf->w[msx_rng_below(&rng, (uint64_t)n)] += 1.0;
+        for (i = 0; i < n; i++) rf->w[msx_rng_below(rng, (uint64_t)n)] += 1.0;
     for (f = 0; f < d; f++) {
         const int *g = rf->gord + (size_t)f * cn;
         int *o = rf->ord + (size_t)f * cn, k = 0;
@@ -8863,152 +10423,191 @@ static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
             if (rf->w[g[i]] > 0) o[k++] = g[i];
         m = k;
     }
+    return m;
+}
+
+static void msx__rf_node_stats(const msx_rf *rf, const double *y, const int *o0, int cnt, msx__rf_stats *st) {
+    int j;
+    st->W = st->S = 0;
+    st->y0 = y[o0[0]];
+    st->pure = st->alleq = 1;
+    for (j = 0; j < cnt; j++) {
+        double yy = y[o0[j]], ww = rf->w[o0[j]];
+        st->W += ww;
+        st->S += ww * yy;
+        if (fabs(yy - st->y0) > rf->o.eps_purity) st->pure = 0;
+        if (yy != st->y0) st->alleq = 0;
+    }
+    st->mean = st->S / st->W;
+}
+
+/* Numeric feature ff over the node's sorted list o[0..cnt): every cut
+   between distinct values, RSS gain on centred sums; the threshold is the
+   midpoint, or pyrfr's uniform draw in the gap (smoother ensemble). */
+static void msx__rf_split_numeric(const msx_rf *rf, const double *y, int ff, const int *o, int cnt,
+                                  const msx__rf_stats *st, msx_rng *rng, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n; /* feature-major copy: contiguous */
+    const int min_leaf = rf->o.min_samples_leaf;
+    double WL = 0, SL = 0;
+    int nL = 0, j;
+    for (j = 0; j < cnt - 1; j++) {
+        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
+        WL += rf->w[o[j]];
+        SL += rf->w[o[j]] * (y[o[j]] - st->mean);
+        nL++;
+        if (!(xn > x)) continue;
+        if (nL < min_leaf) continue;
+        if (cnt - nL < min_leaf) break;
+        WR = st->W - WL; SR = -SL; /* centred sums add to zero */
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) {
+            best->gain = gain;
+            best->feat = ff;
+            best->mask = 0;
+            best->thr = x + (rf->o.random_thresholds ? msx_rng_uniform(rng) : 0.5) * (xn - x);
+            if (!(best->thr < xn)) best->thr = x;
+        }
+    }
+}
+
+/* Categorical feature ff with K <= MSX_RF_MAX_CATEGORIES values (Breiman):
+   the observed categories sorted by mean response, every prefix tried as
+   the left set. Values outside 0..K-1 count as the nearest category (K is
+   the imputed value of an inactive categorical). */
+static void msx__rf_split_categorical(const msx_rf *rf, const double *y, int ff, int K, const int *o, int cnt,
+                                      const msx__rf_stats *st, msx__rf_split *best) {
+    const double *xf = rf->xt + (size_t)ff * rf->cap_n;
+    const int min_leaf = rf->o.min_samples_leaf;
+    double cw[MSX_RF_MAX_CATEGORIES], cs[MSX_RF_MAX_CATEGORIES], WL = 0, SL = 0;
+    int cc[MSX_RF_MAX_CATEGORIES], obs[MSX_RF_MAX_CATEGORIES], nobs = 0, c, p, j, nL = 0;
+    uint64_t mask = 0;
+    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
+    for (j = 0; j < cnt; j++) {
+        int cat = (int)xf[o[j]];
+        if (cat < 0) cat = 0;
+        if (cat >= K) cat = K - 1;
+        cw[cat] += rf->w[o[j]];
+        cs[cat] += rf->w[o[j]] * (y[o[j]] - st->mean);
+        cc[cat]++;
+    }
+    for (c = 0; c < K; c++)
+        if (cc[c]) {
+            int q = nobs++;
+            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
+            obs[q] = c;
+        }
+    if (nobs < 2) return;
+    for (p = 0; p < nobs - 1; p++) {
+        double WR, SR, gain;
+        WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
+        mask |= (uint64_t)1 << obs[p];
+        if (nL < min_leaf || cnt - nL < min_leaf) continue;
+        WR = st->W - WL; SR = -SL;
+        gain = SL * SL / WL + SR * SR / WR;
+        if (gain > best->gain) { best->gain = gain; best->feat = ff; best->mask = mask; }
+    }
+}
+
+/* Node nd becomes a leaf: the mean response, or with SMAC's log_y
+   ln(mean over the node's points of exp(y)). */
+static void msx__rf_leaf(msx_rf *rf, const double *y, int nd, const int *o0, int cnt, const msx__rf_stats *st) {
+    msx__rfnode *L = &rf->nodes[nd];
+    int j;
+    L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
+    if (rf->o.log_y) {
+        double se = 0;
+        for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
+        L->val = log(se / cnt + 1e-10);
+    } else
+        L->val = st->alleq ? st->y0 : st->mean;
+}
+
+/* Node nd (rows [a,b) at depth) splits by *best: unobserved categories join
+   the left set with probability 1/2, every feature's list is stably
+   partitioned, and the two children are queued. */
+static void msx__rf_grow(msx_rf *rf, int nd, int a, int b, int depth, const msx__rf_stats *st, msx__rf_split *best,
+                         msx_rng *rng, int *qt) {
+    const int cn = rf->cap_n, d = rf->d, cnt = b - a, K = rf->types[best->feat];
+    const int *o0 = rf->ord + a;
+    const double *xb = rf->xt + (size_t)best->feat * cn;
+    int nL = 0, l, r, g, j, left_id, right_id;
+    if (best->mask) {
+        uint64_t obsmask = 0;
+        const int *o = rf->ord + (size_t)best->feat * cn + a;
+        int c;
+        for (j = 0; j < cnt; j++) {
+            int cat = (int)xb[o[j]];
+            if (cat >= 0 && cat < MSX_RF_MAX_CATEGORIES) obsmask |= (uint64_t)1 << cat;
+        }
+        for (c = 0; c < K; c++)
+            if (!((obsmask >> c) & 1) && (msx_rng_u64(rng) >> 63)) best->mask |= (uint64_t)1 << c;
+    }
+    for (j = 0; j < cnt; j++) {
+        int id = o0[j], gl;
+        double x = xb[id];
+        if (best->mask) { int cat = (int)x; gl = cat >= 0 && cat < MSX_RF_MAX_CATEGORIES && ((best->mask >> cat) & 1); }
+        else gl = x <= best->thr;
+        rf->goleft[id] = (unsigned char)gl;
+        nL += gl;
+    }
+    for (g = 0; g < d; g++) { /* stable partition of every feature's list */
+        int *o = rf->ord + (size_t)g * cn + a;
+        l = r = 0;
+        for (j = 0; j < cnt; j++) {
+            if (rf->goleft[o[j]]) o[l++] = o[j];
+            else rf->tmp[r++] = o[j];
+        }
+        memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
+    }
+    left_id = rf->n_nodes++;
+    right_id = rf->n_nodes++;
+    rf->nodes[nd].feat = best->feat;
+    rf->nodes[nd].thr = best->thr;
+    rf->nodes[nd].mask = best->mask;
+    rf->nodes[nd].left = left_id;
+    rf->nodes[nd].right = right_id;
+    rf->nodes[nd].val = st->mean;
+    rf->qn[*qt] = left_id; rf->qa[*qt] = a; rf->qb[*qt] = a + nL; rf->qdepth[*qt] = depth + 1; (*qt)++;
+    rf->qn[*qt] = right_id; rf->qa[*qt] = a + nL; rf->qb[*qt] = b; rf->qdepth[*qt] = depth + 1; (*qt)++;
+}
+
+/* Grows tree t breadth-first. */
+static void msx__rf_tree(msx_rf *rf, const double *y, int t) {
+    const int d = rf->d, cn = rf->cap_n;
+    msx_rng rng;
+    int f, qh = 0, qt = 0, root, m;
+    msx_rng_seed(&rng, msx__opt_seed3(rf->o.seed, 0x7265u, (uint64_t)t));
+    m = msx__rf_bootstrap(rf, &rng);
     root = rf->n_nodes++;
     rf->roots[t] = root;
     rf->qn[qt] = root; rf->qa[qt] = 0; rf->qb[qt] = m; rf->qdepth[qt] = 0; qt++;
     while (qh < qt) {
-        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh];
-        const int cnt = b - a;
-        const int *o0 = rf->ord + a;
-        double W = 0, S = 0, mean, y0 = y[o0[0]], best_gain = -1, best_thr = 0;
-        uint64_t best_mask = 0;
-        int pure = 1, alleq = 1, best_f = -1, j;
+        const int nd = rf->qn[qh], a = rf->qa[qh], b = rf->qb[qh], depth = rf->qdepth[qh], cnt = b - a;
+        msx__rf_stats st;
+        msx__rf_split best;
         qh++;
-        for (j = 0; j < cnt; j++) {
-            double yy = y[o0[j]], ww = rf->w[o0[j]];
-            W += ww;
-            S += ww * yy;
-            if (fabs(yy - y0) > rf->o.eps_purity) pure = 0;
-            if (yy != y0) alleq = 0;
-        }
-        mean = S / W;
-        if (depth < rf->o.max_depth && cnt >= min_split && W >= 2 && !pure) {
-            int nf = rf->maxf, fi;
+        msx__rf_node_stats(rf, y, rf->ord + a, cnt, &st);
+        best.gain = -1;
+        best.thr = 0;
+        best.mask = 0;
+        best.feat = -1;
+        if (depth < rf->o.max_depth && cnt >= rf->o.min_samples_split && st.W >= 2 && !st.pure) {
+            int fi;
             for (f = 0; f < d; f++) rf->feats[f] = f;
-            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first (§4.2) */
+            for (f = d - 1; f > 0; f--) { /* random feature order: ties keep the first */
                 int r = (int)msx_rng_below(&rng, (uint64_t)(f + 1)), tt = rf->feats[f];
                 rf->feats[f] = rf->feats[r];
                 rf->feats[r] = tt;
             }
-            for (fi = 0; fi < nf; fi++) {
+            for (fi = 0; fi < rf->maxf; fi++) {
                 const int ff = rf->feats[fi], K = rf->types[ff];
                 const int *o = rf->ord + (size_t)ff * cn + a;
-                const double *xf = rf->xt + (size_t)ff * cn; /* feature-major copy: contiguous */
-                if (K > 0 && K <= 64) {
-                    /* Breiman: sort observed categories by mean, try prefixes (§4.3). */
-                    double cw[64], cs[64];
-                    int cc[64], obs[64], nobs = 0, c, p;
-                    for (c = 0; c < K; c++) { cw[c] = cs[c] = 0; cc[c] = 0; }
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)xf[o[j]];
-                        if (cat < 0) cat = 0;
-                        if (cat >= K) cat = K - 1;
-                        cw[cat] += rf->w[o[j]];
-                        cs[cat] += rf->w[o[j]] * (y[o[j]] - mean);
-                        cc[cat]++;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (cc[c]) {
-                            int q = nobs++;
-                            while (q > 0 && cs[obs[q - 1]] / cw[obs[q - 1]] > cs[c] / cw[c]) { obs[q] = obs[q - 1]; q--; }
-                            obs[q] = c;
-                        }
-                    if (nobs < 2) continue;
-                    {
-                        double WL = 0, SL = 0;
-                        int nL = 0;
-                        uint64_t mask = 0;
-                        for (p = 0; p < nobs - 1; p++) {
-                            double WR, SR, gain;
-                            WL += cw[obs[p]]; SL += cs[obs[p]]; nL += cc[obs[p]];
-                            mask |= (uint64_t)1 << obs[p];
-                            if (nL < min_leaf || cnt - nL < min_leaf) continue;
-                            WR = W - WL; SR = -SL; /* centred sums add to zero */
-                            gain = SL * SL / WL + SR * SR / WR;
-                            if (gain > best_gain) { best_gain = gain; best_f = ff; best_mask = mask; }
-                        }
-                    }
-                } else {
-                    double WL = 0, SL = 0;
-                    int nL = 0;
-                    for (j = 0; j < cnt - 1; j++) {
-                        double x = xf[o[j]], xn = xf[o[j + 1]], WR, SR, gain;
-                        WL += rf->w[o[j]];
-                        SL += rf->w[o[j]] * (y[o[j]] - mean);
-                        nL++;
-                        if (!(xn > x)) continue;
-                        if (nL < min_leaf) continue;
-                        if (cnt - nL < min_leaf) break;
-                        WR = W - WL; SR = -SL;
-                        gain = SL * SL / WL + SR * SR / WR;
-                        if (gain > best_gain) {
-                            best_gain = gain;
-                            best_f = ff;
-                            best_mask = 0;
-                            /* midpoint, or pyrfr's uniform draw in the gap (smoother ensemble) */
-                            best_thr = x + (rf->o.random_thresholds ? msx_rng_uniform(&rng) : 0.5) * (xn - x);
-                            if (!(best_thr < xn)) best_thr = x;
-                        }
-                    }
-                }
+                if (K > 0) msx__rf_split_categorical(rf, y, ff, K, o, cnt, &st, &best);
+                else msx__rf_split_numeric(rf, y, ff, o, cnt, &st, &rng, &best);
             }
         }
-        if (best_f < 0) {
-            msx__rfnode *L = &rf->nodes[nd];
-            L->feat = -1; L->left = L->right = -1; L->thr = 0; L->mask = 0;
-            if (rf->o.log_y) { /* SMAC log_y: ln(mean over distinct leaf points of exp(y)) (§4.4) */
-                double se = 0;
-                for (j = 0; j < cnt; j++) se += exp(y[o0[j]]);
-                L->val = log(se / cnt + 1e-10);
-            } else
-                L->val = alleq ? y0 : mean;
-            continue;
-        }
-        {
-            const int K = rf->types[best_f];
-            int nL = 0, l, r, g, left_id, right_id;
-            if (best_mask) { /* unobserved categories join the left set with probability 1/2 */
-                int c;
-                {
-                    uint64_t obsmask = 0;
-                    const int *o = rf->ord + (size_t)best_f * cn + a;
-                    for (j = 0; j < cnt; j++) {
-                        int cat = (int)rf->xt[(size_t)best_f * cn + o[j]];
-                        if (cat >= 0 && cat < 64) obsmask |= (uint64_t)1 << cat;
-                    }
-                    for (c = 0; c < K; c++)
-                        if (!((obsmask >> c) & 1) && (msx_rng_u64(&rng) >> 63)) best_mask |= (uint64_t)1 << c;
-                }
-            }
-            for (j = 0; j < cnt; j++) {
-                int id = o0[j];
-                double x = rf->xt[(size_t)best_f * cn + id];
-                int gl;
-                if (best_mask) { int cat = (int)x; gl = cat >= 0 && cat < 64 && ((best_mask >> cat) & 1); }
-                else gl = x <= best_thr;
-                rf->goleft[id] = (unsigned char)gl;
-                nL += gl;
-            }
-            for (g = 0; g < d; g++) { /* stable partition of every feature's list */
-                int *o = rf->ord + (size_t)g * cn + a;
-                l = r = 0;
-                for (j = 0; j < cnt; j++) {
-                    if (rf->goleft[o[j]]) o[l++] = o[j];
-                    else rf->tmp[r++] = o[j];
-                }
-                memcpy(o + l, rf->tmp, (size_t)r * sizeof(int));
-            }
-            left_id = rf->n_nodes++;
-            right_id = rf->n_nodes++;
-            rf->nodes[nd].feat = best_f;
-            rf->nodes[nd].thr = best_thr;
-            rf->nodes[nd].mask = best_mask;
-            rf->nodes[nd].left = left_id;
-            rf->nodes[nd].right = right_id;
-            rf->nodes[nd].val = mean;
-            rf->qn[qt] = left_id; rf->qa[qt] = a; rf->qb[qt] = a + nL; rf->qdepth[qt] = depth + 1; qt++;
-            rf->qn[qt] = right_id; rf->qa[qt] = a + nL; rf->qb[qt] = b; rf->qdepth[qt] = depth + 1; qt++;
-        }
+        if (best.feat < 0) msx__rf_leaf(rf, y, nd, rf->ord + a, cnt, &st);
+        else msx__rf_grow(rf, nd, a, b, depth, &st, &best, &rng, &qt);
     }
 }
 
@@ -9025,6 +10624,11 @@ MSXDEF msx_result msx_rf_fit(msx_rf **prf, const double *X, const double *y, int
         for (f = 0; f < d; f++)
             if (!isfinite(X[(size_t)i * d + f])) return msx__err(MSX_E_ARG, "msx_rf_fit: X[%d][%d] is not finite", i, f);
     }
+    for (f = 0; types && f < d; f++)
+        if (types[f] < 0 || types[f] > MSX_RF_MAX_CATEGORIES)
+            return msx__err(MSX_E_LIMIT, "msx_rf_fit: feature %d has type %d; categorical features take 1..%d "
+                            "values (MSX_RF_MAX_CATEGORIES: one bit per category in a split)", f, types[f],
+                            MSX_RF_MAX_CATEGORIES);
     if (opts) o = *opts;
     else memset(&o, 0, sizeof o);
     if (o.n_trees <= 0) o.n_trees = 10;
@@ -9068,7 +10672,7 @@ static double msx__rf_tree_val(const msx_rf *rf, int t, const double *x) {
     while (nd[k].feat >= 0) {
         double v = x[nd[k].feat];
         int gl;
-        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < 64 && ((nd[k].mask >> c) & 1); }
+        if (nd[k].mask) { int c = (int)v; gl = c >= 0 && c < MSX_RF_MAX_CATEGORIES && ((nd[k].mask >> c) & 1); }
         else gl = v <= nd[k].thr;
         k = gl ? nd[k].left : nd[k].right;
     }
@@ -9087,10 +10691,10 @@ MSXDEF void msx_rf_predict(const msx_rf *rf, const double *x, double *mean, doub
         for (t = 0; t < T; t++) { double q = msx__rf_tree_val(rf, t, x) - mu; v += q * q; }
     }
     if (mean) *mean = mu;
-    if (var) *var = v / T; /* across trees, ddof 0 (§4.4, §4.5) */
+    if (var) *var = v / T; /* across trees, ddof 0 (docs/semantics.md §7.2) */
 }
 
-/* ---- expected improvement (§5) ----------------------------------------------- */
+/* ---- expected improvement (docs/semantics.md §7.4) --------------------------------------- */
 
 #define MSX__SQRT1_2 0.70710678118654752440
 #define MSX__LOG_SQRT_2PI 0.91893853320467274178
@@ -9167,7 +10771,7 @@ MSXDEF double msx_acq_ei(double eta, double mu, double sigma, int log_model, dou
 MSXDEF void msx_simplex_weights(msx_rng *rng, int k, double *w) {
     double s = 0;
     int j;
-    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (§10, §14 #1235) */
+    for (j = 0; j < k; j++) { /* normalised Exp(1) = Dirichlet(1): uniform on the simplex (docs/semantics.md §5.2; automl/SMAC3 issue #1235) */
         double u = msx_rng_uniform(rng);
         w[j] = -log(1.0 - u);
         s += w[j];
@@ -9614,7 +11218,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     }
     if (opts->n_init > 0) n_lhs = opts->n_init;
     else if (opts->n_init < 0) n_lhs = 0;
-    else { /* §7 sized by the always-active dimensions (§15), capped at 10 % of
+    else { /* docs/semantics.md §7.6; sized by the always-active dimensions (beyond SMAC), capped at 10 % of
               the budget (SMAC: 25 %; 10 % was better on Hartmann-6 and Branin) */
         int top = 0, cap = opts->n_trials > 0 ? opts->n_trials / 10 : 10;
         for (i = 0; i < d; i++) top += o->sp->p[i].parent < 0;
@@ -9630,7 +11234,7 @@ MSXDEF msx_result msx_opt_create(const msx_space *space, const msx_opt_options *
     return MSX_OK;
 }
 
-/* Scalar training targets for every history row (§3, §10). theta: ParEGO
+/* Scalar training targets for every history row (docs/semantics.md §5.2, §7.3). theta: ParEGO
    weights, or NULL for the mean (multi-objective) / the cost (single).
    Failed trials count as the worst successful cost, never +inf. Returns the
    number of successful rows. */
@@ -9669,7 +11273,7 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
         }
     }
     memcpy(o->yraw, o->y, (size_t)n * sizeof(double));
-    if (o->log_scale) { /* RunHistoryLogScaledEncoder (§3) */
+    if (o->log_scale) { /* RunHistoryLogScaledEncoder (docs/semantics.md §7.3) */
         double mn, mx, p5, mp, pos, span;
         int lo_i;
         for (i = 0; i < n; i++) o->ysort[i] = o->y[i];
@@ -9699,13 +11303,13 @@ static int msx__opt_targets(msx_opt *o, const double *theta) {
 static double msx__opt_acq(const msx_opt *o, const double *enc, double eta) {
     double m, v, le;
     msx_rf_predict(o->rf, enc, &m, &v);
-    if (!(v >= o->vfloor)) v = o->vfloor; /* §4.6 */
+    if (!(v >= o->vfloor)) v = o->vfloor; /* variance floor, docs/semantics.md §7.2 */
     msx_acq_ei(eta, m, sqrt(v), o->log_scale, &le);
     return le;
 }
 
 /* Fits the forest on the history and computes eta and the child memory.
-   Returns the eta (lowest predicted mean over evaluated configs, §5). */
+   Returns the eta (lowest predicted mean over evaluated configs, docs/semantics.md §7.4). */
 static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
     msx_rf_options ro;
     msx_result r;
@@ -9727,7 +11331,7 @@ static msx_result msx__opt_fit(msx_opt *o, uint64_t seed, double *eta) {
         if (o->mu[i] < best) best = o->mu[i];
     }
     *eta = best;
-    /* Child memory (§15): a child that becomes active during local search
+    /* Child memory (beyond SMAC): a child that becomes active during local search
        starts from its value in the best evaluated config that used it. */
     for (q = 0; q < o->d; q++) {
         double by = DBL_MAX, v = msx__sp_default1(&o->sp->p[q]);
@@ -9760,7 +11364,7 @@ static void msx__opt_switch(const msx_opt *o, const double *cur, const double *c
     }
 }
 
-/* Randomised one-exchange neighbourhood of o->cur (§6.4): 8 Gaussian
+/* Randomised one-exchange neighbourhood of o->cur (docs/semantics.md §7.5): 8 Gaussian
    (sd 0.05 in the unit cube, truncated) values per active float, up to 8
    other values per active integer, every other choice per categorical. */
 static int msx__opt_neighbours(msx_opt *o, msx_rng *rng) {
@@ -9831,7 +11435,7 @@ static void msx__opt_nb_apply(msx_opt *o, int j) {
     memcpy(o->cur, o->tmpc, (size_t)o->d * sizeof(double));
     memcpy(o->curenc, o->tmpe, (size_t)o->d * sizeof(double));
 }
-/* First-improvement hill climb with plateau walks (§6.3) from o->cur; the
+/* First-improvement hill climb with plateau walks (docs/semantics.md §7.5) from o->cur; the
    plateau counter is cumulative, 10 rounds without improvement stop it. */
 static double msx__opt_local_search(msx_opt *o, msx_rng *rng, double eta) {
     double acq;
@@ -9886,8 +11490,8 @@ static void msx__opt_perturb(msx_opt *o, msx_rng *rng, const double *base, doubl
     }
 }
 
-/* LocalAndSortedRandomSearch (§6.2), returning as candidates the local-search
-   optima and the best random samples (§15), sorted by acquisition. */
+/* LocalAndSortedRandomSearch (docs/semantics.md §7.5), returning as candidates the local-search
+   optima and the best random samples (beyond SMAC), sorted by acquisition. */
 static msx_result msx__opt_maximize(msx_opt *o, msx_rng *rng, double eta, int want) {
     const int d = o->d;
     int T = o->n_starts + want, s, i, j, n_start = 0, nh, best[5], nb = 0, np;
@@ -10618,11 +12222,13 @@ typedef struct msx__simg {
     char *stem;
     int w, h;
     float box[4];
+    unsigned char *px, *mpx; /* nnU-Net tasks: h×w grey slice and 0/1 mask in memory (paths are names) */
 } msx__simg;
 
 struct msx_task {
     char *name, *dir;
     msx_task_options opt;
+    int n16;                 /* 16-bit images found by the validation */
     int n[2];
     msx__simg *img[2];
 };
@@ -10699,10 +12305,31 @@ static void msx__search_mask_opts(const msx_task_options *o, msx_mask_load_optio
     else if (o->mask_rule == MSX_MASK_LABEL) { m->use_label = 1; m->label = o->mask_value; }
 }
 
+/* An item's image: from its file, or an nnU-Net slice held in memory. */
+static msx_result msx__search_load_image(const msx_task *t, const msx__simg *s, msx_image *out, msx_image_info *info) {
+    size_t i, n;
+    msx_result r;
+    if (!s->px) return msx_image_load_ex(s->image, &t->opt.intensity, out, info);
+    if (info) { /* an 8-bit slice made by the volumes section */
+        info->bits = 8;
+        info->lo = 0;
+        info->hi = 255;
+    }
+    if ((r = msx_image_init(out, s->w, s->h, NULL)) != MSX_OK) return r;
+    n = (size_t)s->w * (size_t)s->h;
+    for (i = 0; i < n; i++) out->data[3 * i] = out->data[3 * i + 1] = out->data[3 * i + 2] = s->px[i];
+    return MSX_OK;
+}
+
 /* Loads a mask as 0/1 under the task's foreground rule (image section). */
 static msx_result msx__search_load_mask(const msx_task *t, const msx__simg *s, msx_mask *out) {
     msx_mask_load_options mo;
     msx_result r;
+    if (s->mpx) {
+        if ((r = msx_mask_init(out, s->w, s->h)) != MSX_OK) return r;
+        memcpy(out->data, s->mpx, (size_t)s->w * (size_t)s->h);
+        return MSX_OK;
+    }
     msx__search_mask_opts(&t->opt, &mo);
     if ((r = msx_mask_load(s->mask, &mo, out)) != MSX_OK) return r;
     if (out->w != s->w || out->h != s->h)
@@ -10747,6 +12374,8 @@ MSXDEF void msx_task_free(msx_task *t) {
             MSX_FREE(t->img[s][i].image);
             MSX_FREE(t->img[s][i].mask);
             MSX_FREE(t->img[s][i].stem);
+            MSX_FREE(t->img[s][i].px);
+            MSX_FREE(t->img[s][i].mpx);
         }
         MSX_FREE(t->img[s]);
     }
@@ -10830,11 +12459,11 @@ static msx_result msx__search_validate(msx_task *t, int split) {
     memset(&m, 0, sizeof m);
     for (i = 0; r == MSX_OK && i < t->n[split]; i++) {
         msx__simg *s = &t->img[split][i];
+        msx_image_info info;
         msx_image_free(&img);
-        if ((r = msx_image_load(s->image, &img)) != MSX_OK) {
-            r = msx__err(r, "unreadable image %s: %s", s->image, msx_last_error());
-            break;
-        }
+        /* the message names the file already */
+        if ((r = msx__search_load_image(t, s, &img, &info)) != MSX_OK) break;
+        t->n16 += info.bits == 16;
         s->w = img.w;
         s->h = img.h;
         if ((r = msx__search_load_mask(t, s, &m)) != MSX_OK) break;
@@ -10895,7 +12524,7 @@ MSXDEF msx_result msx_task_open(const char *dir, const msx_task_options *opt, ms
                 }
                 nc = (int)floor(t->opt.calib_fraction * n + 0.5);
             } else {
-                nc = (int)(t->opt.calib_fraction * n); /* ref §5.1: int(0.2 N) */
+                nc = (int)(t->opt.calib_fraction * n); /* docs/semantics.md §6.1: int(0.2 N) */
             }
             if (nc < 1 || nc >= n) {
                 for (i = 0; i < n; i++) { MSX_FREE(all[i].image); MSX_FREE(all[i].mask); MSX_FREE(all[i].stem); }
@@ -10935,8 +12564,92 @@ MSXDEF int msx_task_count(const msx_task *t, int split) { return (split == 0 || 
 MSXDEF const char *msx_task_image(const msx_task *t, int split, int i) {
     return (split == 0 || split == 1) && i >= 0 && i < t->n[split] ? t->img[split][i].image : NULL;
 }
+MSXDEF int msx_task_n_16bit(const msx_task *t) { return t ? t->n16 : 0; }
 MSXDEF void msx_task_box(const msx_task *t, int split, int i, float box[4]) {
     memcpy(box, t->img[split][i].box, sizeof(float) * 4);
+}
+
+/* Folder order of two slices: their file names "<stem>.png" compared as
+   strcmp would (the folder lister sorts full names). */
+static MSX__UNUSED int msx__search_cmp_png(const void *pa, const void *pb) {
+    const char *a = ((const msx__simg *)pa)->stem, *b = ((const msx__simg *)pb)->stem;
+    size_t la = strlen(a), lb = strlen(b), i;
+    for (i = 0;; i++) {
+        int ca = i < la ? (unsigned char)a[i] : i < la + 4 ? (unsigned char)".png"[i - la] : 0;
+        int cb = i < lb ? (unsigned char)b[i] : i < lb + 4 ? (unsigned char)".png"[i - lb] : 0;
+        if (ca != cb || !ca) return ca - cb;
+    }
+}
+
+MSXDEF msx_result msx_task_open_nnunet(const char *root, const char *table, const char *task,
+                                       const msx_task_options *opt, msx_task **out) {
+#ifdef MSX_NO_NIFTI
+    (void)root; (void)table; (void)task; (void)opt;
+    *out = NULL;
+    return msx__err(MSX_E_UNSUPPORTED, "built with MSX_NO_NIFTI: nnU-Net tasks need nifti_clib");
+#else
+    msx_nnunet_options no;
+    msx_nnunet_task *nt = NULL;
+    msx_task *t;
+    msx_result r;
+    int s, i;
+    *out = NULL;
+    memset(&no, 0, sizeof no);
+    if (opt) {
+        no.calib_fraction = opt->calib_fraction;
+        no.max_slices = opt->max_slices;
+        no.seed = opt->split_seed;
+    }
+    if ((r = msx_nnunet_task_load(root, table, task, &no, NULL, NULL, &nt)) != MSX_OK) return r;
+    t = (msx_task *)msx__calloc(1, sizeof *t);
+    if (!t) { msx_nnunet_task_free(nt); return msx__err(MSX_E_NOMEM, "out of memory"); }
+    if (opt) t->opt = *opt;
+    t->opt.mask_rule = MSX_MASK_NONZERO;
+    if (t->opt.calib_fraction <= 0) t->opt.calib_fraction = 0.2;
+    t->name = msx__strdup(task);
+    t->dir = msx__strdup(root);
+    r = t->name && t->dir ? MSX_OK : msx__err(MSX_E_NOMEM, "out of memory");
+    for (s = 0; r == MSX_OK && s < 2; s++) {
+        if (!nt->n[s]) {
+            r = msx__err(MSX_E_ARG, "%s: task '%s' has no %s slice (%s cases with foreground); change --calib-fraction or the table",
+                         table, task, s ? "test" : "calib", s ? "test" : "calib");
+            break;
+        }
+        t->img[s] = (msx__simg *)msx__calloc((size_t)nt->n[s], sizeof(msx__simg));
+        if (!t->img[s]) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+        t->n[s] = nt->n[s];
+        for (i = 0; i < nt->n[s]; i++) {
+            msx_nnunet_slice *sl = &nt->slices[s][i];
+            msx__simg *si = &t->img[s][i];
+            size_t nl = strlen(sl->dataset) + strlen(sl->name) + 2;
+            si->w = sl->cols;
+            si->h = sl->rows;
+            si->px = sl->image;
+            si->mpx = sl->mask;
+            sl->image = sl->mask = NULL; /* ownership moves to the task */
+            si->stem = msx__strdup(sl->name);
+            si->image = (char *)MSX_MALLOC(nl);
+            si->mask = (char *)MSX_MALLOC(nl);
+            if (!si->stem || !si->image || !si->mask) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
+            snprintf(si->image, nl, "%s/%s", sl->dataset, sl->name);
+            memcpy(si->mask, si->image, nl);
+        }
+    }
+    msx_nnunet_task_free(nt);
+    /* the order of the folder `prepare` writes (file names sorted), so that
+       --max-images and the mean Dice agree with it bit for bit */
+    for (s = 0; r == MSX_OK && s < 2; s++) qsort(t->img[s], (size_t)t->n[s], sizeof(msx__simg), msx__search_cmp_png);
+    if (r == MSX_OK && t->opt.max_images > 0)
+        for (s = 0; s < 2; s++)
+            while (t->n[s] > t->opt.max_images) {
+                msx__simg *si = &t->img[s][--t->n[s]];
+                MSX_FREE(si->image); MSX_FREE(si->mask); MSX_FREE(si->stem); MSX_FREE(si->px); MSX_FREE(si->mpx);
+            }
+    for (s = 0; r == MSX_OK && s < 2; s++) r = msx__search_validate(t, s); /* boxes (margin/jitter options) */
+    if (r != MSX_OK) { msx_task_free(t); return r; }
+    *out = t;
+    return MSX_OK;
+#endif
 }
 
 /* ---- hashing (fingerprints of models, tasks and the search space) ---------- */
@@ -10969,11 +12682,54 @@ static uint64_t msx__search_ckpt_digest(const msx_checkpoint *c) {
     return h;
 }
 
+MSXDEF void msx_ckpt_fingerprint(const msx_checkpoint *c, char hex[17]) {
+    snprintf(hex, 17, "%016llx", (unsigned long long)msx__search_ckpt_digest(c));
+}
+
+MSXDEF msx_result msx_plan_check_models(const char *plan_path, const msx_checkpoint *const *models,
+                                        const char *const *paths, int n_models, int *recorded) {
+    void *buf;
+    size_t len;
+    msx__json *j;
+    const msx__json *mv;
+    msx_result r = MSX_OK;
+    int i;
+    if (recorded) *recorded = 0;
+    if ((r = msx_read_file(plan_path, MSX_MAX_JSON_BYTES, &buf, &len)) != MSX_OK) return r;
+    j = msx__json_parse((const char *)buf, len, plan_path);
+    msx_free(buf);
+    if (!j) return msx__errcode;
+    mv = msx__json_get(msx__json_get(j, "medsamix"), "models");
+    if (mv && mv->type == MSX__JARR) {
+        if (recorded) *recorded = 1;
+        if (mv->n != n_models)
+            r = msx__err(MSX_E_STATE, "%s: the plan was searched with %d models (base + fine-tuned), this merge has %d; "
+                         "give the same models in the same order, or --force", plan_path, mv->n, n_models);
+        for (i = 0; r == MSX_OK && i < n_models; i++) {
+            const char *st = msx__json_str(&mv->kids[i], "stem"), *dg = msx__json_str(&mv->kids[i], "digest");
+            char hex[17];
+            msx_ckpt_fingerprint(models[i], hex);
+            if (!dg || strcmp(dg, hex))
+                r = msx__err(MSX_E_STATE, "%s: model %d (%s) is %s (fingerprint %s), but the plan was searched with %s "
+                             "(fingerprint %s) there; give the same models in the same order (base first), or --force",
+                             plan_path, i, i ? "fine-tuned" : "base", paths && paths[i] ? paths[i] : "?", hex,
+                             st ? st : "?", dg ? dg : "?");
+        }
+    }
+    msx__json_free(j);
+    return r;
+}
+
 static uint64_t msx__search_task_digest(const msx_task *t, int split) {
     uint64_t h = 1469598103934665603ULL;
     int i;
     h = msx__search_hash(h, &t->opt.mask_rule, sizeof t->opt.mask_rule);
     h = msx__search_hash(h, &t->opt.mask_value, sizeof t->opt.mask_value);
+    if (t->n16) { /* the rule matters only for 16-bit images (8-bit fingerprints unchanged) */
+        char it[64];
+        msx_intensity_str(&t->opt.intensity, it, sizeof it);
+        h = msx__search_hash_str(h, it);
+    }
     for (i = 0; i < t->n[split]; i++) {
         const msx__simg *s = &t->img[split][i];
         struct stat st;
@@ -10982,6 +12738,7 @@ static uint64_t msx__search_task_digest(const msx_task *t, int split) {
         if (stat(s->mask, &st) == 0) sz[1] = (int64_t)st.st_size;
         h = msx__search_hash_str(h, s->stem);
         h = msx__search_hash(h, s->box, sizeof s->box);
+        if (s->px) h = msx__search_hash(h, s->px, (size_t)s->w * (size_t)s->h);
         h = msx__search_hash(h, sz, sizeof sz);
     }
     return h;
@@ -11299,7 +13056,7 @@ static msx_result msx__sset_build(msx__sset *s, msx_task *const *tasks, int n_ta
             msx__sitem *it = &s->it[k];
             const msx__simg *si = &t->img[sp][i];
             memcpy(it->box, si->box, sizeof it->box);
-            if ((r = msx_image_load(si->image, &it->img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(t, si, &it->img, NULL)) != MSX_OK) break;
             if ((r = msx__search_load_mask(t, si, &it->gt)) != MSX_OK) break;
             if (cache) {
                 if ((r = msx_sam_preprocess(&it->img, arch->img_size, arch->pixel_mean, arch->pixel_std, mode, &it->in)) != MSX_OK) break;
@@ -11462,10 +13219,10 @@ MSXDEF msx_result msx_eval_checkpoint(const msx_checkpoint *ck, const msx_sam_ar
     return r;
 }
 
-/* ---- search space (ref §2.3) ------------------------------------------------- */
+/* ---- search space (docs/semantics.md §4.1) ----------------------------------------------- */
 /* Per searched group: the method selector and the conditional parameters of
    each method, named as in the reference (models by file stem). The groups
-   that cannot change a box-only, single-mask Dice (ref §2.2 "dead
+   that cannot change a box-only, single-mask Dice (docs/semantics.md §4.4 "dead
    dimensions": prompt_encoder_group_1 not_a_point_embed, _2 mask_downscaling,
    mask_decoder_group_5 IoU head) are not searched unless no_prune; they stay
    at the base (linear one-hot on model 0). */
@@ -11544,7 +13301,7 @@ MSXDEF msx_result msx_search_space_create(int depth, int granularity, const char
     return r;
 }
 
-/* Configuration (space values, NAN = inactive) -> merge plan (ref §2.4: a
+/* Configuration (space values, NAN = inactive) -> merge plan (docs/semantics.md §4.2: a
    missing weight reads as 0). */
 static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const double *cfg, msx_plan *p) {
     int g, m;
@@ -11572,7 +13329,7 @@ static void msx__search_cfg_to_plan(const msx__sgroup *gs, int n_models, const d
 }
 
 /* Starting points, as configurations. First the reference's hand-made ones
-   (ref §2.5): each model alone (linear one-hot), uniform SLERP (its three
+   (docs/semantics.md §4.3): each model alone (linear one-hot), uniform SLERP (its three
    all-equal-t configs give one model, so only t = 0.5 is kept), TA and TIES
    (r = 0.2) with λ in {0.3, 0.5, 0.6, 0.7, 0.8, 1.0}; then the two uniform
    merges of the report that are not among them (linear with equal weights,
@@ -11672,6 +13429,7 @@ typedef struct msx__srun {
     int n_tr, cap_tr;
     char *out, *log_path;
     int log_fd;
+    int lock_fd;                       /* out/.lock, held for the whole run */
     uint64_t fingerprint;
     msx__search_progress prog;
     int n_fin;                         /* finished trials (logged), for progress */
@@ -11744,6 +13502,10 @@ static void msx__srun_free(msx__srun *R) {
     MSX_FREE(R->out);
     MSX_FREE(R->log_path);
     if (R->log_fd >= 0) close(R->log_fd);
+    if (R->lock_fd >= 0) {
+        if (ftruncate(R->lock_fd, 0) != 0) { /* an empty lock file = no search was cut short */ }
+        close(R->lock_fd); /* releases the lock */
+    }
 }
 
 static uint64_t msx__srun_space_digest(const msx__srun *R) {
@@ -11807,8 +13569,20 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
         msx__sb_json_str(b, hex);
         msx__sb_puts(b, "}");
     }
+    {
+        const msx_task_options *to = &R->o->task;
+        char it[64];
+        msx_intensity_str(&to->intensity, it, sizeof it);
+        msx__sb_printf(b, "], \"task_options\": {\"box_margin\": %d, \"box_jitter\": ", to->box_margin);
+        msx__sb_json_num(b, to->box_jitter);
+        msx__sb_printf(b, ", \"box_seed\": \"%llu\", \"mask_rule\": %d, \"mask_value\": %d, \"split\": %d, \"calib_fraction\": ",
+                       (unsigned long long)to->box_seed, (int)to->mask_rule, to->mask_value, (int)to->split);
+        msx__sb_json_num(b, to->calib_fraction);
+        msx__sb_printf(b, ", \"split_seed\": \"%llu\", \"max_images\": %d, \"intensity\": \"%s\"}",
+                       (unsigned long long)to->split_seed, to->max_images, it);
+    }
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sd);
-    msx__sb_printf(b, "], \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
+    msx__sb_printf(b, ", \"multi\": %s, \"granularity\": %d, \"prune\": %s, \"seed\": %llu, \"batch\": %d, "
                       "\"hyperparameters\": %d, \"space_digest\": \"%s\", \"preprocess\": \"%s\", \"fidelity\": \"%s\", ",
                    R->o->multi ? "true" : "false", R->granularity, R->prune ? "true" : "false",
                    (unsigned long long)R->o->seed, R->batch, R->dim, hex,
@@ -11821,6 +13595,37 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     msx__sb_printf(b, "\"version\": \"%s\"}\n", MSX_VERSION_STRING);
 }
 
+/* The task options of the logged run against this one's, by option name
+   (a changed box margin would otherwise show as "task images changed").
+   Logs written before these were recorded have none: nothing to compare. */
+static msx_result msx__srun_check_task_options(msx__srun *R, const msx__json *t) {
+    const msx_task_options *o = &R->o->task;
+    const char *p = R->log_path, *s;
+    char it[64];
+    double v;
+    if (!t || t->type != MSX__JOBJ) return MSX_OK;
+#define MSX__TOPT(key, opt, now)                                                                                     \
+    if (msx__json_num(t, key, &v, NAN) && !isnan(v) && v != (double)(now))                                                     \
+        return msx__err(MSX_E_STATE, "%s: the log used " opt " %.17g, this run %.17g; resume with the same options, or " \
+                        "use another --out", p, v, (double)(now));
+    MSX__TOPT("box_margin", "--box-margin", o->box_margin)
+    MSX__TOPT("box_jitter", "--box-jitter", o->box_jitter)
+    MSX__TOPT("max_images", "--max-images", o->max_images)
+    MSX__TOPT("mask_value", "--mask-threshold/--mask-label", o->mask_value)
+    MSX__TOPT("mask_rule", "mask rule (--mask-threshold/--mask-label)", (int)o->mask_rule)
+    MSX__TOPT("split", "--split mode", (int)o->split)
+    MSX__TOPT("calib_fraction", "--calib-fraction", o->calib_fraction)
+#undef MSX__TOPT
+    if ((s = msx__json_str(t, "box_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->box_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --box-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->box_seed);
+    if ((s = msx__json_str(t, "split_seed")) && strtoull(s, NULL, 10) != (unsigned long long)o->split_seed)
+        return msx__err(MSX_E_STATE, "%s: the log used --split-seed %s, this run %llu; resume with the same options, or use another --out", p, s, (unsigned long long)o->split_seed);
+    msx_intensity_str(&o->intensity, it, sizeof it);
+    if ((s = msx__json_str(t, "intensity")) && strcmp(s, it))
+        return msx__err(MSX_E_STATE, "%s: the log used --intensity %s, this run %s; resume with the same options, or use another --out", p, s, it);
+    return MSX_OK;
+}
+
 /* Explains how a log header differs from this run (the first difference). */
 static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     const char *fmt = msx__json_str(h, "format"), *fp = msx__json_str(h, "fingerprint");
@@ -11828,6 +13633,7 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     char hex[24];
     double v;
     int i;
+    msx_result r;
     const char *p = R->log_path;
     if (!fmt || strcmp(fmt, "medsamix-trials-v1"))
         return msx__err(MSX_E_FORMAT, "%s: first line is not a medsamix-trials-v1 header", p);
@@ -11840,6 +13646,12 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (!st || strcmp(st, R->stems[i]) || !dg || strcmp(dg, hex))
             return msx__err(MSX_E_STATE, "%s: model %d differs from the logged run (logged %s digest %s, now %s digest %s); use another --out",
                             p, i, st ? st : "?", dg ? dg : "?", R->stems[i], hex);
+    }
+    if ((r = msx__srun_check_task_options(R, msx__json_get(h, "task_options"))) != MSX_OK) return r;
+    {
+        const char *pre = msx__json_str(h, "preprocess"), *now = R->so.preprocess == MSX_PREPROCESS_MEDSAM ? "medsam" : "sam";
+        if (pre && strcmp(pre, now))
+            return msx__err(MSX_E_STATE, "%s: the log used --preprocess %s, this run %s; resume with the same options, or use another --out", p, pre, now);
     }
     if (!tv || tv->type != MSX__JARR || tv->n != R->n_eval)
         return msx__err(MSX_E_STATE, "%s: the log was written for %d searched task(s), this run has %d; use another --out", p,
@@ -12017,9 +13829,36 @@ static msx_result msx__srun_trial_parse(msx__srun *R, const msx__json *j, int li
             if (cost->kids[i].type != MSX__JNUM) return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d is not a number", R->log_path, line, i);
             T->cost[i] = cost->kids[i].num;
         }
-        for (i = 0; i < R->n_eval; i++)
+        for (i = 0; i < R->n_eval; i++) {
             if (!msx__json_num(dv, R->tasks[i]->name, &T->dice[i], NAN) || !isfinite(T->dice[i]))
                 return msx__err(MSX_E_FORMAT, "%s: line %d: no Dice for task %s", R->log_path, line, R->tasks[i]->name);
+            if (T->dice[i] < 0 || T->dice[i] > 1)
+                return msx__err(MSX_E_FORMAT, "%s: line %d: Dice %.17g for task %s is outside [0, 1]; the log was edited or "
+                                "is corrupt", R->log_path, line, T->dice[i], R->tasks[i]->name);
+        }
+        {
+            /* a trial stopped by the race was told an estimate of its full cost (in [0, 1]) */
+            const msx__json *stj = msx__json_get(j, "stopped");
+            int raced = stj && stj->type == MSX__JSTR;
+            for (i = 0; i < R->n_obj; i++)
+                if (!isfinite(T->cost[i]) || (raced ? !(T->cost[i] >= 0 && T->cost[i] <= 1) : fabs(T->cost[i] - (1.0 - T->dice[i])) > 1e-9))
+                    return msx__err(MSX_E_FORMAT, "%s: line %d: cost %d (%.17g) is not %s of task %s; the log was edited "
+                                    "or is corrupt", R->log_path, line, i, T->cost[i], raced ? "an estimate in [0, 1]" : "1 - Dice",
+                                    R->tasks[i]->name);
+        }
+    }
+    if (!isfinite(T->seconds) || T->seconds < 0)
+        return msx__err(MSX_E_FORMAT, "%s: line %d: \"seconds\" is not a finite number >= 0", R->log_path, line);
+    {
+        /* inside the space: ranges, integrality, conditions */
+        double *canon = (double *)MSX_MALLOC(sizeof(double) * (size_t)(R->dim ? R->dim : 1));
+        msx_result r;
+        if (!canon) return msx__err(MSX_E_NOMEM, "out of memory");
+        r = msx_space_canonicalize(R->space, T->cfg, canon);
+        MSX_FREE(canon);
+        if (r != MSX_OK) /* msx__err formats before it replaces the message it quotes */
+            return msx__err(MSX_E_FORMAT, "%s: line %d: the configuration is outside the search space (%.400s); the log "
+                            "was edited or is corrupt", R->log_path, line, msx_last_error());
     }
     return msx__srun_trial_parse_images(R, j, line, T);
 }
@@ -12355,8 +14194,8 @@ static msx_result msx__srun_batch(msx__srun *R, int t0, int k, int batch, const 
             continue;
         }
         if (r != MSX_OK) {
-            /* a trial that cannot be evaluated is a failed trial (ref §3:
-               crash cost), the search goes on */
+            /* a trial that cannot be evaluated is a failed trial (docs/semantics.md §5.1;
+               the reference's crash cost), the search goes on */
             if (R->prog.mode >= 0) fprintf(stderr, "\ntrial %d failed: %s\n", t, msx_last_error());
             T->failed = 1;
         }
@@ -12495,6 +14334,57 @@ done:
     return r;
 }
 
+/* Locks the run folder for this process (see msx_search_run). */
+static msx_result msx__search_lock(msx__srun *R) {
+    char *lp = msx__search_join(R->out, ".lock"), buf[32];
+    struct flock fl;
+    long old = 0;
+    ssize_t k;
+    int fd;
+    if (!lp) return msx__err(MSX_E_NOMEM, "out of memory");
+    fd = open(lp, O_RDWR | O_CREAT, 0666);
+    if (fd < 0) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot create the lock file (%s)", lp, strerror(errno));
+        MSX_FREE(lp);
+        return r;
+    }
+    k = pread(fd, buf, sizeof buf - 1, 0);
+    if (k > 0) { buf[k] = 0; old = strtol(buf, NULL, 10); }
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (fcntl(fd, F_SETLK, &fl) != 0) {
+        msx_result r = msx__err(MSX_E_STATE, "%s is in use by another search (pid %ld, lock file %s); wait for it to "
+                                "finish or choose another --out", R->out, old, lp);
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    if (old > 0 && R->prog.mode >= 0)
+        printf("note: %s: stale lock of pid %ld (that search stopped without finishing) taken over\n", lp, old);
+    snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, strlen(buf), 0) != (ssize_t)strlen(buf)) {
+        msx_result r = msx__err(MSX_E_IO, "%s: cannot write the lock file (%s)", lp, strerror(errno));
+        close(fd);
+        MSX_FREE(lp);
+        return r;
+    }
+    R->lock_fd = fd;
+    MSX_FREE(lp);
+    return MSX_OK;
+}
+
+/* 1 when the log's first line is complete (ends in a newline). */
+static int msx__search_log_has_header(const char *path) {
+    char buf[4096];
+    int fd = open(path, O_RDONLY), found = 0;
+    ssize_t k;
+    if (fd < 0) return 1; /* let the reader report it */
+    while (!found && (k = read(fd, buf, sizeof buf)) > 0) found = memchr(buf, '\n', (size_t)k) != NULL;
+    close(fd);
+    return found;
+}
+
 /* mkdir -p */
 static msx_result msx__search_mkdirs(const char *path) {
     char buf[4096];
@@ -12513,7 +14403,7 @@ static msx_result msx__search_mkdirs(const char *path) {
 
 /* Chosen result: single-task = highest calib Dice; multi-task = the highest
    mean calib Dice over the tasks (a point of the Pareto front; the
-   reference deploys its first listed incumbent instead, ref §3). Earliest
+   reference deploys its first listed incumbent instead, docs/semantics.md §5.3). Earliest
    on ties. */
 static int msx__srun_choose(const msx__srun *R, int n) {
     int t, best = -1;
@@ -12588,7 +14478,15 @@ static msx_result msx__srun_write_plans(msx__srun *R, int chosen, int n_done, ms
     msx__sb_printf(&extra, "\"medsamix\": {\"objective\": \"%s\", \"trial\": %d, \"trials\": %d, \"origin\": ",
                    R->o->multi ? "multi-task" : "single-task", chosen, n_done);
     msx__sb_json_str(&extra, C->origin);
-    msx__sb_puts(&extra, ", \"calib_dice\": ");
+    msx__sb_puts(&extra, ", \"models\": [");
+    for (i = 0; i < R->n_models; i++) {
+        char hex[24];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)R->model_digest[i]);
+        msx__sb_printf(&extra, "%s{\"stem\": ", i ? ", " : "");
+        msx__sb_json_str(&extra, R->stems[i]);
+        msx__sb_printf(&extra, ", \"digest\": \"%s\"}", hex);
+    }
+    msx__sb_puts(&extra, "], \"calib_dice\": ");
     msx__srun_dice_obj(R, C, &extra);
     msx__sb_printf(&extra, ", \"selection\": \"%s\"}", R->o->multi ? "highest mean calib Dice (on the Pareto front)" : "highest calib Dice");
     if (R->o->multi) {
@@ -12752,7 +14650,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, int chose
             memset(&img, 0, sizeof img);
             if ((r = msx__swork_eval_item(&R->w[0], it, &R->so, &d)) != MSX_OK) break;
             rpasses++;
-            if ((r = msx_image_load(si->image, &img)) != MSX_OK) break;
+            if ((r = msx__search_load_image(R->tasks[k], si, &img, NULL)) != MSX_OK) break;
             snprintf(fn, sizeof fn, "%s_%s.png", R->tasks[k]->name, si->stem);
             if (!(op = msx__search_join(ovdir, fn))) { msx_image_free(&img); r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
             r = msx_overlay_png(op, &img, &R->w[0].pred, it->box);
@@ -12788,7 +14686,7 @@ static msx_result msx__srun_report(msx__srun *R, const msx_plan *best, int chose
                    sum->best_trial, R->o->multi ? "the highest mean calib Dice on the Pareto front" : "the highest calib Dice");
     msx__sb_puts(&b, "- uniform merges (every group alike): linear = equal weights over base + fine-tuned; "
                      "task_arithmetic = base + 0.5 x sum of task vectors; ties = drop rate 0.5, scale 1.0; "
-                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (reference §2.5)\n");
+                     "slerp = all t equal, i.e. SLERP(base, first fine-tuned, 0.5) (docs/semantics.md §4.3)\n");
     msx__sb_puts(&b, "- Dice per image = 2|P∩G|/(|P|+|G|), box prompt = tight ground-truth box, mask token 0; task score = mean over images\n");
     msx__sb_printf(&b, "- encoder passes (one per image evaluation): search %lld (%s; the same trials in full: %lld, %.0f%% saved), "
                        "report %lld (test split and overlays; calib Dice the search measured is reused)\n",
@@ -12875,9 +14773,33 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
     if (!(R->out = msx__strdup(o->out_dir ? o->out_dir : "runs/search")) || !(R->log_path = msx__search_join(R->out, "trials.jsonl")))
         return msx__err(MSX_E_NOMEM, "out of memory");
     msx__search_progress_init(&R->prog, o->progress, 0);
+    /* 0. the run folder's outputs must not be inputs */
+    {
+        static const char *const outs[7] = {"trials.jsonl", "best_plan.json", "best.safetensors", "best.plan.json",
+                                            "pareto.json", "report.md", "report.json"};
+        const char *in[MSX_MAX_MODELS + 1];
+        char *op[7];
+        int n_in = 0;
+        r = MSX_OK;
+        in[n_in++] = o->base;
+        for (i = 0; i < o->n_models; i++) in[n_in++] = o->models[i];
+        if (o->arch_config) in[n_in++] = o->arch_config;
+        for (i = 0; i < 7; i++) op[i] = msx__search_join(R->out, outs[i]);
+        for (i = 0; i < 7; i++)
+            if (!op[i]) r = msx__err(MSX_E_NOMEM, "out of memory");
+        if (r == MSX_OK) r = msx_check_outputs(in, n_in, (const char *const *)op, 7);
+        for (i = 0; i < 7; i++) MSX_FREE(op[i]);
+        if (r != MSX_OK) return r;
+    }
+    /* the lock before any long work: a second search on this folder stops here */
+    if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
+    if ((r = msx__search_lock(R)) != MSX_OK) return r;
+    /* cheap validation first: tasks (every file decoded), then models */
     for (i = 0; i < o->n_tasks; i++) {
         int j;
-        if ((r = msx_task_open(o->tasks[i], &o->task, &R->tasks[i])) != MSX_OK) return r;
+        if (o->nnunet_root) r = msx_task_open_nnunet(o->nnunet_root, o->nnunet_table, o->tasks[i], &o->task, &R->tasks[i]);
+        else r = msx_task_open(o->tasks[i], &o->task, &R->tasks[i]);
+        if (r != MSX_OK) return r;
         for (j = 0; j < i; j++)
             if (!strcmp(R->tasks[j]->name, R->tasks[i]->name))
                 return msx__err(MSX_E_ARG, "tasks %s and %s have the same name '%s'; rename one folder", o->tasks[j], o->tasks[i], R->tasks[i]->name);
@@ -12927,7 +14849,7 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
     oo.n_init_configs = R->n_init;
     oo.init_configs_last = 0;
     /* a small space-filling design after the reference's starting points
-       (the reference draws 10 random configurations, ref §4) */
+       (the reference draws 10 random configurations, docs/semantics.md §7.6) */
     oo.n_init = (R->n_trials - R->n_init) / 5;
     if (oo.n_init > 10) oo.n_init = 10;
     if (oo.n_init <= 0) oo.n_init = -1;
@@ -12936,8 +14858,11 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
     if ((r = msx_opt_create(R->space, &oo, &R->opt)) != MSX_OK) return r;
     msx__srun_fingerprint(R);
     /* the log: a new one, or the old one's header must match this setup */
-    if ((r = msx__search_mkdirs(R->out)) != MSX_OK) return r;
-    if (stat(R->log_path, &st) == 0) {
+    if (stat(R->log_path, &st) == 0 && !msx__search_log_has_header(R->log_path)) {
+        /* killed before its header was complete: nothing to resume */
+        if (R->prog.mode >= 0)
+            printf("note: %s has no complete header line (a search stopped before it started?); starting afresh\n", R->log_path);
+    } else if (stat(R->log_path, &st) == 0) {
         if (!o->resume)
             return msx__err(MSX_E_STATE, "%s already exists: continue it with --resume, or choose another --out", R->log_path);
         if ((r = msx__search_log_read(R->log_path, L)) != MSX_OK) return r;
@@ -13046,6 +14971,7 @@ MSXDEF msx_result msx_search_run(const msx_search_options *o, msx_search_summary
     memset(&R, 0, sizeof R);
     memset(&L, 0, sizeof L);
     R.log_fd = -1;
+    R.lock_fd = -1;
     R.t_start = msx_time_now();
     if (!sum) sum = &dummy;
     memset(sum, 0, sizeof *sum);

@@ -1,4 +1,5 @@
-/* TIES (ref §1.3) written plainly for the tests: qsort for the k-th
+/* TIES (docs/semantics.md §2.3; podismine/MedSAMix@9328d4c methods/ties.py)
+   written plainly for the tests: qsort for the k-th
    magnitude, no selection, no blocking, no vectors. Shared by test_merge.c
    and test_merge_coop.c. */
 #ifndef MSX_TEST_REF_TIES_H

@@ -1,7 +1,10 @@
 /* tests/test_ckpt_vitb.c - SAM ViT-B, -L and -H architectures inferred from key sets
-   with the official shapes. The ViT-B table below is /work/shared/docs/sam_vit_b_keys.txt
-   (segment-anything @dca509f state_dict order, 314 keys); only shapes matter,
-   so every tensor gets a 1-byte dummy buffer instead of 375 MB of zeros. */
+   with the official shapes. The ViT-B table below is the state_dict of
+   build_sam_vit_b (facebookresearch/segment-anything@dca509f
+   segment_anything/build_sam.py), in its order, 314 keys; only shapes
+   matter, so every tensor gets a 1-byte dummy buffer instead of 375 MB of
+   zeros. ViT-L and -H are derived from that table by hand rules (below),
+   not by the library's key generator. */
 #define MEDSAMIX_IMPLEMENTATION
 #include "../medsamix.h"
 #include "test.h"
@@ -396,8 +399,8 @@ static void test_vit_b(void) {
         for (k = 0; same && k < nd; k++) { same = sh[k] == shapes[i][k]; numel *= sh[k]; }
         total += numel;
     }
-    MSX_CHECK(same, "generated key %d differs from sam_vit_b_keys.txt (%s)", i - 1, names[i - 1]);
-    MSX_CHECK(total == 93735728, "ViT-B elements %lld, sam_vit_b_keys.txt says 93,735,728", (long long)total);
+    MSX_CHECK(same, "generated key %d differs from the official ViT-B list (%s)", i - 1, names[i - 1]);
+    MSX_CHECK(total == 93735728, "ViT-B elements %lld, the official state_dict has 93,735,728", (long long)total);
     /* Reverse the order; canonical order restores the official one. */
     for (i = 0; i < N / 2; i++) { msx_tensor t = c->tensors[i]; c->tensors[i] = c->tensors[N - 1 - i]; c->tensors[N - 1 - i] = t; }
     msx__ckpt_reindex(c);
@@ -422,40 +425,108 @@ static void test_vit_b(void) {
     msx_ckpt_free(c);
 }
 
-/* ViT-L / ViT-H (build_sam.py): key sets generated from the arch, then inferred back. */
+/* ViT-L / ViT-H key sets written from build_sam.py (build_sam_vit_l: embed
+   1024, depth 24, 16 heads, global attention at 5, 11, 17, 23; vit_h: 1280,
+   32, 16, at 7, 15, 23, 31) and modeling/image_encoder.py: every
+   image_encoder.blocks.0.* row of the ViT-B table is repeated for each
+   block with E = embed dim, head dim E / 16, rel_pos rows 2 * 14 - 1 = 27
+   (windowed) or 2 * 64 - 1 = 127 (global), qkv [3E, E], proj [E, E], mlp
+   [4E, E] and [E, 4E]; pos_embed [1, 64, 64, E], patch_embed [E, 3, 16, 16],
+   neck.0 [256, E, 1, 1]; the prompt encoder and mask decoder rows are the
+   ViT-B ones. The library's arch inference, validation and key generator
+   must all agree with it. */
+static int vit_lh_keys(int E, int depth, const int *glob, char (*names)[128], int *nds, int64_t (*shapes)[MSX_MAX_DIMS]) {
+    enum { NB = sizeof vit_b / sizeof vit_b[0] };
+    int i, blk, n = 0, hd = E / 16;
+    for (i = 0; i < NB; i++) {
+        const char *k = vit_b[i][0];
+        int64_t *sh = shapes[n];
+        if (!strncmp(k, "image_encoder.blocks.", 21) && strncmp(k, "image_encoder.blocks.0.", 23)) continue;
+        if (!strncmp(k, "image_encoder.blocks.0.", 23)) {
+            if (strcmp(k, "image_encoder.blocks.0.norm1.weight")) continue; /* the block is written at its first row */
+            for (blk = 0; blk < depth; blk++) {
+                static const char *const part[14] = {"norm1.weight", "norm1.bias", "attn.rel_pos_h", "attn.rel_pos_w",
+                                                     "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                                                     "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.lin1.weight",
+                                                     "mlp.lin1.bias", "mlp.lin2.weight", "mlp.lin2.bias"};
+                int p, g = blk == glob[0] || blk == glob[1] || blk == glob[2] || blk == glob[3];
+                for (p = 0; p < 14; p++) {
+                    int64_t *s2 = shapes[n];
+                    snprintf(names[n], 128, "image_encoder.blocks.%d.%s", blk, part[p]);
+                    nds[n] = 1;
+                    switch (p) {
+                    case 2: case 3: nds[n] = 2; s2[0] = g ? 127 : 27; s2[1] = hd; break;
+                    case 4: nds[n] = 2; s2[0] = 3 * E; s2[1] = E; break;
+                    case 5: s2[0] = 3 * E; break;
+                    case 6: nds[n] = 2; s2[0] = E; s2[1] = E; break;
+                    case 10: nds[n] = 2; s2[0] = 4 * E; s2[1] = E; break;
+                    case 11: s2[0] = 4 * E; break;
+                    case 12: nds[n] = 2; s2[0] = E; s2[1] = 4 * E; break;
+                    default: s2[0] = E; break;
+                    }
+                    n++;
+                }
+            }
+            continue;
+        }
+        snprintf(names[n], 128, "%s", k);
+        nds[n] = parse_shape(vit_b[i][1], sh);
+        if (!strcmp(k, "image_encoder.pos_embed")) sh[3] = E;
+        else if (!strcmp(k, "image_encoder.patch_embed.proj.weight") || !strcmp(k, "image_encoder.patch_embed.proj.bias"))
+            sh[0] = E;
+        else if (!strcmp(k, "image_encoder.neck.0.weight")) sh[1] = E;
+        n++;
+    }
+    return n;
+}
+
 static void test_vit_lh(void) {
-    static const int cfg[2][6] = {{1024, 24, 16, 5, 11, 17}, {1280, 32, 16, 7, 15, 23}};
+    static const int cfg[2][3] = {{1024, 24, 16}, {1280, 32, 16}};
+    static const int glob[2][4] = {{5, 11, 17, 23}, {7, 15, 23, 31}};
+    /* Σ numel: the models' parameter counts (312,342,832 and 641,090,608, as
+       sum(p.numel() for p in sam.parameters()) reports them) plus the 256-element
+       positional-encoding buffer that state_dict() also holds */
+    static const int64_t elems[2] = {312342832 + 256, 641090608 + 256};
     int v;
     for (v = 0; v < 2; v++) {
-        msx_sam_arch want, got;
-        int n, i;
-        const char **names;
-        int *nds;
-        int64_t(*shapes)[MSX_MAX_DIMS];
-        char(*buf)[128];
+        msx_sam_arch got;
+        int n, i, k, same = 1;
+        const char **names = (const char **)malloc(800 * sizeof *names);
+        int *nds = (int *)malloc(800 * sizeof *nds);
+        int64_t(*shapes)[MSX_MAX_DIMS] = (int64_t(*)[MSX_MAX_DIMS])calloc(800, sizeof *shapes), total = 0;
+        char(*buf)[128] = (char(*)[128])malloc(800 * sizeof *buf);
         msx_checkpoint *c;
-        msx_sam_arch_default(&want);
-        want.embed_dim = cfg[v][0];
-        want.depth = cfg[v][1];
-        want.num_heads = cfg[v][2];
-        want.mlp_dim = 4 * want.embed_dim;
-        want.global_idx[0] = cfg[v][3]; want.global_idx[1] = cfg[v][4]; want.global_idx[2] = cfg[v][5]; want.global_idx[3] = want.depth - 1;
-        n = msx_sam_key_count(&want);
-        MSX_CHECK(n == 314 + 14 * (want.depth - 12), /* 14 tensors per block, as in ViT-B */ "ViT-%c key count %d", v ? 'H' : 'L', n);
-        names = (const char **)malloc((size_t)n * sizeof *names);
-        nds = (int *)malloc((size_t)n * sizeof *nds);
-        shapes = (int64_t(*)[MSX_MAX_DIMS])malloc((size_t)n * sizeof *shapes);
-        buf = (char(*)[128])malloc((size_t)n * sizeof *buf);
+        n = vit_lh_keys(cfg[v][0], cfg[v][1], glob[v], buf, nds, shapes);
+        MSX_CHECK(n == 314 + 14 * (cfg[v][1] - 12), "ViT-%c list has %d keys", v ? 'H' : 'L', n);
         for (i = 0; i < n; i++) {
-            MSX_CHECK_OK(msx_sam_key_at(&want, i, buf[i], sizeof buf[i], &nds[i], shapes[i]));
+            int64_t e = 1;
             names[i] = buf[i];
+            for (k = 0; k < nds[i]; k++) e *= shapes[i][k];
+            total += e;
         }
+        MSX_CHECK(total == elems[v], "ViT-%c: %lld elements, want %lld", v ? 'H' : 'L', (long long)total,
+                  (long long)elems[v]);
         c = shapes_only(n, names, nds, (const int64_t(*)[MSX_MAX_DIMS])shapes);
         MSX_CHECK_OK(msx_sam_arch_infer(c, &got));
-        check_arch_equal(&got, &want, v ? "ViT-H" : "ViT-L");
+        MSX_CHECK(got.embed_dim == cfg[v][0] && got.depth == cfg[v][1] && got.num_heads == cfg[v][2] &&
+                      got.mlp_dim == 4 * cfg[v][0] && got.window_size == 14 && got.n_global == 4,
+                  "ViT-%c: embed %d depth %d heads %d mlp %d", v ? 'H' : 'L', got.embed_dim, got.depth, got.num_heads,
+                  got.mlp_dim);
+        for (k = 0; k < 4; k++)
+            MSX_CHECK(got.global_idx[k] == glob[v][k], "ViT-%c global block %d: %d", v ? 'H' : 'L', k, got.global_idx[k]);
         MSX_CHECK_OK(msx_sam_validate(c, &got));
+        /* the generator gives the same list, in order */
+        MSX_CHECK(msx_sam_key_count(&got) == n, "ViT-%c generator count %d", v ? 'H' : 'L', msx_sam_key_count(&got));
+        for (i = 0; i < n && same; i++) {
+            char nm[128];
+            int nd;
+            int64_t sh[MSX_MAX_DIMS];
+            same = msx_sam_key_at(&got, i, nm, sizeof nm, &nd, sh) == MSX_OK && !strcmp(nm, names[i]) && nd == nds[i];
+            for (k = 0; same && k < nd; k++) same = sh[k] == shapes[i][k];
+        }
+        MSX_CHECK(same, "ViT-%c generated key %d differs (%s)", v ? 'H' : 'L', i - 1, names[i - 1]);
         msx_ckpt_free(c);
-        free(names); free(nds); free(shapes); free(buf);
+        free((void *)names); free(nds); free(shapes); free(buf);
     }
 }
 

@@ -564,6 +564,68 @@ static void test_medsam_knots(void) {
     msx_image_free(&img);
 }
 
+/* MedSAM preprocessing against skimage's own output (tests/data/medsam:
+   MedSAM_Inference.py's resize, order 3 with anti-aliasing, then .astype
+   uint8, computed with skimage 0.19.3): every channel of every pixel must
+   equal (u8 - min) / (max - min) of the expected image, and the float sum
+   must match the one recorded by numpy. */
+static void test_medsam_golden(void) {
+    void *buf;
+    size_t len;
+    msx__json *root;
+    const msx__json *cases;
+    int c, n_cases = 0;
+    MSX_CHECK_OK(msx_read_file(msx_test_path("medsam/cases.json"), 0, &buf, &len));
+    root = msx__json_parse((const char *)buf, len, "medsam/cases.json");
+    cases = root ? msx__json_get(root, "cases") : NULL;
+    MSX_CHECK(cases && cases->n == 5, "medsam/cases.json: 5 cases");
+    for (c = 0; cases && c < cases->n; c++) {
+        const msx__json *cs = &cases->kids[c];
+        char p1[256], p2[256];
+        msx_image img, want;
+        msx_sam_input in;
+        int S = (int)msx__json_get(cs, "S")->num, x, y, ch, bad = 0, mn = 255, mx = 0;
+        double sum = 0, worst = 0;
+        memset(&img, 0, sizeof img);
+        memset(&want, 0, sizeof want);
+        memset(&in, 0, sizeof in);
+        snprintf(p1, sizeof p1, "medsam/%s", msx__json_str(cs, "image"));
+        snprintf(p2, sizeof p2, "medsam/%s", msx__json_str(cs, "expected_u8"));
+        MSX_CHECK_OK(msx_image_load(msx_test_path(p1), &img));
+        MSX_CHECK_OK(msx_image_load(msx_test_path(p2), &want));
+        MSX_CHECK_OK(msx_sam_preprocess(&img, S, NULL, NULL, MSX_PREPROCESS_MEDSAM, &in));
+        if (!in.data || want.w != S || want.h != S) {
+            MSX_CHECK(0, "%s: no output or expected image not %dx%d", p1, S, S);
+            continue;
+        }
+        for (x = 0; x < S * S * 3; x++) {
+            mn = want.data[x] < mn ? want.data[x] : mn;
+            mx = want.data[x] > mx ? want.data[x] : mx;
+        }
+        MSX_CHECK(mn == (int)msx__json_get(cs, "u8_min")->num && mx == (int)msx__json_get(cs, "u8_max")->num,
+                  "%s: expected image range %d..%d", p1, mn, mx);
+        for (y = 0; y < S; y++)
+            for (x = 0; x < S; x++)
+                for (ch = 0; ch < 3; ch++) {
+                    double e = (double)(want.data[((size_t)y * S + x) * 3 + ch] - mn) / (double)(mx - mn);
+                    double g = in.data[((size_t)ch * S + y) * S + x], d = fabs(g - e);
+                    sum += g;
+                    if (d > worst) worst = d;
+                    if (d > 1e-6) bad++;
+                }
+        MSX_CHECK(bad == 0, "%s: %d of %d values differ from skimage (worst %.3g)", p1, bad, S * S * 3, worst);
+        MSX_CHECK(fabs(sum - msx__json_get(cs, "float_sum")->num) <= 1e-6 * S * S * 3, "%s: sum %.6f vs %.6f", p1, sum,
+                  msx__json_get(cs, "float_sum")->num);
+        n_cases++;
+        msx_image_free(&img);
+        msx_image_free(&want);
+        msx_sam_input_free(&in);
+    }
+    MSX_CHECK(n_cases == 5, "medsam golden: %d cases ran", n_cases);
+    msx__json_free(root);
+    msx_free(buf);
+}
+
 int main(void) {
     double t0 = msx_time_now();
     test_golden("tiny_a");
@@ -574,6 +636,7 @@ int main(void) {
     test_bad_prompts();
     test_resize_props();
     test_medsam();
+    test_medsam_golden();
     test_medsam_knots();
     printf("test_image: %.2f s\n", msx_time_now() - t0);
     return msx_test_summary("test_image");

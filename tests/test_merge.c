@@ -48,7 +48,10 @@ static void test_golden(void) {
         int n_src = (int)msx__json_get(cs, "n_src")->num, ok_case = !strcmp(status, "ok"), ti;
         msx_checkpoint *ck = NULL;
         char rel[256];
-        if (!strcmp(method, "passthrough")) { n_skipped++; continue; } /* not a searchable method (ref §1.5) */
+        if (!strcmp(method, "passthrough")) { n_skipped++; continue; } /* not a searchable method (docs/semantics.md §2.5) */
+        /* the reference's SLERP asserts exactly two tensors; msx_merge_tensor_slerp takes two by signature and the
+           merger always selects a pair (test_slerp_selection), so this call cannot be expressed: not run */
+        if (!strcmp(method, "slerp") && n_src != 2) { n_skipped++; continue; }
         snprintf(rel, sizeof rel, "golden/merge/%s", file);
         MSX_CHECK_OK(msx_safetensors_load(msx_test_path(rel), &ck));
         if (!ck) continue;
@@ -84,8 +87,7 @@ static void test_golden(void) {
                 r = msx_merge_tensor_ties(out, base, src, n_src, msx__json_get(params, "param_value_mask_rate")->num,
                                           msx__json_get(params, "scaling_coefficient")->num, n, NULL);
             } else if (!strcmp(method, "slerp")) {
-                if (n_src == 2) r = msx_merge_tensor_slerp(out, src[0], src[1], msx__json_get(params, "slerp_t")->num, n);
-                else r = MSX_E_ARG; /* our API takes exactly two tensors: the pipeline keeps the base */
+                r = msx_merge_tensor_slerp(out, src[0], src[1], msx__json_get(params, "slerp_t")->num, n);
             }
             /* the pipeline's behaviour: a raising call leaves the base tensor */
             MSX_CHECK((r == MSX_OK) == ok_case, "%s/%s: result %s, status %s", file, t, msx_result_str(r), status);
@@ -99,9 +101,10 @@ static void test_golden(void) {
         n_done++;
         msx_ckpt_free(ck);
     }
-    printf("golden merge: %d cases checked, %d skipped (passthrough), worst slerp |diff| %.3g\n", n_done, n_skipped,
-           worst_slerp);
-    MSX_CHECK(n_done == 40, "expected 40 method cases, ran %d", n_done);
+    printf("golden merge: %d cases checked, %d skipped (passthrough, three-source slerp), worst slerp |diff| %.3g\n",
+           n_done, n_skipped, worst_slerp);
+    MSX_CHECK(n_done == 39 && n_skipped == 2, "expected 39 method cases and 2 skipped, ran %d, skipped %d", n_done,
+              n_skipped);
     msx__json_free(root);
     msx_free(buf);
 }
@@ -197,7 +200,7 @@ static void test_ties_bruteforce(void) {
 
 /* ---- key -> group mapping --------------------------------------------------------- */
 
-/* Key names of a SAM (ref §2.2 / §6.2): encoder blocks with 14 tensors each,
+/* Key names of a SAM (docs/semantics.md §3): encoder blocks with 14 tensors each,
    the fixed parts with their ViT-B structure. */
 static int synth_sam_keys(int depth, char (*keys)[128], int cap) {
     static const char *const blk[14] = {"norm1.weight", "norm1.bias", "attn.rel_pos_h", "attn.rel_pos_w",
@@ -251,9 +254,12 @@ static int synth_sam_keys(int depth, char (*keys)[128], int cap) {
 
 static void test_groups(void) {
     static char keys[600][128];
-    /* ref §2.2 table + docs/sam_vit_b_keys.txt: tensors per fixed group */
+    /* docs/semantics.md §3 (the key lists of merge_utils.py): tensors per fixed group */
     static const int fixed_count[13] = {1, 2, 6, 4, 1, 10, 1, 72, 10, 2, 6, 24, 6};
     const int depths[6] = {12, 24, 32, 4, 2, 6};
+    /* ceil(depth / g) layer groups + 13 fixed groups, worked out by hand for g = 1..4 */
+    static const int want_groups[6][4] = {{25, 19, 17, 16}, {37, 25, 21, 19}, {45, 29, 24, 21},
+                                          {17, 15, 15, 14}, {15, 14, 14, 14}, {19, 16, 15, 15}};
     int di, g, i;
     int n12 = synth_sam_keys(12, keys, 600);
     MSX_CHECK(n12 == 314, "synthesised ViT-B key set has %d keys (ViT-B has 314)", n12);
@@ -263,7 +269,8 @@ static void test_groups(void) {
             int count[64], not_merged = 0, bad = 0;
             msx_plan *p = NULL;
             memset(count, 0, sizeof count);
-            MSX_CHECK(ng == (depth + g - 1) / g + 13, "n_groups depth %d g %d = %d", depth, g, ng);
+            MSX_CHECK(ng == want_groups[di][g - 1], "n_groups depth %d g %d = %d, want %d", depth, g, ng,
+                      want_groups[di][g - 1]);
             MSX_CHECK_OK(msx_plan_create(depth, 3, g, &p));
             if (!p) continue;
             MSX_CHECK(p->n_groups == ng, "plan groups %d vs %d", p->n_groups, ng);
@@ -442,7 +449,7 @@ static void test_plan_json(void) {
         MSX_CHECK(msx_plan_set_uniform(p, &g) == MSX_E_ARG, "bad method");
         MSX_CHECK(msx_plan_find(p, "layer_5") == 5 && msx_plan_find(p, "layer_6") == -1 &&
                   msx_plan_find(p, "mask_decoder_group_5") == p->n_groups - 1, "plan_find");
-        MSX_CHECK(msx_plan_n_initial(3) == 18, "ref §2.5: 18 initial configs for base + 2");
+        MSX_CHECK(msx_plan_n_initial(3) == 18, "docs/semantics.md §4.3: 18 initial configs for base + 2");
         MSX_CHECK_OK(msx_plan_set_initial(p, 2));
         MSX_CHECK(p->groups[0].method == MSX_MERGE_LINEAR && p->groups[0].weights[2] == 1 && p->groups[0].weights[0] == 0, "initial 2 = model 2 alone");
         MSX_CHECK_OK(msx_plan_set_initial(p, 17));
@@ -456,37 +463,104 @@ static void test_plan_json(void) {
 
 /* ---- the merger end to end -------------------------------------------------------- */
 
-/* Reference merge of one model written with the per-tensor functions and
-   the group ids (independent of the merger's index tables). */
+/* Reference merge of one model written here from the reference's formulas
+   (docs/semantics.md §2), sharing no code with the library: float32 in the
+   reference's order for linear and task arithmetic, ref_ties for TIES, and
+   SLERP in double with its own pair selection (compared within 1e-6, like
+   the golden vectors). slerp[i] marks the tensors merged by SLERP. */
+#if defined(__clang__)
+#pragma float_control(precise, on, push)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+static int ref_tensor(float *o, const float *const *src, int n_src, const msx_group_plan *g, int64_t n) {
+    int64_t j;
+    int i;
+    if (g->method == MSX_MERGE_LINEAR) {
+        double sw = 0;
+        float w[8];
+        for (i = 0; i < n_src; i++) sw += g->weights[i];
+        if (sw == 0) return 0; /* ZeroDivisionError: the pipeline keeps the base */
+        for (i = 0; i < n_src; i++) w[i] = (float)(g->weights[i] / sw);
+        for (j = 0; j < n; j++) {
+            float acc = w[0] * src[0][j];
+            for (i = 1; i < n_src; i++) acc = acc + w[i] * src[i][j];
+            o[j] = acc;
+        }
+    } else if (g->method == MSX_MERGE_TASK_ARITHMETIC) {
+        float lam = (float)g->scale;
+        if (n_src < 3) return 0; /* IndexError: the pipeline keeps the base */
+        for (j = 0; j < n; j++) {
+            float sum = (src[1][j] - src[0][j]) + (src[2][j] - src[0][j]);
+            for (i = 3; i < n_src; i++) sum = sum + (src[i][j] - src[0][j]);
+            o[j] = src[0][j] + lam * sum;
+        }
+    } else if (g->method == MSX_MERGE_TIES) {
+        ref_ties(o, src[0], src + 1, n_src - 1, g->drop_rate, (float)g->scale, n);
+    } else { /* SLERP of the two largest t (stable, descending), weight softmax of the second */
+        int v0 = -1, v1 = -1;
+        double t, a = 0, b = 0, d = 0, c, s0, s1;
+        for (i = 0; i < n_src; i++)
+            if (v0 < 0 || g->t[i] > g->t[v0]) v0 = i;
+        for (i = 0; i < n_src; i++)
+            if (i != v0 && (v1 < 0 || g->t[i] > g->t[v1])) v1 = i;
+        t = exp(g->t[v1]) / (exp(g->t[v0]) + exp(g->t[v1]));
+        for (j = 0; j < n; j++) {
+            a += (double)src[v0][j] * src[v0][j];
+            b += (double)src[v1][j] * src[v1][j];
+            d += (double)src[v0][j] * src[v1][j];
+        }
+        a = sqrt(a) > 1e-10 ? sqrt(a) : 1.0;
+        b = sqrt(b) > 1e-10 ? sqrt(b) : 1.0;
+        c = d / (a * b);
+        if (fabs(c) > 0.9995) { s0 = 1 - t; s1 = t; }
+        else { s0 = sin((1 - t) * acos(c)) / sin(acos(c)); s1 = sin(t * acos(c)) / sin(acos(c)); }
+        for (j = 0; j < n; j++) o[j] = (float)s0 * src[v0][j] + (float)s1 * src[v1][j];
+    }
+    return 1;
+}
+#if defined(__clang__)
+#pragma float_control(pop)
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
 static void ref_merge(const msx_checkpoint *base, const msx_checkpoint *const *ft, int n_ft, const msx_plan *p,
-                      msx_checkpoint *out) {
+                      msx_checkpoint *out, unsigned char *slerp) {
     int i, k;
     for (i = 0; i < base->n; i++) {
         const msx_tensor *bt = &base->tensors[i];
         char id[MSX_GROUP_ID_LEN];
         const float *src[8];
         float *o = (float *)out->tensors[i].data;
-        const msx_group_plan *g;
-        msx_result r = MSX_E_ARG;
+        int done = 0;
         msx_merge_key_group(bt->name, p->granularity, id);
         src[0] = (const float *)bt->data;
         for (k = 0; k < n_ft; k++) src[k + 1] = (const float *)msx_ckpt_find(ft[k], bt->name)->data;
+        slerp[i] = 0;
         if (id[0]) {
-            g = &p->groups[msx_plan_find(p, id)];
-            switch (g->method) {
-            case MSX_MERGE_LINEAR: r = msx_merge_tensor_linear(o, src, g->weights, n_ft + 1, bt->numel); break;
-            case MSX_MERGE_TASK_ARITHMETIC: r = msx_merge_tensor_ta(o, src[0], src + 1, n_ft, g->scale, bt->numel); break;
-            case MSX_MERGE_TIES: r = msx_merge_tensor_ties(o, src[0], src + 1, n_ft, g->drop_rate, g->scale, bt->numel, NULL); break;
-            default: {
-                int v0, v1;
-                double t;
-                msx_merge_slerp_pair(g->t, n_ft + 1, &v0, &v1, &t);
-                r = msx_merge_tensor_slerp(o, src[v0], src[v1], t, bt->numel);
-            }
-            }
+            const msx_group_plan *g = &p->groups[msx_plan_find(p, id)];
+            done = ref_tensor(o, src, n_ft + 1, g, bt->numel);
+            slerp[i] = g->method == MSX_MERGE_SLERP;
         }
-        if (r != MSX_OK) memcpy(o, bt->data, (size_t)bt->numel * 4);
+        if (!done) memcpy(o, bt->data, (size_t)bt->numel * 4);
     }
+}
+
+/* Byte-equal, except SLERP tensors: |a - b| <= 1e-6 + 1e-6 |b|. */
+static int matches_ref(const msx_checkpoint *a, const msx_checkpoint *ref, const unsigned char *slerp) {
+    int i;
+    for (i = 0; i < a->n; i++) {
+        const float *x = (const float *)a->tensors[i].data, *y = (const float *)ref->tensors[i].data;
+        int64_t j, n = a->tensors[i].numel;
+        if (!slerp[i]) {
+            if (memcmp(x, y, (size_t)n * 4)) return 0;
+        } else
+            for (j = 0; j < n; j++)
+                if (!(fabs((double)x[j] - y[j]) <= 1e-6 + 1e-6 * fabs((double)y[j]))) return 0;
+    }
+    return 1;
 }
 
 static msx_checkpoint *perturbed(const msx_checkpoint *base, uint64_t seed, double sigma) {
@@ -520,6 +594,7 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
                         const msx_checkpoint *f2, int check_export) {
     const msx_checkpoint *fts[2] = {f1, f2};
     msx_checkpoint *out = NULL, *ref = NULL;
+    unsigned char *slerp = (unsigned char *)calloc((size_t)base->n, 1);
     msx_rng rng;
     int n_ft, g, trial, k;
     msx_rng_seed(&rng, 99);
@@ -560,8 +635,8 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
             for (trial = 0; trial < 3; trial++) {
                 random_plan(p, &rng, 1);
                 MSX_CHECK_OK(msx_merger_run(m, p, out, &rep));
-                ref_merge(base, fts, n_ft, p, ref);
-                MSX_CHECK(same_ckpt(out, ref, NULL), "%s: n_ft %d g %d trial %d differs from the per-tensor reference",
+                ref_merge(base, fts, n_ft, p, ref, slerp);
+                MSX_CHECK(matches_ref(out, ref, slerp), "%s: n_ft %d g %d trial %d differs from the reference merge",
                           label, n_ft, g, trial);
             }
             /* reference keep-the-base cases: reported, or refused in strict mode */
@@ -670,6 +745,7 @@ static void test_merger(const char *label, const msx_checkpoint *base, const msx
         }
     msx_ckpt_free(out);
     msx_ckpt_free(ref);
+    free(slerp);
 }
 
 static void test_merger_bad(const msx_checkpoint *base) {

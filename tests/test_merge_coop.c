@@ -1,13 +1,12 @@
-/* TIES on large tensors: the paths the small-tensor tests never reach. For
-   two fine-tuned models, the two-pass scheme (no tables, and a caller's
-   first call), then the rank tables + one pass + fix-up (msx__ties_coop2):
-   tables built (second call) and reused for other drop rates and thread
-   counts; zero-delta atoms at the threshold
-   (one-key bracket, record overflow and its fallback); a frozen model; 1, 2
-   and 3 threads. For three models, the sample-bracket two-pass path. Every
-   output is compared byte for byte with ref_ties (tests/ref_ties.h), a
-   plain qsort implementation of ref §1.3 that shares no code with the
-   library. */
+/* TIES on large tensors: the fast path (msx__ties_tensor above
+   MSX__TIES_DIRECT elements: sample bracket, count + gather, exact select,
+   the vectorised two-model combine and the zero-sum fix-up) that the
+   small-tensor tests never reach, with zero-delta atoms at the threshold
+   (one-key brackets), exact cancellations, a frozen model, and three
+   models (the plain form). Every output is compared byte for byte with
+   ref_ties (tests/ref_ties.h), a plain qsort implementation that shares no
+   code with the library, and with the header's own plain definition
+   (msx__ties_plain). */
 #define MEDSAMIX_IMPLEMENTATION
 #include "../medsamix.h"
 #include "test.h"
@@ -50,73 +49,47 @@ static void fill(msx_rng *r, int kind, int64_t n, float *b, float **f) {
 
 int main(void) {
     static const coop_case cases[] = {{2359296, 0, 3}, {1048576 + 13, 0, 2}, {1500007, 1, 2}, {1200000, 2, 2},
-                                      {1100000, 3, 2}};
+                                      {1100000, 3, 2}, {65537, 0, 2}};
     static const double drops[6] = {0.2, 0.7, 0.0, 1.0, 0.5, 0.3};
     msx_rng r;
-    int ci, di, n_ft, nthr;
+    int ci, di, n_ft;
     msx_rng_seed(&r, 7);
     for (ci = 0; ci < (int)(sizeof cases / sizeof cases[0]); ci++) {
-        int64_t n = cases[ci].n, i;
-        size_t per = (msx_merge_ties_scratch_floats(n, 3) + 15) & ~(size_t)15, per2;
+        int64_t n = cases[ci].n, i, na = 0;
+        size_t per = msx_merge_ties_scratch_floats(n, 3), per2 = msx_merge_ties_scratch_floats(n, 2);
         float *b = (float *)msx__aligned_alloc((size_t)n * 4), *f[3];
         float *o1 = (float *)msx__aligned_alloc((size_t)n * 4), *o2 = (float *)msx__aligned_alloc((size_t)n * 4);
         uint32_t *scr;
-        msx__ties_table tabs[2];
-        unsigned char ok = 0;
-        per2 = (msx_merge_ties_scratch_floats(n, 2) + 15) & ~(size_t)15;
         if (per2 > per) per = per2;
-        scr = (uint32_t *)msx__aligned_alloc(per * 3 * 4);
+        scr = (uint32_t *)msx__aligned_alloc(per * 4);
         for (i = 0; i < 3; i++) f[i] = (float *)msx__aligned_alloc((size_t)n * 4);
         fill(&r, cases[ci].kind, n, b, f);
         for (n_ft = 2; n_ft <= cases[ci].max_ft; n_ft++)
             for (di = 0; di < 6; di++) {
                 const float *ft[3] = {f[0], f[1], f[2]};
+                int64_t k = (int64_t)((double)n * drops[di]);
                 ref_ties(o1, b, ft, n_ft, drops[di], 0.9f, n);
-                for (nthr = 1; nthr <= 3; nthr++) {
-                    int cached;
-                    for (cached = 0; cached <= 1; cached++) {
-                        msx__ties_coop_state st;
-                        memset(o2, 0xFF, (size_t)n * 4);
-#pragma omp parallel num_threads(nthr)
-                        {
-                            msx__ties_coop(o2, b, ft, n_ft, drops[di], 0.9f, n, scr, per, omp_get_thread_num(),
-                                           omp_get_num_threads(), &st, cached ? tabs : NULL, cached ? &ok : NULL);
-                        }
-                        MSX_CHECK(!memcmp(o1, o2, (size_t)n * 4), "n=%lld kind %d n_ft=%d drop=%g threads=%d %s tables differ",
-                                  (long long)n, cases[ci].kind, n_ft, drops[di], nthr, cached ? "kept" : "scratch");
-                    }
-                }
-                /* the public single-tensor entry point (one thread, its own scratch) */
+                memset(o2, 0xFF, (size_t)n * 4);
+                msx__ties_tensor(o2, b, ft, n_ft, drops[di], 0.9f, n, scr);
+                MSX_CHECK(!memcmp(o1, o2, (size_t)n * 4), "fast path n=%lld kind %d n_ft=%d drop=%g differs",
+                          (long long)n, cases[ci].kind, n_ft, drops[di]);
+                memset(o2, 0xFF, (size_t)n * 4);
+                msx__ties_plain(o2, b, ft, n_ft, k > n ? n : k, 0.9f, n, scr);
+                MSX_CHECK(!memcmp(o1, o2, (size_t)n * 4), "plain form n=%lld kind %d n_ft=%d drop=%g differs",
+                          (long long)n, cases[ci].kind, n_ft, drops[di]);
+                /* the public single-tensor entry point (its own scratch) */
                 MSX_CHECK_OK(msx_merge_tensor_ties(o2, b, ft, n_ft, drops[di], 0.9, n, NULL));
                 MSX_CHECK(!memcmp(o1, o2, (size_t)n * 4), "msx_merge_tensor_ties n=%lld kind %d n_ft=%d drop=%g differs",
                           (long long)n, cases[ci].kind, n_ft, drops[di]);
             }
-        /* the kept tables were built once (second call) and are still valid */
-        MSX_CHECK(ok == 2, "kind %d: kept tables in state %d", cases[ci].kind, ok);
-        if (cases[ci].kind == 2) {
-            /* the miss fallback: a model changed under kept tables (the merger's
-               sources never do) must still give the exact result and drop the tables */
+        if (cases[ci].kind == 0) { /* the coarse grid holds exact cancellations: the fix-up list is exercised */
+            uint32_t tb[2];
+            float thr[2];
             const float *ft[2] = {f[0], f[1]};
-            msx__ties_coop_state st;
-            for (i = 0; i < n; i++) f[0][i] = b[i] + 2.0f * (f[0][i] - b[i]) + 1e-3f;
-            ref_ties(o1, b, ft, 2, 0.5, 0.9f, n);
-#pragma omp parallel num_threads(2)
-            {
-                msx__ties_coop(o2, b, ft, 2, 0.5, 0.9f, n, scr, per, omp_get_thread_num(), omp_get_num_threads(), &st,
-                               tabs, &ok);
-            }
-            MSX_CHECK(!memcmp(o1, o2, (size_t)n * 4), "stale tables: result differs");
-            MSX_CHECK(ok == 1 && (st.miss[0] || st.miss[1]), "stale tables: miss %d %d, state %d", st.miss[0], st.miss[1], ok);
-        }
-        if (cases[ci].kind == 0) {
-            /* a table bracket is exact: at most n/4096 keys plus one bin */
-            uint32_t lo, hx;
-            int64_t L, C, k;
-            for (k = 1; k <= n; k += n / 97) {
-                msx__ties_table_find(&tabs[0], k, &lo, &hx, &L, &C);
-                MSX_CHECK(L < k && k <= L + C, "table bracket of k=%lld: L=%lld C=%lld", (long long)k, (long long)L,
-                          (long long)C);
-            }
+            msx__ties_thresholds(b, ft, 2, n, (int64_t)((double)n * 0.2), scr, tb);
+            memcpy(thr, tb, sizeof thr);
+            (void)msx__ties_combine2(o2, b, f[0], f[1], thr[0], thr[1], 0.9f, n, scr, &na);
+            MSX_CHECK(na > 0, "n=%lld: no zero-sum element reached the fix-up", (long long)n);
         }
         for (i = 0; i < 3; i++) msx__aligned_free(f[i]);
         msx__aligned_free(b);

@@ -165,7 +165,8 @@ static void test_ei(void) {
     double le, ei;
     const double vs[7] = {-12, -6, -2, -0.3, 0, 1.5, 5}, ss[4] = {1e-5, 1e-2, 0.7, 2.5};
     int a, b, logm;
-    /* reference value from optimizer-reference.md §5/§16 (quadrature there) */
+    /* log-EI = E[max(e^eta - e^Y, 0)], Y ~ N(mu, sigma^2) (docs/semantics.md §7.4): 0.02644199 by a
+       Simpson integral over [mu - 12 sigma, eta] in Python, independent of the library */
     ei = msx_acq_ei(-1, -0.5, 0.7, 1, &le);
     MSX_CHECK(fabs(ei - 0.0264420) < 5e-8 && fabs(le - log(ei)) < 1e-12, "log-EI(-1,-0.5,0.7) = %.9g", ei);
     for (logm = 0; logm < 2; logm++)
@@ -781,12 +782,49 @@ static void report_overhead(void) {
     msx_space_free(s);
 }
 
+/* The two multi-task scalarisations of msx__opt_targets against values
+   worked out by hand. Costs A (0.2, 0.8), B (0.6, 0.2), C (1.0, 0.0) and a
+   failed D normalise over the successful rows (lo 0.2, 0.0; hi 1.0, 0.8) to
+   A (0, 1), B (0.5, 0.25), C (1, 0), D (1, 1) (failed: worst everywhere).
+   ParEGO, theta (0.25, 0.75), rho 0.05: max_j theta_j f_j + rho sum_j theta_j f_j
+   = A 0.75 + 0.0375 = 0.7875, B 0.1875 + 0.015625 = 0.203125,
+   C 0.25 + 0.0125 = 0.2625, D 0.75 + 0.05 = 0.8.
+   Mean: A 0.5, B 0.375, C 0.5, D 1. */
+static void test_scalarisations(void) {
+    static const double cost[4][2] = {{0.2, 0.8}, {0.6, 0.2}, {1.0, 0.0}, {0.5, 0.5}};
+    static const double parego[4] = {0.7875, 0.203125, 0.2625, 0.8}, mean[4] = {0.5, 0.375, 0.5, 1.0};
+    const double theta[2] = {0.25, 0.75};
+    msx_space *s = msx_space_new();
+    msx_opt_options o;
+    msx_opt *opt = NULL;
+    int i;
+    msx_space_add_float(s, "x", 0, 1, 0);
+    memset(&o, 0, sizeof o);
+    o.n_objectives = 2;
+    o.no_log_scale = 1; /* the raw scalarisation, before SMAC's log scaling */
+    MSX_CHECK_OK(msx_opt_create(s, &o, &opt));
+    if (!opt) { msx_space_free(s); return; }
+    for (i = 0; i < 4; i++) {
+        double x = 0.1 + 0.2 * i;
+        MSX_CHECK_OK(msx_opt_tell_config(opt, &x, cost[i], i == 3));
+    }
+    MSX_CHECK(msx__opt_targets(opt, theta) == 3, "three successful rows");
+    for (i = 0; i < 4; i++)
+        MSX_CHECK(fabs(opt->y[i] - parego[i]) < 1e-12, "ParEGO row %d: %.17g, want %g", i, opt->y[i], parego[i]);
+    MSX_CHECK(msx__opt_targets(opt, NULL) == 3, "three successful rows");
+    for (i = 0; i < 4; i++)
+        MSX_CHECK(fabs(opt->y[i] - mean[i]) < 1e-12, "mean row %d: %.17g, want %g", i, opt->y[i], mean[i]);
+    msx_opt_free(opt);
+    msx_space_free(s);
+}
+
 int main(void) {
     double t0 = msx_time_now();
     test_rf();
     test_ei();
     test_weights();
     test_pareto_hv();
+    test_scalarisations();
     test_space();
     test_bad_input();
     test_resume();

@@ -99,6 +99,9 @@ static void golden(const char *cfg, msx_checkpoint *ck, const msx_sam_arch *arch
         for (i = 0; i < 2; i++) {
             int multi = i == 0, nout = multi ? 3 : 1, j;
             const msx_tensor *rm = need(g, KEYS[2 * i], k), *ri = need(g, KEYS[2 * i + 1], k);
+            /* every case of the golden file holds both outputs: a missing key is a failure, not a skip */
+            MSX_CHECK(rm != NULL, "%s case%d: golden key %s missing", cfg, k, KEYS[2 * i]);
+            MSX_CHECK(ri != NULL, "%s case%d: golden key %s missing", cfg, k, KEYS[2 * i + 1]);
             MSX_CHECK_OK(msx_sam_decode(m, ws, NULL, &p, multi, lr, iou));
             snprintf(what, sizeof what, "%s case%d %s", cfg, k, KEYS[2 * i]);
             {

@@ -144,10 +144,19 @@ int msx_cmd_forward(int argc, char **argv) {
         else if (!strcmp(argv[i], "--cases")) cases = v;
         else if (!strcmp(argv[i], "--out")) out = v;
         else if (!strcmp(argv[i], "--precision")) prec = v;
-        else if (!strcmp(argv[i], "--threads")) threads = atoi(v);
+        else if (!strcmp(argv[i], "--threads")) { if (!msx_cli_int("forward", argv[i], v, 0, 1024, &threads)) return 2; }
         else { fprintf(stderr, "forward: unknown option '%s'\n\n", argv[i]); forward_usage(stderr); return 2; }
     }
     if (!model || !cases || !out) { fprintf(stderr, "forward: --model, --cases and --out are required\n\n"); forward_usage(stderr); return 2; }
+    if (!msx_cli_has_ext(out, ".safetensors")) { fprintf(stderr, "forward: --out %s: the name must end in .safetensors\n", out); return 2; }
+    {
+        const char *in[3], *outs[1];
+        in[0] = model;
+        in[1] = cases;
+        in[2] = config;
+        outs[0] = out;
+        if (!msx_cli_check_outputs("forward", in, 3, outs, 1)) return 2;
+    }
     memset(&opt, 0, sizeof opt);
     if (!strcmp(prec, "fp32")) opt.precision = MSX_PREC_FP32;
     else if (!strcmp(prec, "bf16")) opt.precision = MSX_PREC_BF16;
@@ -348,8 +357,8 @@ int msx_cmd_bench(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { bench_usage(stdout); return 0; }
         if (!v) { fprintf(stderr, "bench: %s needs a value (or unknown option)\n", argv[i]); bench_usage(stderr); return 2; }
-        if (!strcmp(argv[i], "--threads")) only = atoi(v);
-        else if (!strcmp(argv[i], "--runs")) runs = atoi(v);
+        if (!strcmp(argv[i], "--threads")) { if (!msx_cli_int("bench", argv[i], v, 1, 1024, &only)) return 2; }
+        else if (!strcmp(argv[i], "--runs")) { if (!msx_cli_int("bench", argv[i], v, 1, 31, &runs)) return 2; }
         else { fprintf(stderr, "bench: unknown option '%s'\n", argv[i]); bench_usage(stderr); return 2; }
     }
     if (runs < 1 || runs > 31 || only < 0) { fprintf(stderr, "bench: --runs must be 1..31, --threads >= 1\n"); return 2; }

@@ -10,7 +10,9 @@ static void inspect_usage(FILE *f) {
                "  FILE            .pth (torch.save zip) or .safetensors checkpoint\n"
                "  --json          print one JSON object {\"arch\": {...}|null, \"tensors\": [...]}\n"
                "  --config C.json override hyperparameters the shapes cannot tell (decoder heads, ...)\n"
-               "Per tensor: name, dtype as stored, shape, float64 sum and sum of |x|.\n");
+               "Per tensor: name, dtype as stored, shape, float64 sum and sum of |x|, and the count of\n"
+               "NaN/infinite values where there are any (\"nonfinite\" in JSON; merge, segment, eval and\n"
+               "search refuse such models).\n");
 }
 
 static void print_json_str(const char *s) {
@@ -81,11 +83,12 @@ int msx_cmd_inspect(int argc, char **argv) {
             print_num(s);
             printf(", \"abs_sum\": ");
             print_num(a);
-            printf("}");
+            printf(", \"nonfinite\": %lld}", (long long)msx_tensor_count_nonfinite(t));
         }
         printf("\n]}\n");
     } else {
-        int64_t total = 0;
+        int64_t total = 0, bad = 0;
+        int nbad = 0;
         printf("file: %s\n", file);
         if (have_arch) {
             printf("arch: image %d, patch %d, in_chans %d, embed %d, depth %d, heads %d, mlp %d, window %d, global blocks [",
@@ -108,8 +111,19 @@ int msx_cmd_inspect(int argc, char **argv) {
             n += (size_t)snprintf(shape + n, sizeof shape - n, "[");
             for (k = 0; k < t->ndim && n < sizeof shape; k++) n += (size_t)snprintf(shape + n, sizeof shape - n, k ? ",%lld" : "%lld", (long long)t->shape[k]);
             if (n < sizeof shape) snprintf(shape + n, sizeof shape - n, "]");
-            printf("%-72s %-8s %-18s %.17g %.17g\n", t->name, msx_dtype_torch_name(t->src_dtype), shape, s, a);
+            k = (int)(msx_tensor_count_nonfinite(t) > 0);
+            printf("%-72s %-8s %-18s %.17g %.17g", t->name, msx_dtype_torch_name(t->src_dtype), shape, s, a);
+            if (k) {
+                int64_t c = msx_tensor_count_nonfinite(t);
+                printf("  NON-FINITE: %lld NaN/inf", (long long)c);
+                bad += c;
+                nbad++;
+            }
+            printf("\n");
         }
+        if (nbad)
+            printf("non-finite: %lld NaN/infinite value(s) in %d tensor(s); merge, segment, eval and search refuse this model\n",
+                   (long long)bad, nbad);
     }
     msx_ckpt_free(ck);
     return 0;

@@ -16,11 +16,14 @@ static void merge_usage(FILE *f) {
     fprintf(f,
             "usage: medsamix merge --base BASE --models A [B ...] (--plan PLAN.json | --preset NAME |\n"
             "                      --method linear|ta|ties|slerp [--weights w0,w1,..] [--scale S]\n"
-            "                      [--drop-rate R] [--t t0,t1,..]) [--granularity G] --out MERGED.safetensors\n"
+            "                      [--drop-rate R] [--t t0,t1,..]) [--granularity G] [--force]\n"
+            "                      --out MERGED.safetensors|MERGED.pth\n"
             "\n"
             "Merges SAM checkpoints (.pth or .safetensors) layer group by layer group, exactly as the\n"
             "official MedSAMix code. Model 0 is the base, 1..N the --models in order.\n"
-            "  --plan P          per-group plan (JSON \"medsamix-plan-v1\"); its granularity is used\n"
+            "  --plan P          per-group plan (JSON \"medsamix-plan-v1\"); its granularity is used. A\n"
+            "                    search's best_plan.json records its models: other models or another\n"
+            "                    order are refused unless --force\n"
             "  --preset NAME     uniform baseline: base, model<k>, linear_avg, ta_<s>, ties_d<r>_s<s>, slerp_<t>\n"
             "  --method M        one method for every group:\n"
             "     linear  --weights w0,w1,..  one weight >= 0 per model, base first (default: equal)\n"
@@ -31,27 +34,26 @@ static void merge_usage(FILE *f) {
             "  --config JSON     architecture config for loading (default: inferred from the shapes)\n"
             "  --strict          the reference's keep-the-base cases are errors, not warnings\n"
             "  --threads N       OpenMP threads (default: all)\n"
-            "  --out PATH        merged model (.safetensors); the plan goes to PATH with .safetensors\n"
-            "                    replaced by .plan.json\n");
+            "  --out PATH        merged model in the format its name says: .safetensors, or .pth / .pt\n"
+            "                    (PyTorch zip checkpoint for torch.load / Sam.load_state_dict); the plan\n"
+            "                    goes to PATH with the extension replaced by .plan.json. Never an input;\n"
+            "                    an existing file keeps its mode, a read-only one is refused, a symbolic\n"
+            "                    link is written through (its target replaced, the link kept)\n"
+            "  --force           merge with a plan searched on other models\n"
+            "A merge whose result holds NaN or infinite weights is an error, as are input models that do.\n");
 }
 
-/* Comma-separated doubles; returns the count or -1. */
+/* Comma-separated finite doubles; returns the count or -1. */
 static int parse_list(const char *s, double *v, int cap) {
     int n = 0;
     while (*s) {
         char *e;
         if (n == cap) return -1;
         v[n++] = strtod(s, &e);
-        if (e == s || (*e && *e != ',')) return -1;
+        if (e == s || (*e && *e != ',') || !isfinite(v[n - 1])) return -1;
         s = *e ? e + 1 : e;
     }
     return n;
-}
-
-static int parse_num(const char *s, double *v) {
-    char *e;
-    *v = strtod(s, &e);
-    return e != s && !*e;
 }
 
 int msx_cmd_merge(int argc, char **argv) {
@@ -59,7 +61,7 @@ int msx_cmd_merge(int argc, char **argv) {
     const char *models[MSX_MAX_MODELS];
     const char *weights_s = NULL, *t_s = NULL;
     double scale = NAN, drop = NAN;
-    int n_models = 0, gran = 0, strict = 0, threads = 0, i, rc = 1;
+    int n_models = 0, gran = 0, strict = 0, threads = 0, force = 0, i, rc = 1;
     msx_checkpoint *base = NULL, *ft[MSX_MAX_MODELS], *out = NULL;
     msx_merger *m = NULL;
     msx_plan *plan = NULL;
@@ -73,16 +75,11 @@ int msx_cmd_merge(int argc, char **argv) {
         int has = i + 1 < argc;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { merge_usage(stdout); return 0; }
         else if (!strcmp(a, "--strict")) strict = 1;
+        else if (!strcmp(a, "--force")) force = 1;
         else if (!has) { fprintf(stderr, "merge: %s needs a value\n", a); return 2; }
         else if (!strcmp(a, "--base")) base_path = argv[++i];
         else if (!strcmp(a, "--models")) {
-            while (i + 1 < argc && strncmp(argv[i + 1], "--", 2)) {
-                if (n_models >= MSX_MAX_MODELS - 1) {
-                    fprintf(stderr, "merge: at most %d fine-tuned models (MSX_MAX_MODELS)\n", MSX_MAX_MODELS - 1);
-                    return 2;
-                }
-                models[n_models++] = argv[++i];
-            }
+            if (!msx_cli_list("merge", argc, argv, &i, models, &n_models, MSX_MAX_MODELS - 1)) return 2;
         } else if (!strcmp(a, "--plan")) plan_path = argv[++i];
         else if (!strcmp(a, "--preset")) preset = argv[++i];
         else if (!strcmp(a, "--method")) method = argv[++i];
@@ -90,26 +87,41 @@ int msx_cmd_merge(int argc, char **argv) {
         else if (!strcmp(a, "--t")) t_s = argv[++i];
         else if (!strcmp(a, "--config")) config = argv[++i];
         else if (!strcmp(a, "--out")) out_path = argv[++i];
-        else if (!strcmp(a, "--scale") || !strcmp(a, "--drop-rate")) {
-            double v;
-            if (!parse_num(argv[i + 1], &v)) { fprintf(stderr, "merge: %s: '%s' is not a number\n", a, argv[i + 1]); return 2; }
-            if (!strcmp(a, "--scale")) scale = v;
-            else drop = v;
-            i++;
-        } else if (!strcmp(a, "--granularity") || !strcmp(a, "--threads")) {
-            char *e;
-            long v = strtol(argv[i + 1], &e, 10);
-            if (*e || v < 0 || v > 100000) { fprintf(stderr, "merge: %s: '%s' is not a count\n", a, argv[i + 1]); return 2; }
-            if (!strcmp(a, "--threads")) threads = (int)v;
-            else gran = (int)v;
-            if (!strcmp(a, "--granularity") && v < 1) { fprintf(stderr, "merge: --granularity must be >= 1\n"); return 2; }
-            i++;
+        else if (!strcmp(a, "--scale")) {
+            if (!msx_cli_num("merge", a, argv[++i], -1e300, 1e300, &scale)) return 2;
+        } else if (!strcmp(a, "--drop-rate")) {
+            if (!msx_cli_num("merge", a, argv[++i], 0, 1, &drop)) return 2;
+        } else if (!strcmp(a, "--granularity")) {
+            if (!msx_cli_int("merge", a, argv[++i], 1, 64, &gran)) return 2;
+        } else if (!strcmp(a, "--threads")) {
+            if (!msx_cli_int("merge", a, argv[++i], 0, 1024, &threads)) return 2;
         } else { fprintf(stderr, "merge: unknown option '%s'\n", a); merge_usage(stderr); return 2; }
     }
     if (!base_path || !n_models || !out_path || (!!plan_path + !!method + !!preset) != 1) {
         fprintf(stderr, "merge: needs --base, --models, --out and exactly one of --plan, --preset, --method\n\n");
         merge_usage(stderr);
         return 2;
+    }
+    if (!msx_cli_has_ext(out_path, ".safetensors") && !msx_cli_has_ext(out_path, ".pth") && !msx_cli_has_ext(out_path, ".pt")) {
+        fprintf(stderr, "merge: --out %s: the name must end in .safetensors or .pth (the format follows the name)\n", out_path);
+        return 2;
+    }
+    {
+        /* every file read against every file written, before any work */
+        const char *in[MSX_MAX_MODELS + 3], *outs[2];
+        char plan_out[4096];
+        size_t n = strlen(out_path), k = msx_cli_has_ext(out_path, ".safetensors") ? 12 : msx_cli_has_ext(out_path, ".pth") ? 4 : 3;
+        int n_in = 0;
+        if (n - k + 11 > sizeof plan_out) { fprintf(stderr, "merge: --out: path too long\n"); return 2; }
+        memcpy(plan_out, out_path, n - k);
+        strcpy(plan_out + n - k, ".plan.json");
+        in[n_in++] = base_path;
+        for (i = 0; i < n_models; i++) in[n_in++] = models[i];
+        in[n_in++] = plan_path;
+        in[n_in++] = config;
+        outs[0] = out_path;
+        outs[1] = plan_out;
+        if (!msx_cli_check_outputs("merge", in, n_in, outs, 2)) return 2;
     }
     if (plan_path) {
         if ((r = msx_plan_load_json(plan_path, &plan)) != MSX_OK) goto fail;
@@ -124,6 +136,19 @@ int msx_cmd_merge(int argc, char **argv) {
     if ((r = msx_sam_load(base_path, config, &base, NULL)) != MSX_OK) goto fail;
     for (i = 0; i < n_models; i++)
         if ((r = msx_sam_load(models[i], config, &ft[i], NULL)) != MSX_OK) goto fail;
+    if (plan_path) {
+        const msx_checkpoint *all[MSX_MAX_MODELS];
+        const char *paths[MSX_MAX_MODELS];
+        int recorded;
+        all[0] = base;
+        paths[0] = base_path;
+        for (i = 0; i < n_models; i++) { all[i + 1] = ft[i]; paths[i + 1] = models[i]; }
+        r = msx_plan_check_models(plan_path, all, paths, n_models + 1, &recorded);
+        if (r != MSX_OK && !force) goto fail;
+        if (r != MSX_OK) fprintf(stderr, "warning (--force): %s\n", msx_last_error());
+        else if (!recorded)
+            fprintf(stderr, "note: %s records no models (not written by a search): the order of --models is not checked\n", plan_path);
+    }
     if ((r = msx_merger_create(base, (const msx_checkpoint *const *)ft, n_models, gran, &m)) != MSX_OK) goto fail;
     memset(&mo, 0, sizeof mo);
     mo.strict = strict;
@@ -141,11 +166,12 @@ int msx_cmd_merge(int argc, char **argv) {
                 g.method = MSX_MERGE_LINEAR;
                 if (!weights_s) for (i = 0; i < nm; i++) g.weights[i] = 1;
                 else if (parse_list(weights_s, g.weights, MSX_MAX_MODELS) != nm) {
-                    fprintf(stderr, "merge: --weights needs %d comma-separated numbers (base first)\n", nm);
+                    fprintf(stderr, "merge: --weights '%s': needs %d comma-separated finite numbers (base first)\n", weights_s, nm);
                     rc = 2;
                     goto done;
                 }
             } else if (!strcmp(method, "ta") || !strcmp(method, "task_arithmetic")) {
+                if (!isnan(drop) || t_s || weights_s) fprintf(stderr, "merge: note: --method ta uses only --scale\n");
                 g.method = MSX_MERGE_TASK_ARITHMETIC;
                 g.scale = scale;
                 if (isnan(scale)) { fprintf(stderr, "merge: --method ta needs --scale\n"); rc = 2; goto done; }
@@ -157,7 +183,8 @@ int msx_cmd_merge(int argc, char **argv) {
             } else if (!strcmp(method, "slerp")) {
                 g.method = MSX_MERGE_SLERP;
                 if (!t_s || parse_list(t_s, g.t, MSX_MAX_MODELS) != nm) {
-                    fprintf(stderr, "merge: --method slerp needs --t with %d comma-separated numbers (base first)\n", nm);
+                    fprintf(stderr, "merge: --method slerp needs --t with %d comma-separated finite numbers (base first)%s%s%s\n", nm,
+                            t_s ? ", not '" : "", t_s ? t_s : "", t_s ? "'" : "");
                     rc = 2;
                     goto done;
                 }
@@ -171,6 +198,7 @@ int msx_cmd_merge(int argc, char **argv) {
     }
     if ((r = msx_ckpt_clone(base, &out)) != MSX_OK) goto fail;
     if ((r = msx_merger_run(m, plan, out, &rep)) != MSX_OK) goto fail;
+    if ((r = msx_merger_check_finite(m, plan, out)) != MSX_OK) goto fail; /* nothing written */
     for (i = 0; i < rep.n_warnings && i < MSX_MERGE_MAX_WARNINGS; i++) fprintf(stderr, "warning: %s\n", rep.warnings[i]);
     if (rep.n_warnings > MSX_MERGE_MAX_WARNINGS)
         fprintf(stderr, "warning: ... %d more\n", rep.n_warnings - MSX_MERGE_MAX_WARNINGS);
@@ -229,7 +257,8 @@ static void fill_random(msx_checkpoint *c, const msx_checkpoint *like, uint64_t 
 }
 
 int msx_cmd_bench_merge(int argc, char **argv) {
-    int reps = 5, threads = 0, i, k, rc = 1;
+    int reps = 5, threads = 0, i, k, rc = 1, enc_runs = 2;
+    double enc_s = 0;
     msx_sam_arch arch;
     msx_checkpoint *models[3] = {NULL, NULL, NULL}, *out = NULL;
     msx_merger *m = NULL;
@@ -237,22 +266,29 @@ int msx_cmd_bench_merge(int argc, char **argv) {
     msx_result r;
     int64_t numel = 0;
     float *a = NULL, *b = NULL;
-    double copy_gbs, times[6][64], ties_early[2] = {0, 0};
+    double copy_gbs, times[6][64], ties_early[1] = {0};
     msx_group_plan cfg[5];
     static const char *const names[5] = {"linear", "task_arithmetic", "ties (r=0.2)", "ties (r=0.7)", "slerp"};
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: medsamix bench-merge [--reps N] [--threads N]\n"
+            printf("usage: medsamix bench-merge [--reps N] [--threads N] [--encoder-runs N]\n"
                    "Merges three ViT-B-sized models (base + 2 fine-tuned, 93.7 M random float32 parameters each,\n"
                    "the real SAM ViT-B key set) with each method and reports the median time and the achieved\n"
                    "bandwidth (bytes read + written: every source read once, the output written once) against a\n"
                    "STREAM-style copy (8 bytes per element) measured in the same run. The first round is a warm-up;\n"
-                   "its two TIES runs (a merger's first, then the one that builds its rank tables) are reported on their own.\n");
+                   "its TIES run (a merger's first) is reported on its own. TIES is then put against a search trial\n"
+                   "on ViT-B with 8 calibration images, taken as 8 image-encoder passes: the encoder is timed in the\n"
+                   "same run on the merged model (median of --encoder-runs, default 2, after one warm-up);\n"
+                   "--encoder-runs 0 skips it and assumes 5 s per pass.\n");
             return 0;
-        } else if (i + 1 < argc && (!strcmp(argv[i], "--reps") || !strcmp(argv[i], "--threads"))) {
-            int v = atoi(argv[i + 1]);
-            if (v < 0 || (v == 0 && !strcmp(argv[i], "--reps"))) { fprintf(stderr, "bench-merge: bad %s\n", argv[i]); return 2; }
-            if (!strcmp(argv[i], "--reps")) reps = v < 64 ? v : 63;
+        } else if (i + 1 < argc && (!strcmp(argv[i], "--reps") || !strcmp(argv[i], "--threads") ||
+                                     !strcmp(argv[i], "--encoder-runs"))) {
+            int v;
+            if (!msx_cli_int("bench-merge", argv[i], argv[i + 1], !strcmp(argv[i], "--reps") ? 1 : 0,
+                             !strcmp(argv[i], "--reps") ? 63 : !strcmp(argv[i], "--encoder-runs") ? 31 : 1024, &v))
+                return 2;
+            if (!strcmp(argv[i], "--reps")) reps = v;
+            else if (!strcmp(argv[i], "--encoder-runs")) enc_runs = v;
             else threads = v;
             i++;
         } else { fprintf(stderr, "bench-merge: unknown option '%s'\n", argv[i]); return 2; }
@@ -327,7 +363,7 @@ int msx_cmd_bench_merge(int argc, char **argv) {
                 t0 = msx_time_now();
                 if ((r = msx_merger_run(m, plan, out, NULL)) != MSX_OK) goto fail;
                 if (k) times[i + 1][k - 1] = msx_time_now() - t0;
-                else if (i == 2 || i == 3) ties_early[i - 2] = msx_time_now() - t0; /* a merger's first two TIES runs */
+                else if (i == 2) ties_early[0] = msx_time_now() - t0; /* a merger's first TIES run */
             }
         }
         for (i = 0; i < 6; i++) med[i] = median(times[i], reps);
@@ -339,9 +375,39 @@ int msx_cmd_bench_merge(int argc, char **argv) {
             printf("  %-16s %8.1f ms  %6.2f GB/s  %5.1f %% of copy\n", names[i], med[i + 1] * 1e3,
                    bytes / med[i + 1] / 1e9, 100.0 * bytes / med[i + 1] / 1e9 / copy_gbs);
         }
-        printf("  (TIES rows: later runs. A merger's first TIES run reads the sources twice, like a one-off merge:\n"
-               "   %.1f ms here; its second also builds the rank tables that make the later ones single-pass: %.1f ms)\n",
-               ties_early[0] * 1e3, ties_early[1] * 1e3);
+        printf("  (TIES rows: later runs; a merger's first TIES run, which also allocates its scratch: %.1f ms)\n",
+               ties_early[0] * 1e3);
+        /* one ViT-B image-encoder pass on the merged model, timed here */
+        if (enc_runs > 0) {
+            msx_sam *sam = NULL;
+            msx_sam_ws *ws = NULL;
+            float *img = (float *)msx_malloc((size_t)3 * 1024 * 1024 * sizeof(float));
+            double te[32];
+            msx_rng g;
+            if (!img) { fprintf(stderr, "bench-merge: out of memory\n"); goto done; }
+            msx_rng_seed(&g, 7);
+            for (k = 0; k < 3 * 1024 * 1024; k++) img[k] = (float)msx_rng_uniform(&g) * 4.0f - 2.0f;
+            r = msx_sam_create(out, &arch, NULL, &sam);
+            if (r == MSX_OK) r = msx_sam_ws_create(sam, &ws);
+            if (r == MSX_OK) r = msx_sam_encode(sam, ws, img, NULL); /* warm-up */
+            for (k = 0; r == MSX_OK && k < enc_runs; k++) {
+                double t0 = msx_time_now();
+                r = msx_sam_encode(sam, ws, img, NULL);
+                te[k] = msx_time_now() - t0;
+            }
+            msx_sam_ws_free(ws);
+            msx_sam_free(sam);
+            msx_free(img);
+            if (r != MSX_OK) goto fail;
+            enc_s = median(te, enc_runs);
+        }
+        {
+            double trial = 8.0 * (enc_runs > 0 ? enc_s : 5.0), tt = med[3] > med[4] ? med[3] : med[4];
+            printf("  ViT-B image encoder: %.2f s per pass (%s)\n", enc_runs > 0 ? enc_s : 5.0,
+                   enc_runs > 0 ? "measured in this run" : "assumed, --encoder-runs 0");
+            printf("  TIES (slower of the two rows) = %.2f %% of a ViT-B trial with 8 calibration images (8 encoder passes, "
+                   "%.1f s); first run %.2f %%\n", 100.0 * tt / trial, trial, 100.0 * ties_early[0] / trial);
+        }
     }
     rc = 0;
     goto done;

@@ -1,5 +1,6 @@
 /* medsamix bench-opt - the optimiser against uniform random search at equal
-   budget on functions with known optima (optimizer-reference.md §16), plus
+   budget on functions with known optima (Branin, Hartmann-6, ... as tabulated by
+   Surjanovic & Bingham's Virtual Library of Simulation Experiments), plus
    the per-iteration overhead in a MedSAMix-shaped conditional space. */
 #include "../medsamix.h"
 #include "cli.h"
@@ -251,25 +252,40 @@ int msx_cmd_bench_opt(int argc, char **argv) {
     int seeds = 20, evals = 0, i, f, s, do_overhead = 1;
     const char *only = NULL;
     for (i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
-        else if (!strcmp(argv[i], "--seeds") && i + 1 < argc) seeds = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--evals") && i + 1 < argc) evals = atoi(argv[++i]);
-        else if ((!strcmp(argv[i], "--only") || !strcmp(argv[i], "--function")) && i + 1 < argc) only = argv[++i];
-        else if (!strcmp(argv[i], "--no-overhead")) do_overhead = 0;
-        else if (!strcmp(argv[i], "--n-init") && i + 1 < argc) g_opts.n_init = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--random-prob") && i + 1 < argc) g_opts.random_prob = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--trees") && i + 1 < argc) g_opts.n_trees = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--samples") && i + 1 < argc) g_opts.n_random_samples = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--perturb") && i + 1 < argc) g_opts.n_perturb_samples = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--leaf") && i + 1 < argc) g_opts.min_samples_leaf = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--mean-mo")) g_opts.mo_mode = MSX_MO_MEAN;
-        else if (!strcmp(argv[i], "--random-thresholds")) g_opts.rf_random_thresholds = 1;
-        else if (!strcmp(argv[i], "--ratio-features") && i + 1 < argc) g_opts.ratio_features = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--no-log")) g_opts.no_log_scale = 1;
-        else if (!strcmp(argv[i], "--local-prob") && i + 1 < argc) g_opts.local_prob = atof(argv[++i]);
-        else { fprintf(stderr, "bench-opt: unknown argument '%s'\n", argv[i]); usage(stderr); return 2; }
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        double x;
+        /* every value is checked: a typo must not run (or skip) the whole benchmark */
+#define NUM(lo, hi) (msx_cli_num("bench-opt", a, v, lo, hi, &x) ? (i++, 1) : 0)
+#define INT(lo, hi, dst) (msx_cli_int("bench-opt", a, v, lo, hi, dst) ? (i++, 1) : 0)
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--seeds")) { if (!INT(1, 1000, &seeds)) return 2; }
+        else if (!strcmp(a, "--evals")) { if (!INT(0, 100000, &evals)) return 2; }
+        else if (!strcmp(a, "--only") || !strcmp(a, "--function")) {
+            int k, ok = 0;
+            for (k = 0; v && k < (int)(sizeof FUNCS / sizeof FUNCS[0]); k++) ok |= !strcmp(v, FUNCS[k].name);
+            if (!ok) {
+                fprintf(stderr, "bench-opt: %s: unknown function '%s'; one of:", a, v ? v : "");
+                for (k = 0; k < (int)(sizeof FUNCS / sizeof FUNCS[0]); k++) fprintf(stderr, " %s", FUNCS[k].name);
+                fprintf(stderr, "\n");
+                return 2;
+            }
+            only = argv[++i];
+        } else if (!strcmp(a, "--no-overhead")) do_overhead = 0;
+        else if (!strcmp(a, "--n-init")) { if (!INT(-1, 100000, &g_opts.n_init)) return 2; }
+        else if (!strcmp(a, "--random-prob")) { if (!NUM(-1, 1)) return 2; g_opts.random_prob = x; }
+        else if (!strcmp(a, "--trees")) { if (!INT(0, 10000, &g_opts.n_trees)) return 2; }
+        else if (!strcmp(a, "--samples")) { if (!INT(0, 10000000, &g_opts.n_random_samples)) return 2; }
+        else if (!strcmp(a, "--perturb")) { if (!INT(-1, 10000000, &g_opts.n_perturb_samples)) return 2; }
+        else if (!strcmp(a, "--leaf")) { if (!INT(0, 1000000, &g_opts.min_samples_leaf)) return 2; }
+        else if (!strcmp(a, "--mean-mo")) g_opts.mo_mode = MSX_MO_MEAN;
+        else if (!strcmp(a, "--random-thresholds")) g_opts.rf_random_thresholds = 1;
+        else if (!strcmp(a, "--ratio-features")) { if (!NUM(0, 1)) return 2; g_opts.ratio_features = x; }
+        else if (!strcmp(a, "--no-log")) g_opts.no_log_scale = 1;
+        else if (!strcmp(a, "--local-prob")) { if (!NUM(-1, 1)) return 2; g_opts.local_prob = x; }
+        else { fprintf(stderr, "bench-opt: unknown argument '%s'\n", a); usage(stderr); return 2; }
+#undef NUM
+#undef INT
     }
-    if (seeds < 1 || seeds > 1000 || evals < 0 || evals > 100000) { fprintf(stderr, "bench-opt: bad --seeds or --evals\n"); return 2; }
     printf("%-10s %-11s %5s %5s | %-30s | %-30s | %s\n", "function", "metric", "evals", "seeds", "optimiser median [IQR]",
            "random median [IQR]", "s/run");
     for (f = 0; f < (int)(sizeof FUNCS / sizeof FUNCS[0]); f++) {

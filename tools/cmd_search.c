@@ -3,6 +3,7 @@
 #include "../medsamix.h"
 #include "cli.h"
 
+#include <math.h>
 #include <signal.h>
 #include <errno.h>
 #include <stdio.h>
@@ -25,7 +26,8 @@ static const char *const search_usage =
     "calib split of the tasks; writes RUN/trials.jsonl, best_plan.json, best.safetensors,\n"
     "report.md, report.json and overlays/.\n"
     "\n"
-    "  --multi              MedSAMix-M: one objective per task (ParEGO); default MedSAMix-S on the first task\n"
+    "  --multi              MedSAMix-M: one objective per task (ParEGO); without it MedSAMix-S on one\n"
+    "                       task (several --tasks are refused: add --multi or run one search per task)\n"
     "  --mo parego|mean     multi-task scalarisation (default parego; mean = what the reference code ran)\n"
     "  --trials N           total trials, the reference's starting points included (default 100)\n"
     "  --fidelity race|full race: score candidates on growing prefixes of a seeded calib image order and\n"
@@ -40,7 +42,8 @@ static const char *const search_usage =
     "  --threads T          total threads (default: all)\n"
     "  --seed S             optimiser seed (default 0)\n"
     "  --out RUN            run folder (default runs/search)\n"
-    "  --resume             continue RUN/trials.jsonl (refused if the setup differs)\n"
+    "  --resume             continue RUN/trials.jsonl (refused if the setup differs; every logged\n"
+    "                       value is checked). One search per run folder at a time (RUN/.lock)\n"
     "  --granularity G      encoder blocks per layer group, 1..4 (default 2)\n"
     "  --no-prune           also search the groups that cannot change a box-only Dice\n"
     "  --config FILE        architecture JSON (default: inferred from the shapes)\n"
@@ -50,6 +53,9 @@ static const char *const search_usage =
     "  --split first|random --calib-fraction F --split-seed S   flat images/+masks/ folders\n"
     "  --box-margin PX --box-jitter F --box-seed S   prompt boxes (default: tight GT box)\n"
     "  --max-images N       at most N images per split\n"
+    "  --intensity RULE     16-bit images -> 8 bits: minmax (default), percentile, window:C,W, high-byte\n"
+    "  --nnunet ROOT --task-table T.json   tasks from nnU-Net NIfTI datasets (--tasks = task names, default all);\n"
+    "                       the slices `medsamix prepare` writes; --calib-fraction F, --max-slices N (seed: --split-seed)\n"
     "  --overlays N         overlay PNGs per task (default 3, 0 = none)\n"
     "  --no-report          skip the final calib/test report\n"
     "  --plain / --quiet    progress as plain lines / no progress\n";
@@ -61,26 +67,23 @@ static const char *const eval_usage =
     "  --split calib|test   (default test)\n"
     "  --threads T          --config FILE   --preprocess sam|medsam\n"
     "  --mask-threshold T   --mask-label L  --max-images N\n"
+    "  --intensity RULE     16-bit images -> 8 bits: minmax (default), percentile, window:C,W, high-byte\n"
+    "  --nnunet ROOT --task-table T.json   tasks from nnU-Net NIfTI datasets (--tasks = task names, default all)\n"
+    "  --calib-fraction F --max-slices N --split-seed S   nnU-Net split and seeded slice subset\n"
     "  --split-mode first|random --calib-fraction F --split-seed S   flat task folders\n"
     "  --json               one JSON object instead of a table\n";
-
-/* Collects the values after a multi-valued option (until the next --option). */
-static int cmd_collect(int argc, char **argv, int *i, const char **out, int max) {
-    int n = 0;
-    while (*i + 1 < argc && strncmp(argv[*i + 1], "--", 2) != 0) {
-        if (n == max) return -1;
-        out[n++] = argv[++*i];
-    }
-    return n;
-}
 
 static int cmd_num(const char *opt, const char *s, double lo, double hi, double *out) {
     char *end;
     double v;
     if (!s) { fprintf(stderr, "%s needs a value\n", opt); return 0; }
     v = strtod(s, &end);
-    if (end == s || *end || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "%s: '%s' is not a number in [%g, %g]\n", opt, s, lo, hi);
+    if (end == s || *end || !isfinite(v)) {
+        fprintf(stderr, "%s: '%s' is not a number\n", opt, s);
+        return 0;
+    }
+    if (!(v >= lo && v <= hi)) {
+        fprintf(stderr, "%s: %s is out of range [%g, %g]\n", opt, s, lo, hi);
         return 0;
     }
     *out = v;
@@ -102,6 +105,27 @@ static int cmd_seed(const char *opt, const char *s, uint64_t *out) {
     return 1;
 }
 
+/* --nnunet ROOT --task-table T.json: --tasks then names tasks of the table
+   (default: all of them), read from the NIfTI volumes (no PNG files). */
+static const char *cmd_nnunet_root, *cmd_nnunet_table;
+
+/* The tasks of the table when --tasks was not given; names are kept for the
+   process's life. */
+static int cmd_nnunet_all(const char **tasks, int *n) {
+#ifdef MSX_NO_NIFTI
+    (void)tasks; (void)n;
+    fprintf(stderr, "built with MSX_NO_NIFTI: no nnU-Net datasets\n");
+    return 0;
+#else
+    char **names;
+    int k;
+    if (msx_nnunet_task_names(cmd_nnunet_table, &names, &k) != MSX_OK) { fprintf(stderr, "%s\n", msx_last_error()); return 0; }
+    if (k > MSX_SEARCH_MAX_TASKS) k = MSX_SEARCH_MAX_TASKS;
+    for (*n = 0; *n < k; ++*n) tasks[*n] = names[*n];
+    return 1;
+#endif
+}
+
 /* Task/mask options shared by search and eval; returns 1 if argv[*i] was one, -1 on error. */
 static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_preprocess_mode *pre, const char *split_name) {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
@@ -115,7 +139,7 @@ static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_
     } else if (!strcmp(a, split_name)) {
         if (v && !strcmp(v, "first")) t->split = MSX_SPLIT_FIRST;
         else if (v && !strcmp(v, "random")) t->split = MSX_SPLIT_RANDOM;
-        else { fprintf(stderr, "%s: use first or random\n", a); return -1; }
+        else { fprintf(stderr, "%s: use first or random, not '%s'\n", a, v ? v : ""); return -1; }
     } else if (!strcmp(a, "--calib-fraction")) {
         if (!cmd_num(a, v, 1e-6, 1 - 1e-6, &t->calib_fraction)) return -1;
     } else if (!strcmp(a, "--split-seed")) {
@@ -130,10 +154,20 @@ static int cmd_task_opt(int argc, char **argv, int *i, msx_task_options *t, msx_
     } else if (!strcmp(a, "--max-images")) {
         if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
         t->max_images = (int)x;
+    } else if (!strcmp(a, "--max-slices")) {
+        if (!cmd_num(a, v, 1, 1e9, &x)) return -1;
+        t->max_slices = (int)x;
+    } else if (!strcmp(a, "--nnunet") && v) {
+        cmd_nnunet_root = v;
+    } else if (!strcmp(a, "--task-table") && v) {
+        cmd_nnunet_table = v;
     } else if (!strcmp(a, "--preprocess")) {
         if (v && !strcmp(v, "sam")) *pre = MSX_PREPROCESS_SAM;
         else if (v && !strcmp(v, "medsam")) *pre = MSX_PREPROCESS_MEDSAM;
-        else { fprintf(stderr, "--preprocess: use sam or medsam\n"); return -1; }
+        else { fprintf(stderr, "--preprocess: use sam or medsam, not '%s'\n", v ? v : ""); return -1; }
+    } else if (!strcmp(a, "--intensity")) {
+        if (!v) { fprintf(stderr, "--intensity needs a value\n"); return -1; }
+        if (msx_intensity_parse(v, &t->intensity) != MSX_OK) { fprintf(stderr, "--intensity: %s\n", msx_last_error()); return -1; }
     } else return 0;
     ++*i;
     return 1;
@@ -154,7 +188,7 @@ int msx_cmd_search(int argc, char **argv) {
     msx_search_options o;
     msx_search_summary s;
     const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
-    int i, n;
+    int i;
     double x;
     msx_result r;
     memset(&o, 0, sizeof o);
@@ -168,13 +202,12 @@ int msx_cmd_search(int argc, char **argv) {
         if (k) continue;
         if (!strcmp(a, "--base") && v) { o.base = v; i++; }
         else if (!strcmp(a, "--models")) {
-            if ((n = cmd_collect(argc, argv, &i, models, MSX_MAX_MODELS - 1)) < 0) { fprintf(stderr, "--models: at most %d\n", MSX_MAX_MODELS - 1); return 2; }
-            o.n_models = n;
+            if (!msx_cli_list("search", argc, argv, &i, models, &o.n_models, MSX_MAX_MODELS - 1)) return 2;
         } else if (!strcmp(a, "--tasks")) {
-            if ((n = cmd_collect(argc, argv, &i, tasks, MSX_SEARCH_MAX_TASKS)) < 0) { fprintf(stderr, "--tasks: at most %d\n", MSX_SEARCH_MAX_TASKS); return 2; }
-            o.n_tasks = n;
+            if (!msx_cli_list("search", argc, argv, &i, tasks, &o.n_tasks, MSX_SEARCH_MAX_TASKS)) return 2;
         } else if (!strcmp(a, "--multi")) o.multi = 1;
         else if (!strcmp(a, "--mo") && v && (!strcmp(v, "parego") || !strcmp(v, "mean"))) { o.mo_mean = !strcmp(v, "mean"); i++; }
+        else if (!strcmp(a, "--mo")) { fprintf(stderr, "search: --mo: use parego or mean, not '%s'\n", v ? v : ""); return 2; }
         else if (!strcmp(a, "--resume")) o.resume = 1;
         else if (!strcmp(a, "--no-prune")) o.no_prune = 1;
         else if (!strcmp(a, "--no-report")) o.no_report = 1;
@@ -198,13 +231,33 @@ int msx_cmd_search(int argc, char **argv) {
         else if (!strcmp(a, "--seed")) { if (!cmd_seed(a, v, &o.seed)) return 2; i++; }
         else if (!strcmp(a, "--granularity")) { if (!cmd_num(a, v, 1, 4, &x)) return 2; o.granularity = (int)x; i++; }
         else if (!strcmp(a, "--overlays")) { if (!cmd_num(a, v, 0, 1000, &x)) return 2; o.n_overlays = x == 0 ? -1 : (int)x; i++; }
-        else { fprintf(stderr, "search: unknown or incomplete option '%s'\n\n%s", a, search_usage); return 2; }
+        else if (!v && (!strcmp(a, "--base") || !strcmp(a, "--out") || !strcmp(a, "--config"))) {
+            fprintf(stderr, "search: %s needs a value\n", a);
+            return 2;
+        } else { fprintf(stderr, "search: unknown option '%s'\n\n%s", a, search_usage); return 2; }
+    }
+    if (cmd_nnunet_root || cmd_nnunet_table) {
+        if (!cmd_nnunet_root || !cmd_nnunet_table) { fprintf(stderr, "search: --nnunet and --task-table go together\n"); return 2; }
+        o.nnunet_root = cmd_nnunet_root;
+        o.nnunet_table = cmd_nnunet_table;
+        if (o.n_tasks < 1 && !cmd_nnunet_all(tasks, &o.n_tasks)) return 1;
     }
     if (!o.base || o.n_models < 1 || o.n_tasks < 1) {
         fprintf(stderr, "search: --base, --models and --tasks are required\n\n%s", search_usage);
         return 2;
     }
+    if (o.n_tasks > 1 && !o.multi) {
+        fprintf(stderr, "search: %d tasks given without --multi: a single-task search optimises one task only. Add --multi "
+                        "(one objective per task), or run one search per task\n", o.n_tasks);
+        return 2;
+    }
     if (!o.out_dir) o.out_dir = "runs/search";
+    if (o.progress >= 0) {
+        char rule[64];
+        msx_intensity_str(&o.task.intensity, rule, sizeof rule);
+        printf("16-bit images, if any, are mapped to 8 bits by --intensity %s\n", rule);
+        fflush(stdout);
+    }
     o.cancel = &cmd_search_stop;
     signal(SIGINT, cmd_search_on_signal);
     signal(SIGTERM, cmd_search_on_signal);
@@ -221,7 +274,8 @@ int msx_cmd_search(int argc, char **argv) {
         return 1;
     }
     if (s.budget_stop) printf("\nstopped by the %s after %d trial(s)\n", s.budget_stop == 1 ? "--max-passes budget" : "--time-limit", s.n_trials_done);
-    printf("\nbest: trial %d of %d, calib Dice", s.best_trial, s.n_trials_done);
+    /* 1-based, as the progress lines count trials */
+    printf("\nbest: trial %d of %d (#%d in trials.jsonl), calib Dice", s.best_trial + 1, s.n_trials_done, s.best_trial);
     for (i = 0; i < (o.multi ? o.n_tasks : 1); i++) printf(" %.4f", s.best_calib[i]);
     printf(" (%.0f s)\nencoder passes: search %lld (the same trials in full: %lld), report %lld; %d trial(s) evaluated in full\n",
            s.seconds, s.passes_search, s.passes_full, s.passes_report, s.n_full);
@@ -251,15 +305,29 @@ int msx_cmd_eval(int argc, char **argv) {
         if (!strcmp(a, "--model") && v) { model = v; i++; }
         else if (!strcmp(a, "--config") && v) { config = v; i++; }
         else if (!strcmp(a, "--tasks")) {
-            if ((n = cmd_collect(argc, argv, &i, tdirs, MSX_SEARCH_MAX_TASKS)) < 0) { fprintf(stderr, "--tasks: at most %d\n", MSX_SEARCH_MAX_TASKS); return 2; }
+            if (!msx_cli_list("eval", argc, argv, &i, tdirs, &n, MSX_SEARCH_MAX_TASKS)) return 2;
         } else if (!strcmp(a, "--split") && v && (!strcmp(v, "test") || !strcmp(v, "calib"))) { split = !strcmp(v, "test"); i++; }
+        else if (!strcmp(a, "--split")) { fprintf(stderr, "eval: --split: use calib or test, not '%s'\n", v ? v : ""); return 2; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; threads = (int)x; i++; }
         else if (!strcmp(a, "--json")) json = 1;
-        else { fprintf(stderr, "eval: unknown or incomplete option '%s'\n\n%s", a, eval_usage); return 2; }
+        else if (!v && (!strcmp(a, "--model") || !strcmp(a, "--config"))) { fprintf(stderr, "eval: %s needs a value\n", a); return 2; }
+        else { fprintf(stderr, "eval: unknown option '%s'\n\n%s", a, eval_usage); return 2; }
+    }
+    if (cmd_nnunet_root || cmd_nnunet_table) {
+        if (!cmd_nnunet_root || !cmd_nnunet_table) { fprintf(stderr, "eval: --nnunet and --task-table go together\n"); return 2; }
+        if (n < 1 && !cmd_nnunet_all(tdirs, &n)) return 1;
     }
     if (!model || n < 1) { fprintf(stderr, "eval: --model and --tasks are required\n\n%s", eval_usage); return 2; }
     for (nt = 0; nt < n; nt++)
-        if ((r = msx_task_open(tdirs[nt], &to, &tasks[nt])) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
+        if ((r = cmd_nnunet_root ? msx_task_open_nnunet(cmd_nnunet_root, cmd_nnunet_table, tdirs[nt], &to, &tasks[nt])
+                                 : msx_task_open(tdirs[nt], &to, &tasks[nt])) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
+    {
+        int n16 = 0;
+        char rule[64];
+        for (i = 0; i < n; i++) n16 += msx_task_n_16bit(tasks[i]);
+        msx_intensity_str(&to.intensity, rule, sizeof rule);
+        if (n16) fprintf(json ? stderr : stdout, "note: %d 16-bit image(s) mapped to 8 bits by --intensity %s\n", n16, rule);
+    }
     if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) { fprintf(stderr, "eval: %s\n", msx_last_error()); rc = 1; goto done; }
     if ((r = msx_eval_checkpoint(ck, &arch, tasks, n, split, pre, threads, dice)) != MSX_OK) {
         fprintf(stderr, "eval: %s\n", msx_last_error());

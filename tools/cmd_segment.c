@@ -10,17 +10,21 @@ static void segment_usage(FILE *f) {
     fprintf(f,
             "usage: medsamix segment --model M.pth --image IMG.png --box x0,y0,x1,y1 --out MASK.png\n"
             "                        [--config C.json] [--overlay OV.png] [--preprocess sam|medsam]\n"
-            "                        [--precision fp32|bf16] [--threads N]\n"
+            "                        [--precision fp32|bf16] [--threads N] [--intensity RULE]\n"
             "  --model M         SAM/MedSAM checkpoint (.pth zip or .safetensors)\n"
             "  --config C.json   hyperparameters the shapes cannot tell (decoder heads, pixel mean/std)\n"
             "  --image IMG       PNG/JPEG/BMP/...; grayscale is copied into R, G and B\n"
+            "  --intensity RULE  how a 16-bit image becomes 8-bit: minmax (default: its own range onto\n"
+            "                    0..255), percentile (0.5..99.5 %%), window:C,W (centre, width), high-byte\n"
+            "                    (v >> 8); 8-bit images are used as they are\n"
             "  --box x0,y0,x1,y1 box in original pixels (x_min, y_min, x_max, y_max; max inclusive)\n"
-            "  --out MASK.png    8-bit mask, 0 = background, 255 = object\n"
-            "  --overlay OV.png  the image with the mask tinted and the box drawn\n"
+            "  --out MASK.png    8-bit mask, 0 = background, 255 = object (PNG only; never an input)\n"
+            "  --overlay OV.png  the image with the mask tinted and the box drawn (PNG only)\n"
             "  --preprocess M    sam (default: ResizeLongestSide + mean/std) or medsam\n"
             "                    (bicubic resize to S x S, min-max to [0,1]); never guessed\n"
             "  --precision P     fp32 (default) or bf16\n"
-            "  --threads N       threads for the forward pass (default: all)\n");
+            "  --threads N       threads for the forward pass (default: all)\n"
+            "       medsamix segment --model M --volume IMG.nii.gz ... : NIfTI volumes (segment --volume --help)\n");
 }
 
 static int parse_box(const char *s, float box[4]) {
@@ -44,6 +48,8 @@ int msx_cmd_segment(int argc, char **argv) {
     const char *model = NULL, *config = NULL, *image = NULL, *box_s = NULL, *out = NULL, *overlay = NULL;
     msx_seg_options so;
     msx_sam_options mo;
+    msx_intensity it;
+    msx_image_info info;
     msx_checkpoint *ck = NULL;
     msx_sam_arch arch;
     msx_sam *m = NULL;
@@ -57,8 +63,11 @@ int msx_cmd_segment(int argc, char **argv) {
     msx_result r;
     memset(&so, 0, sizeof so);
     memset(&mo, 0, sizeof mo);
+    memset(&it, 0, sizeof it);
     memset(&img, 0, sizeof img);
     memset(&mask, 0, sizeof mask);
+    for (a = 1; a < argc; a++) /* NIfTI volumes: tools/cmd_volume.c */
+        if (!strcmp(argv[a], "--volume")) return msx_cmd_segment_volume(argc, argv);
     for (a = 1; a < argc; a++) {
         const char *o = argv[a];
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { segment_usage(stdout); return 0; }
@@ -73,6 +82,9 @@ int msx_cmd_segment(int argc, char **argv) {
         else if (!strcmp(o, "--box")) box_s = argv[++a];
         else if (!strcmp(o, "--out")) out = argv[++a];
         else if (!strcmp(o, "--overlay")) overlay = argv[++a];
+        else if (!strcmp(o, "--intensity")) {
+            if (msx_intensity_parse(argv[++a], &it) != MSX_OK) { fprintf(stderr, "segment: --intensity: %s\n", msx_last_error()); return 2; }
+        }
         else if (!strcmp(o, "--preprocess")) {
             const char *v = argv[++a];
             if (!strcmp(v, "sam")) so.preprocess = MSX_PREPROCESS_SAM;
@@ -84,10 +96,7 @@ int msx_cmd_segment(int argc, char **argv) {
             else if (!strcmp(v, "bf16")) mo.precision = MSX_PREC_BF16;
             else { fprintf(stderr, "segment: --precision must be fp32 or bf16, not '%s'\n", v); return 2; }
         } else if (!strcmp(o, "--threads")) {
-            char *end;
-            long n = strtol(argv[++a], &end, 10);
-            if (*end || n < 1 || n > 1024) { fprintf(stderr, "segment: --threads needs a number 1..1024\n"); return 2; }
-            mo.n_threads = (int)n;
+            if (!msx_cli_int("segment", o, argv[++a], 1, 1024, &mo.n_threads)) return 2;
         } else {
             fprintf(stderr, "segment: unknown option '%s'\n", o);
             segment_usage(stderr);
@@ -103,8 +112,27 @@ int msx_cmd_segment(int argc, char **argv) {
         fprintf(stderr, "segment: --box wants four finite numbers x0,y0,x1,y1, got '%s'\n", box_s);
         return 2;
     }
+    if (!msx_cli_has_ext(out, ".png") || (overlay && !msx_cli_has_ext(overlay, ".png"))) {
+        fprintf(stderr, "segment: %s %s: masks and overlays are written as PNG; name the file .png\n",
+                !msx_cli_has_ext(out, ".png") ? "--out" : "--overlay", !msx_cli_has_ext(out, ".png") ? out : overlay);
+        return 2;
+    }
+    {
+        const char *in[3], *outs[2];
+        in[0] = model;
+        in[1] = image;
+        in[2] = config;
+        outs[0] = out;
+        outs[1] = overlay;
+        if (!msx_cli_check_outputs("segment", in, 3, outs, 2)) return 2;
+    }
     t0 = msx_time_now();
-    if ((r = msx_image_load(image, &img)) != MSX_OK) goto fail;
+    if ((r = msx_image_load_ex(image, &it, &img, &info)) != MSX_OK) goto fail;
+    if (info.bits == 16) {
+        char rule[64];
+        msx_intensity_str(&it, rule, sizeof rule);
+        printf("segment: %s is 16-bit; mapped to 8 bits by --intensity %s (values %g..%g -> 0..255)\n", image, rule, info.lo, info.hi);
+    }
     if ((r = msx_sam_load(model, config, &ck, &arch)) != MSX_OK) goto fail;
     if ((r = msx_sam_create(ck, &arch, &mo, &m)) != MSX_OK) goto fail;
     if ((r = msx_sam_ws_create(m, &ws)) != MSX_OK) goto fail;

@@ -5,6 +5,10 @@
 # spec_ct.pth + spec_mri.pth as the fine-tuned models, then prints the
 # results tables (calib/test Dice of the inputs, the uniform merges and the
 # result). Outputs go to runs/demo-single-<task>/ and runs/demo-multi/.
+# Last, medical volumes: the small nnU-Net dataset examples/demo/nnunet
+# (ct_organ slices stacked into NIfTI volumes) goes through `prepare`
+# (runs/demo-nnunet/) and the merged model segments a volume with
+# `segment --volume` (a NIfTI prediction on the input's grid).
 #
 # Interrupted (Ctrl-C)? Run it again: each search resumes from its log.
 # Knobs (environment): MSX_DEMO_TASK (default mri_ring), MSX_DEMO_S_TRIALS,
@@ -48,3 +52,18 @@ echo "MedSAMix-S on $task (runs/demo-single-$task/report.md):"
 sed -n '/^### Dice (%) on `test`/,$p' "runs/demo-single-$task/report.md" | sed '/^Overlays/d'
 echo "MedSAMix-M over all tasks (runs/demo-multi/report.md):"
 sed -n '/^### Dice (%) on `calib`/,$p' runs/demo-multi/report.md
+
+echo "================================================================"
+echo "== nnU-Net volumes ($demo/nnunet): prepare + segment --volume"
+nn="$demo/nnunet"
+ds="$nn/Dataset801_DemoCT"
+"$bin" prepare --nnunet "$nn" --task-table "$nn/tasks.json" --out runs/demo-nnunet 2>/dev/null
+echo "task folders for search/eval: runs/demo-nnunet/ct_organ_3d/{calib,test}, slice list in slices.json"
+"$bin" eval --model "$demo/models/base.pth" --config "$demo/models/config.json" \
+    --nnunet "$nn" --task-table "$nn/tasks.json" --split test
+for m in "$demo/models/base.pth" runs/demo-multi/best.safetensors; do
+    echo "-- $m on demo_02 (label foreground 1):"
+    "$bin" segment --model "$m" --config "$demo/models/config.json" \
+        --volume "$ds/imagesTr/demo_02_0000.nii.gz" --label "$ds/labelsTr/demo_02.nii.gz" --foreground 1 \
+        --out "runs/demo-nnunet/demo_02_$(basename "$m" | sed 's/\..*//').nii.gz"
+done

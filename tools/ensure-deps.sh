@@ -5,6 +5,8 @@ set -e
 need=""
 [ -f /usr/include/dnnl.h ] || need="$need libdnnl-dev"
 [ -f /usr/include/stb/stb_image.h ] || need="$need libstb-dev"
+[ -f /usr/include/nifti/nifti2_io.h ] || need="$need libnifti2-dev libniftiio-dev libznz-dev"
+[ -f /usr/include/zlib.h ] || need="$need zlib1g-dev"
 command -v gcc >/dev/null 2>&1 || need="$need gcc"
 command -v g++ >/dev/null 2>&1 || need="$need g++"
 command -v make >/dev/null 2>&1 || need="$need make"

@@ -28,7 +28,9 @@ static int msx_fuzz_check(msx_result r, msx_checkpoint *ck) {
 /* Whole files: zip container + pickle, legacy and safetensors sniffing. */
 static int msx_fuzz_zip(const unsigned char *d, size_t n) {
     msx_checkpoint *ck = NULL;
-    msx_result r = msx_ckpt_load_mem(d, n, "fuzz.pth", &ck);
+    msx_result r;
+    msx_clear_error(); /* a message left by an earlier input must not count for this one */
+    r = msx_ckpt_load_mem(d, n, "fuzz.pth", &ck);
     if (r == MSX_OK && ck) {
         msx_sam_arch a;
         if (msx_sam_arch_infer(ck, &a) == MSX_OK) (void)msx_sam_validate(ck, &a);
@@ -52,6 +54,7 @@ static int msx_fuzz_pickle(const unsigned char *d, size_t n) {
     pkl.p = (unsigned char *)d; pkl.n = n; pkl.cap = n;
     memset(&f, 0, sizeof f);
     mk_pth(&f, "archive", &pkl, 4, keys, data, lens, 0);
+    msx_clear_error();
     r = msx_ckpt_load_mem(f.p, f.n, "fuzz-pickle.pth", &ck);
     mk_free(&f);
     return msx_fuzz_check(r, ck);
@@ -59,9 +62,12 @@ static int msx_fuzz_pickle(const unsigned char *d, size_t n) {
 
 static int msx_fuzz_safetensors(const unsigned char *d, size_t n) {
     msx_checkpoint *ck = NULL;
-    msx_result r = msx_safetensors_load_mem(d, n, "fuzz.safetensors", &ck);
+    msx_result r;
+    msx_clear_error();
+    r = msx_safetensors_load_mem(d, n, "fuzz.safetensors", &ck);
     if (!msx_fuzz_check(r, ck)) return 0;
     ck = NULL;
+    msx_clear_error();
     r = msx_ckpt_load_mem(d, n, "fuzz.safetensors", &ck);
     return msx_fuzz_check(r, ck);
 }
