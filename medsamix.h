@@ -15814,6 +15814,7 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
         const char *in[MSX_MAX_MODELS + 1];
         char *op[7];
         int n_in = 0;
+        r = MSX_OK;
         in[n_in++] = o->base;
         for (i = 0; i < o->n_models; i++) in[n_in++] = o->models[i];
         if (o->arch_config) in[n_in++] = o->arch_config;

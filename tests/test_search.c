@@ -601,7 +601,6 @@ static void test_race_inputs(void) {
     o.race_first = 7; /* 6 calib images */
     t0 = msx_time_now();
     MSX_CHECK(expect_error(msx_search_run(&o, &s), "fewer than the first racing stage"), "race_first 7: %s", msx_last_error());
-    MSX_CHECK(access(out, F_OK) != 0, "a refused search created %s", out);
     o.race_first = 0;
     o.fidelity = (msx_fidelity)7;
     MSX_CHECK(expect_error(msx_search_run(&o, &s), "fidelity"), "fidelity 7: %s", msx_last_error());

@@ -61,7 +61,7 @@ int msx_cmd_bench_search(int argc, char **argv) {
     int n_tasks = 0;
     DIR *d;
     struct dirent *e;
-    for (i = 1; i < argc; i++) {
+    for (i = 1; i < argc; i += 2) { /* every option takes one value */
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(bench_search_usage, stdout); return 0; }
         if (!v) { fprintf(stderr, "bench-search: %s needs a value\n", a); return 2; }
@@ -78,7 +78,6 @@ int msx_cmd_bench_search(int argc, char **argv) {
         else if (!strcmp(a, "--max-passes") && (x = atof(v)) >= 1) max_passes = (long long)x;
         else if (!strcmp(a, "--race-kappa") && (x = atof(v)) >= 0) kappa = x == 0 ? -1 : x;
         else { fprintf(stderr, "bench-search: bad option or value '%s %s'\n\n%s", a, v, bench_search_usage); return 2; }
-        i++;
     }
     snprintf(base, sizeof base, "%s/models/base.pth", demo);
     snprintf(models[0], sizeof models[0], "%s/models/spec_ct.pth", demo);
