@@ -6,6 +6,7 @@
 #   make bench      benchmarks (not tests)
 #   make NATIVE=1   any of the above built for this CPU (-march=native)
 #   make fuzz       libFuzzer harnesses (clang), FUZZ_SECONDS each
+#   make mpi        build/medsamix-mpi and examples/search_mpi.c (Open MPI's mpicc)
 #   make install PREFIX=/usr/local DESTDIR=
 
 CC      ?= gcc
@@ -42,12 +43,28 @@ TESTS    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 EMBED    = $(BUILD)/tests/test_embed_two_tu $(BUILD)/tests/test_embed_static
 EXAMPLES = $(patsubst examples/%.c,$(BUILD)/examples/%,$(wildcard examples/*.c))
 
-.PHONY: all deps test test-run check asan cxx-check bench demo fuzz install clean
+.PHONY: all deps test test-run check asan cxx-check bench demo fuzz install clean mpi
 
 all: $(BUILD)/medsamix $(EXAMPLES)
 
 deps:
 	@sh tools/ensure-deps.sh
+
+MPICC   ?= mpicc
+MPI_SRC  = tools/medsamix-mpi.c tools/cmd_search.c tools/cmd_common.c
+
+# The MPI driver (the header stays free of MPI): only this target needs Open MPI.
+mpi:
+	@MSX_MPI=1 sh tools/ensure-deps.sh
+	@$(MAKE) --no-print-directory $(BUILD)/medsamix-mpi
+
+$(BUILD)/medsamix-mpi: $(MPI_SRC) tools/cli.h $(HDR)
+	@mkdir -p $(dir $@)
+	OMPI_CC=$(CC) $(MPICC) $(ALLCFLAGS) -pthread -o $@ $(MPI_SRC) $(LDLIBS)
+
+$(BUILD)/mpi/search_mpi: examples/mpi/search_mpi.c $(HDR)
+	@mkdir -p $(dir $@)
+	OMPI_CC=$(CC) $(MPICC) $(ALLCFLAGS) -pthread -o $@ $< $(LDLIBS)
 
 $(BUILD)/medsamix: $(TOOL_SRC) tools/cli.h $(HDR)
 	@mkdir -p $(dir $@)
@@ -82,8 +99,11 @@ test: deps
 	@$(MAKE) --no-print-directory test-run
 
 # Builds in parallel (each test compiles the whole header), then runs.
+# build/medsamix-mpi too when Open MPI is installed (tests/test_mpi.c skips otherwise).
+MPI_TEST_BIN ?= $(if $(shell command -v $(MPICC) 2>/dev/null),$(BUILD)/medsamix-mpi)
+
 test-run:
-	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(EMBED) $(BUILD)/medsamix $(EXAMPLES)
+	@$(MAKE) --no-print-directory -j$(JOBS) cxx-check $(TESTS) $(EMBED) $(BUILD)/medsamix $(EXAMPLES) $(MPI_TEST_BIN)
 	@$(TEST_ENV) sh tools/run-tests.sh $(BUILD) $(TESTS) $(EMBED)
 
 check: test
@@ -91,7 +111,7 @@ check: test
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT="-O1" \
 	  CFLAGS="-std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
-	  TEST_ENV="MSX_ASAN=1 ASAN_OPTIONS=detect_leaks=1" test-run
+	  TEST_ENV="MSX_ASAN=1 ASAN_OPTIONS=detect_leaks=1" MPI_TEST_BIN= test-run
 
 bench: deps $(BUILD)/medsamix
 	$(BUILD)/medsamix bench

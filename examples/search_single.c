@@ -16,8 +16,11 @@
 /* Called after every finished trial (already safely in trials.jsonl). */
 static void on_trial(const msx_trial_info *t, void *user) {
     (void)user;
-    printf("trial %3d/%d  %-22s calib Dice %.4f  best %.4f  (%.2f s)\n", t->trial + 1, t->n_trials, t->origin,
-           t->failed ? 0.0 : t->dice[0], t->best_score, t->seconds);
+    /* a raced trial that could not beat the best one was stopped early: its
+       Dice is the mean on the images it was scored on */
+    printf("trial %3d/%d  %-22s calib Dice %.4f%s  best %.4f  passes %lld of %lld  (%.2f s)\n", t->trial + 1, t->n_trials,
+           t->origin, t->failed ? 0.0 : t->dice[0], t->stopped ? " (stopped)" : "", t->best_score, t->passes, t->passes_full,
+           t->seconds);
 }
 
 int main(int argc, char **argv) {

@@ -463,11 +463,11 @@ static void case_empty_log(void) {
     mkdir(r, 0755);
     write_text(P("run_empty/trials.jsonl"), "");
     EXPECT(run("search", "--base", BASE, "--models", CT, "--tasks", DEMO "/tasks/ct_organ", "--trials", "1", "--max-images", "1",
-               "--out", r, "--no-report", "--plain", "--threads", "1", NULL), 0, "no complete header", "afresh");
+               "--fidelity", "full", "--out", r, "--no-report", "--plain", "--threads", "1", NULL), 0, "no complete header", "afresh");
     mkdir(P("run_empty2"), 0755);
     write_text(P("run_empty2/trials.jsonl"), "{\"format\": \"medsamix-tri");
     EXPECT(run("search", "--base", BASE, "--models", CT, "--tasks", DEMO "/tasks/ct_organ", "--trials", "1", "--max-images", "1",
-               "--out", P("run_empty2"), "--resume", "--no-report", "--plain", "--threads", "1", NULL), 0, "afresh");
+               "--fidelity", "full", "--out", P("run_empty2"), "--resume", "--no-report", "--plain", "--threads", "1", NULL), 0, "afresh");
 }
 
 static void case_nonfinite(void) {

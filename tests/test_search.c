@@ -204,8 +204,14 @@ static void test_search_outputs(void) {
     base_options(&o, tasks, 2, out, msx_search_n_initial(2) + 4);
     o.multi = 1;
     o.n_overlays = 1;
+    o.fidelity = MSX_FIDELITY_FULL; /* every trial on every image: the guarantees below */
     MSX_CHECK_OK(msx_search_run(&o, &s));
     MSX_CHECK(s.n_trials_done == msx_search_n_initial(2) + 4 && s.best_trial >= 0, "trials %d best %d", s.n_trials_done, s.best_trial);
+    /* full evaluation: 12 calib images per trial; the report costs only the
+       test split (8 models x 2 tasks x 6 images) and the 2 overlays, no calib pass */
+    MSX_CHECK(s.passes_search == (long long)s.n_trials_done * 12 && s.passes_full == s.passes_search && s.n_full == s.n_trials_done,
+              "search passes %lld full %lld n_full %d", s.passes_search, s.passes_full, s.n_full);
+    MSX_CHECK(s.passes_report == 8 * 2 * 6 + 2, "report passes %lld, expected %d", s.passes_report, 8 * 2 * 6 + 2);
     /* report.json: exact format, labels and Dice fractions */
     rep = load_json(out, "report.json");
     MSX_CHECK(rep && msx__json_str(rep, "format") && !strcmp(msx__json_str(rep, "format"), "medsamix-report-v1"), "report format");
@@ -257,6 +263,13 @@ static void test_search_outputs(void) {
             MSX_CHECK(t == s.n_trials_done && arg >= 0, "trials.jsonl: %d trial lines", t);
             MSX_CHECK(s.best_trial == arg, "chosen trial %d, the rule picks %d", s.best_trial, arg);
             MSX_CHECK(fabs(mine - top) <= 1e-9, "report's medsamix calib mean %.6f, best trial's %.6f", mine, top);
+        }
+        {
+            const msx__json *ep = msx__json_get(rep, "encoder_passes");
+            double se = -1, re = -1, fe = -1;
+            MSX_CHECK(ep && msx__json_num(ep, "search", &se, -1) && msx__json_num(ep, "report", &re, -1) &&
+                      msx__json_num(ep, "full_equivalent", &fe, -1) && se == s.passes_search && re == s.passes_report && fe == s.passes_full,
+                      "report.json encoder_passes %g %g %g", se, re, fe);
         }
         msx__json_free(rep);
     }
@@ -385,6 +398,123 @@ static void drop_last_line(const char *path) {
 }
 
 
+/* ---- racing: every decision of a logged race, re-derived independently ---- */
+
+/* The documented stage schedule: race_first images per task, then m + m/2
+   (at least one more; capped at all images). */
+static int race_next_stage(int m) { return m + (m / 2 > 1 ? m / 2 : 1); }
+
+#define RACE_MAX_TRIALS 64
+#define RACE_MAX_IMG 32
+typedef struct race_trial {
+    int batch_start, passes, n_img, stopped, ok; /* stopped: 0, 1 safe, 2 race */
+    char stem[RACE_MAX_IMG][32];
+    double d[RACE_MAX_IMG], dice, cost;
+} race_trial;
+
+static double race_inc_dice(const race_trial *I, const char *stem) {
+    int i;
+    for (i = 0; i < I->n_img; i++)
+        if (!strcmp(I->stem[i], stem)) return I->d[i];
+    return NAN;
+}
+
+/* Single-task log: for every trial, the incumbent at its batch's start (best
+   full trial before it, earliest on ties), the stage where the safe bound
+   or the rule mean + kappa*sd/sqrt(m) < 0 of the paired differences first
+   holds, and what the optimiser was told. Returns the number of stopped
+   trials. */
+static int check_race_log(const char *dir, int n_calib, int *n_trials_out) {
+    msx__json *h = NULL;
+    static race_trial tr[RACE_MAX_TRIALS];
+    char p[600], line[1 << 16];
+    FILE *f;
+    double kappa = -1, first = -1;
+    int n = 0, t, i, stopped = 0;
+    snprintf(p, sizeof p, "%s/trials.jsonl", dir);
+    f = fopen(p, "r");
+    MSX_CHECK(f != NULL, "%s", p);
+    if (!f) return 0;
+    memset(tr, 0, sizeof tr);
+    while (fgets(line, sizeof line, f)) {
+        msx__json *j = msx__json_parse(line, strlen(line), "log line");
+        double v = -1, sl = 0;
+        const msx__json *im, *ti;
+        race_trial *T;
+        if (!j) continue;
+        if (!h) { h = j; continue; }
+        msx__json_num(j, "trial", &v, -1);
+        t = (int)v;
+        if (t < 0 || t >= RACE_MAX_TRIALS) { msx__json_free(j); continue; }
+        T = &tr[t];
+        T->ok = 1;
+        msx__json_num(j, "slot", &sl, 0);
+        T->batch_start = t - (int)sl;
+        msx__json_num(j, "passes", &v, -1);
+        T->passes = (int)v;
+        T->stopped = msx__json_str(j, "stopped") ? (strcmp(msx__json_str(j, "stopped"), "safe") ? 2 : 1) : 0;
+        T->cost = msx__json_get(j, "cost")->kids[0].num;
+        T->dice = msx__json_get(j, "dice")->kids[0].num;
+        im = msx__json_get(j, "images");
+        ti = im && im->n == 1 ? &im->kids[0] : NULL;
+        MSX_CHECK(ti && ti->n == T->passes && ti->n <= RACE_MAX_IMG, "trial %d: %d per-image values for %d passes", t, ti ? ti->n : -1, T->passes);
+        for (i = 0; ti && i < ti->n && i < RACE_MAX_IMG; i++) {
+            snprintf(T->stem[i], sizeof T->stem[i], "%s", ti->keys[i]);
+            T->d[i] = ti->kids[i].num;
+        }
+        T->n_img = ti ? ti->n : 0;
+        if (t + 1 > n) n = t + 1;
+        msx__json_free(j);
+    }
+    fclose(f);
+    MSX_CHECK(h && msx__json_num(h, "race_kappa", &kappa, -1) && msx__json_num(h, "race_first", &first, -1) && kappa >= 0 && first >= 1,
+              "race header kappa %g first %g", kappa, first);
+    for (t = 0; t < n; t++) {
+        race_trial *T = &tr[t];
+        const race_trial *I = NULL;
+        double sum = 0, inc_cost = 0;
+        int q, m, expect_stop = 0, expect_passes = n_calib;
+        MSX_CHECK(T->ok, "trial %d missing", t);
+        /* one race order: every trial's images are a prefix of trial 0's */
+        for (i = 0; i < T->n_img; i++)
+            if (strcmp(T->stem[i], tr[0].stem[i])) break;
+        MSX_CHECK(i == T->n_img, "trial %d: image %d (%s) breaks the common race order", t, i, T->stem[i]);
+        for (i = 0; i < T->n_img; i++) sum += T->d[i];
+        /* the logged dice is the mean over the images it saw (any order: sum in the log order, 1e-12) */
+        MSX_CHECK(T->n_img > 0 && fabs(T->dice - sum / T->n_img) < 1e-12, "trial %d: dice %.17g vs mean of its images %.17g", t, T->dice,
+                  T->n_img ? sum / T->n_img : -1);
+        for (q = 0; q < T->batch_start; q++)
+            if (tr[q].ok && !tr[q].stopped && tr[q].n_img == n_calib && (!I || tr[q].dice > I->dice)) I = &tr[q];
+        if (I) {
+            inc_cost = 1 - I->dice;
+            for (m = (int)first; m < n_calib; m = race_next_stage(m)) {
+                double mean = 0, sd = 0, seen = 0;
+                if (m > T->n_img) break;
+                for (i = 0; i < m; i++) { mean += (T->d[i] - race_inc_dice(I, T->stem[i])) / m; seen += T->d[i]; }
+                for (i = 0; i < m; i++) { double e = T->d[i] - race_inc_dice(I, T->stem[i]) - mean; sd += e * e; }
+                sd = m > 1 ? sqrt(sd / (m - 1)) : 0;
+                if (1.0 - (seen + (n_calib - m)) / n_calib > inc_cost) expect_stop = 1;
+                else if (mean + kappa * sd / sqrt((double)m) < 0) expect_stop = 2;
+                if (expect_stop) {
+                    double est = inc_cost - mean;
+                    expect_passes = m;
+                    est = est < 0 ? 0 : est > 1 ? 1 : est;
+                    MSX_CHECK(fabs(T->cost - est) < 1e-12, "trial %d: told cost %.17g, expected incumbent %.17g - mean difference = %.17g", t,
+                              T->cost, inc_cost, est);
+                    break;
+                }
+            }
+        }
+        MSX_CHECK(T->stopped == expect_stop && T->passes == expect_passes, "trial %d: stopped %d after %d images, expected %d after %d",
+                  t, T->stopped, T->passes, expect_stop, expect_passes);
+        if (!expect_stop) MSX_CHECK(fabs(T->cost - (1 - T->dice)) < 1e-15, "trial %d: full trial cost %.17g dice %.17g", t, T->cost, T->dice);
+        stopped += T->stopped != 0;
+    }
+    msx__json_free(h);
+    *n_trials_out = n;
+    return stopped;
+}
+
 /* Runs first (before this process starts OpenMP threads, so fork is safe). */
 static void test_kill_resume(void) {
     const char *tasks[1] = {DEMO "/tasks/mri_ring"};
@@ -415,6 +545,15 @@ static void test_kill_resume(void) {
     waitpid(pid, &status, 0);
     killed_at = count_lines(logp) - 1;
     MSX_CHECK(WIFSIGNALED(status) && killed_at >= 9 && killed_at < trials, "killed after %d trials", killed_at);
+    { /* the kill landed during a race: trials were already being stopped early */
+        void *txt;
+        size_t len;
+        if (msx_read_file(logp, 0, &txt, &len) == MSX_OK) {
+            MSX_CHECK(strstr((const char *)txt, "\"stopped\": \"race\"") || strstr((const char *)txt, "\"stopped\": \"safe\""),
+                      "no raced trial before the kill");
+            msx_free(txt);
+        }
+    }
     /* make the cut land inside a batch of 2 at least once */
     if (killed_at % 2 == 0) drop_last_line(logp);
     o.resume = 1;
@@ -434,6 +573,44 @@ static void test_kill_resume(void) {
     for (i = 0; i < trials && i < 64; i++)
         if (ha[i] != hb[i]) break;
     MSX_CHECK(i == trials, "trial %d differs between the resumed and the uninterrupted run", i);
+    /* every racing decision of both runs, re-derived from their logs */
+    {
+        int n_a = 0, n_b = 0, st_a = check_race_log(out_a, 6, &n_a), st_b = check_race_log(out_b, 6, &n_b);
+        MSX_CHECK(n_a == trials && n_b == trials && st_a == st_b && st_b > 0, "raced logs: %d/%d trials, %d/%d stopped", n_a, n_b, st_a, st_b);
+        MSX_CHECK(sb.passes_search < (long long)trials * 6 && sa.passes_search == sb.passes_search && sb.passes_full == (long long)trials * 6,
+                  "passes %lld/%lld of %lld", sa.passes_search, sb.passes_search, sb.passes_full);
+    }
+}
+
+/* Bad racing/budget inputs fail before any long work; --max-passes stops the search. */
+static void test_race_inputs(void) {
+    const char *tasks[1] = {DEMO "/tasks/mri_ring"};
+    char out[300];
+    msx_search_options o;
+    msx_search_summary s;
+    double t0;
+    snprintf(out, sizeof out, "%s/race_inputs", tmp_root);
+    base_options(&o, tasks, 1, out, 100);
+    o.no_report = 1;
+    o.max_passes = -1;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "max_passes"), "max_passes -1: %s", msx_last_error());
+    o.max_passes = 0;
+    o.time_limit = -1;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "time limit"), "time limit -1: %s", msx_last_error());
+    o.time_limit = 0;
+    o.race_first = 7; /* 6 calib images */
+    t0 = msx_time_now();
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "fewer than the first racing stage"), "race_first 7: %s", msx_last_error());
+    o.race_first = 0;
+    o.fidelity = (msx_fidelity)7;
+    MSX_CHECK(expect_error(msx_search_run(&o, &s), "fidelity"), "fidelity 7: %s", msx_last_error());
+    o.fidelity = MSX_FIDELITY_FULL;
+    /* a budget of 40 passes: 6 per full trial, checked before each batch of 2 */
+    o.max_passes = 40;
+    MSX_CHECK_OK(msx_search_run(&o, &s));
+    MSX_CHECK(s.budget_stop == 1 && s.passes_search >= 40 && s.passes_search < 40 + 2 * 6 && s.n_trials_done == 8,
+              "max_passes 40: stop %d, %lld passes, %d trials", s.budget_stop, s.passes_search, s.n_trials_done);
+    (void)t0;
 }
 
 int main(void) {
@@ -441,6 +618,7 @@ int main(void) {
     snprintf(tmp_root, sizeof tmp_root, "/tmp/msx_test_search_XXXXXX");
     if (!mkdtemp(tmp_root)) { fprintf(stderr, "mkdtemp failed\n"); return 1; }
     test_kill_resume();
+    test_race_inputs();
     test_tasks();
     test_baseline();
     test_bad_models();

@@ -12,6 +12,13 @@ int msx_cmd_bench_merge(int argc, char **argv); /* cmd_merge.c */
 int msx_cmd_bench_opt(int argc, char **argv);   /* cmd_opt.c */
 int msx_cmd_search(int argc, char **argv);      /* cmd_search.c */
 int msx_cmd_eval(int argc, char **argv);        /* cmd_search.c */
+int msx_cmd_bench_scale(int argc, char **argv); /* cmd_scale.c */
+int msx_cmd_bench_search(int argc, char **argv); /* cmd_bench_search.c */
+/* cmd_search.c, shared with tools/medsamix-mpi.c (needs medsamix.h first) */
+#ifdef MEDSAMIX_H
+int msx_cli_search_parse(int argc, char **argv, msx_search_options *o, const char **models, const char **tasks, int *help);
+int msx_cli_search_finish(const msx_search_options *o, const msx_search_summary *s, msx_result r);
+#endif
 int msx_cmd_prepare(int argc, char **argv);     /* cmd_prepare.c */
 /* segment --volume: called by msx_cmd_segment when --volume is given */
 int msx_cmd_segment_volume(int argc, char **argv); /* cmd_volume.c */

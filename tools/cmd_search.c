@@ -28,6 +28,7 @@ typedef struct cmd_log_state {
     int line_open; /* a live line is on screen */
     int quiet;     /* --quiet: warnings only */
 } cmd_log_state;
+static cmd_log_state cmd_ls; /* set by msx_cli_search_parse (--plain, --quiet) */
 
 static void cmd_log(int level, const char *msg, void *user) {
     cmd_log_state *st = (cmd_log_state *)user;
@@ -59,7 +60,16 @@ static const char *const search_usage =
     "                       smac (the paper's SMAC 2.2 settings and initial design), random (the same\n"
     "                       starting points as default, then uniform random plans)\n"
     "  --trials N           total trials, the reference's starting points included (default 100)\n"
+    "  --fidelity race|full race: score candidates on growing prefixes of a seeded calib image order and\n"
+    "                       stop those that cannot beat the incumbent (default); full: every trial on\n"
+    "                       every calib image\n"
+    "  --race-kappa K       racing knob: stop when mean + K standard errors of the paired per-image\n"
+    "                       differences with the incumbent still loses (default 0.5; 0 = SMAC's mean rule)\n"
+    "  --race-first N       calib images per task in the first racing stage (default 2; then 3, 4, 6, 9, .., all)\n"
+    "  --max-passes N       stop once the search spent N encoder passes (one per image evaluation)\n"
+    "  --time-limit MIN     stop starting new trials after MIN minutes\n"
     "  --jobs J             trials evaluated at once (default: one per thread)\n"
+    "  --batch B            trials per synchronous batch: ask B, evaluate, tell B (default: J)\n"
     "  --threads T          total threads (default: all)\n"
     "  --precision P        encoder precision: fp32 (default), bf16, bf16-emu, auto (bf16 where native);\n"
     "                       recorded in the trial log (--resume refuses another) and the report\n"
@@ -208,22 +218,22 @@ static void cmd_print_file(const char *dir, const char *name) {
     }
 }
 
-int msx_cmd_search(int argc, char **argv) {
+/* Parses `search` options (shared with tools/medsamix-mpi.c). models and
+   tasks hold MSX_MAX_MODELS and MSX_SEARCH_MAX_TASKS entries. Returns 0 to
+   go on (*help = 1: usage printed, stop), else the exit status of a usage
+   error (printed on stderr). */
+int msx_cli_search_parse(int argc, char **argv, msx_search_options *op, const char **models, const char **tasks, int *help) {
     msx_search_options o;
-    msx_search_summary s;
-    cmd_log_state ls = {0, 0, 0};
-    int plain = 0;
-    const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
-    int i;
+    int i, plain = 0;
     double x;
-    msx_result r;
     memset(&o, 0, sizeof o);
     o.models = models;
     o.tasks = tasks;
+    *help = 0;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int k;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(search_usage, stdout); return 0; }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(search_usage, stdout); *help = 1; return 0; }
         if ((k = cmd_task_opt(argc, argv, &i, &o.task, &o.preprocess, "--split")) < 0) return 2;
         if (k) continue;
         if (!strcmp(a, "--base") && v) { o.base = v; i++; }
@@ -242,11 +252,22 @@ int msx_cmd_search(int argc, char **argv) {
             i++;
         }
         else if (!strcmp(a, "--plain")) plain = 1;
-        else if (!strcmp(a, "--quiet")) { o.progress = -1; ls.quiet = 1; }
+        else if (!strcmp(a, "--quiet")) { o.progress = -1; cmd_ls.quiet = 1; }
         else if (!strcmp(a, "--out") && v) { o.out_dir = v; i++; }
         else if (!strcmp(a, "--config") && v) { o.arch_config = v; i++; }
+        else if (!strcmp(a, "--fidelity") && v && (!strcmp(v, "race") || !strcmp(v, "full"))) { o.fidelity = !strcmp(v, "full") ? MSX_FIDELITY_FULL : MSX_FIDELITY_RACE; i++; }
+        else if (!strcmp(a, "--race-kappa")) { if (!cmd_num(a, v, 0, 100, &x)) return 2; o.race_kappa = x == 0 ? -1 : x; i++; }
+        else if (!strcmp(a, "--race-first")) { if (!cmd_num(a, v, 1, 1e6, &x)) return 2; o.race_first = (int)x; i++; }
+        else if (!strcmp(a, "--max-passes")) {
+            if (!cmd_num(a, v, 1, 1e15, &x)) { fprintf(stderr, "--max-passes: give a number of encoder passes >= 1 (omit the option for no limit)\n"); return 2; }
+            o.max_passes = (long long)x; i++;
+        } else if (!strcmp(a, "--time-limit")) {
+            if (!cmd_num(a, v, 1e-9, 1e9, &x)) { fprintf(stderr, "--time-limit: give a positive number of minutes (omit the option for no limit)\n"); return 2; }
+            o.time_limit = x; i++;
+        }
         else if (!strcmp(a, "--trials")) { if (!cmd_num(a, v, 1, 1e7, &x)) return 2; o.n_trials = (int)x; i++; }
         else if (!strcmp(a, "--jobs")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.jobs = (int)x; i++; }
+        else if (!strcmp(a, "--batch")) { if (!cmd_num(a, v, 1, 256, &x)) return 2; o.batch = (int)x; i++; }
         else if (!strcmp(a, "--threads")) { if (!cmd_num(a, v, 1, 1024, &x)) return 2; o.threads = (int)x; i++; }
         else if (!strcmp(a, "--precision") && v) {
             if (msx_precision_parse(v, &o.precision) != MSX_OK) { fprintf(stderr, "search: --precision: %s\n", msx_last_error()); return 2; }
@@ -276,6 +297,21 @@ int msx_cmd_search(int argc, char **argv) {
         return 2;
     }
     if (!o.out_dir) o.out_dir = "runs/search";
+    /* the library prints nothing: this callback shows its messages */
+    cmd_ls.live = !plain && isatty(STDOUT_FILENO);
+    o.log = cmd_log;
+    o.user = &cmd_ls;
+    *op = o;
+    return 0;
+}
+
+int msx_cmd_search(int argc, char **argv) {
+    msx_search_options o;
+    msx_search_summary s;
+    const char *models[MSX_MAX_MODELS], *tasks[MSX_SEARCH_MAX_TASKS];
+    int rc, help;
+    msx_result r;
+    if ((rc = msx_cli_search_parse(argc, argv, &o, models, tasks, &help)) != 0 || help) return rc;
     if (o.progress >= 0) {
         char rule[64];
         msx_intensity_str(&o.task.intensity, rule, sizeof rule);
@@ -283,15 +319,20 @@ int msx_cmd_search(int argc, char **argv) {
         fflush(stdout);
     }
     o.cancel = &cmd_search_stop;
-    ls.live = !plain && isatty(STDOUT_FILENO);
-    o.log = cmd_log;
-    o.user = &ls;
     signal(SIGINT, cmd_search_on_signal);
     signal(SIGTERM, cmd_search_on_signal);
     r = msx_search_run(&o, &s);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
-    if (ls.line_open) printf("\n");
+    return msx_cli_search_finish(&o, &s, r);
+}
+
+/* Prints the outcome of a search; returns the exit status. */
+int msx_cli_search_finish(const msx_search_options *op, const msx_search_summary *sp, msx_result r) {
+    const msx_search_options o = *op;
+    const msx_search_summary s = *sp;
+    int i;
+    if (cmd_ls.line_open) { printf("\n"); cmd_ls.line_open = 0; }
     if (r == MSX_E_CANCELLED || s.cancelled) {
         fprintf(stderr, "search: interrupted after %d trial(s) (%s); the log is %s/trials.jsonl - rerun with --resume to continue\n",
                 s.n_trials_done, msx_last_error(), o.out_dir);
@@ -301,10 +342,13 @@ int msx_cmd_search(int argc, char **argv) {
         fprintf(stderr, "search: %s\n", msx_last_error());
         return 1;
     }
+    if (s.budget_stop) printf("\nstopped by the %s after %d trial(s)\n", s.budget_stop == 1 ? "--max-passes budget" : "--time-limit", s.n_trials_done);
     /* 1-based, as the progress lines count trials */
     printf("\nbest: trial %d of %d (#%d in trials.jsonl), calib Dice", s.best_trial + 1, s.n_trials_done, s.best_trial);
     for (i = 0; i < (o.multi ? o.n_tasks : 1); i++) printf(" %.4f", s.best_calib[i]);
-    printf(" (%.0f s)\noutputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", s.seconds, o.out_dir,
+    printf(" (%.0f s)\nencoder passes: search %lld (the same trials in full: %lld), report %lld; %d trial(s) evaluated in full\n",
+           s.seconds, s.passes_search, s.passes_full, s.passes_report, s.n_full);
+    printf("outputs in %s/: trials.jsonl best_plan.json best.safetensors%s\n", o.out_dir,
            o.no_report ? "" : " report.md report.json overlays/");
     if (!o.no_report) { printf("\n"); cmd_print_file(o.out_dir, "report.md"); }
     return 0;

@@ -12,10 +12,11 @@
 #
 # Interrupted (Ctrl-C)? Run it again: each search resumes from its log.
 # Knobs (environment): MSX_DEMO_TASK (default mri_abdomen), MSX_DEMO_S_TRIALS,
-# MSX_DEMO_M_TRIALS, MSX_DEMO_SEED, MSX_DEMO_JOBS. The single-task search runs on
-# mri_abdomen, which no model was trained on: there the merge can combine CT
-# anatomy with MRI image statistics and beat every input (on mri_ring the MRI
-# specialist already wins at home and the search can only tie it).
+# MSX_DEMO_M_TRIALS, MSX_DEMO_SEED, MSX_DEMO_JOBS, MSX_DEMO_FIDELITY (race, the
+# default, or full: every trial on every calibration image). The single-task
+# search runs on mri_abdomen, which no model was trained on: there the merge can
+# combine CT anatomy with MRI image statistics and beat every input (on mri_ring
+# the MRI specialist already wins at home and the search can only tie it).
 set -e
 build=${1:-build}
 bin="$build/medsamix"
@@ -25,6 +26,7 @@ s_trials=${MSX_DEMO_S_TRIALS:-60}
 m_trials=${MSX_DEMO_M_TRIALS:-150}
 seed=${MSX_DEMO_SEED:-0}
 jobs=${MSX_DEMO_JOBS:+--jobs $MSX_DEMO_JOBS}
+fidelity="--fidelity ${MSX_DEMO_FIDELITY:-race}"
 
 [ -x "$bin" ] || { echo "demo: $bin not found (run make first)" >&2; exit 1; }
 mkdir -p runs
@@ -34,13 +36,13 @@ t0=$(date +%s)
 echo "== MedSAMix-S: single-task search on $task ($s_trials trials)"
 # --resume continues an interrupted run (or starts a new one)
 "$bin" search --base "$demo/models/base.pth" --models $models \
-    --tasks "$demo/tasks/$task" --trials "$s_trials" --seed "$seed" $jobs \
+    --tasks "$demo/tasks/$task" --trials "$s_trials" --seed "$seed" $jobs $fidelity \
     --out "runs/demo-single-$task" --resume
 
 echo
 echo "== MedSAMix-M: multi-task search over all demo tasks ($m_trials trials)"
 "$bin" search --base "$demo/models/base.pth" --models $models \
-    --tasks "$demo"/tasks/* --multi --trials "$m_trials" --seed "$seed" $jobs \
+    --tasks "$demo"/tasks/* --multi --trials "$m_trials" --seed "$seed" $jobs $fidelity \
     --out runs/demo-multi --resume
 
 t1=$(date +%s)

@@ -2,6 +2,7 @@
 # Runs every test program, then prints one closing line "N passed, N failed"
 # summed over all of them. Exit status is non-zero if anything failed.
 build=$1; shift
+export MSX_BUILD="$build"   # tests that run the tools (test_mpi) find them here
 pass=0; fail=0; bad=""
 for t in "$@"; do
     out=$("$t" 2>&1); rc=$?
