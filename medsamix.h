@@ -1624,7 +1624,9 @@ typedef struct msx_search_options {
     double race_kappa;                /* racing knob: stop when the optimistic estimate mean + kappa x
                                          standard error of the paired differences still loses;
                                          0 = MSX_SEARCH_RACE_KAPPA, < 0 = kappa 0 (SMAC's plain mean rule) */
-    int race_first;                   /* images per task in the first stage; 0 = MSX_SEARCH_RACE_FIRST */
+    int race_first;                   /* images per task in the first stage; 0 = MSX_SEARCH_RACE_FIRST (stages
+                                         are capped at a task's calib images: a task with fewer is scored
+                                         on all of them in every stage) */
     long long max_passes;             /* stop once the search spent this many encoder passes (one per
                                          image evaluation); 0 = no limit. No new batch starts after it */
     double time_limit;                /* minutes of this call; no new batch starts after it; 0 = none */
@@ -16373,9 +16375,11 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
         for (j = 0; j < i; j++)
             if (!strcmp(R->tasks[j]->name, R->tasks[i]->name))
                 return msx__err(MSX_E_ARG, "tasks %s and %s have the same name '%s'; rename one folder", o->tasks[j], o->tasks[i], R->tasks[i]->name);
-        if (R->race && i < R->n_eval && R->tasks[i]->n[0] < R->race_first)
-            return msx__err(MSX_E_ARG, "task %s has %d calib image(s), fewer than the first racing stage (%d per task); add images, "
-                            "lower --race-first, or use --fidelity full", o->tasks[i], R->tasks[i]->n[0], R->race_first);
+        /* fewer calib images than the first stage: the stages are capped at a
+           task's images, so the first one scores all of them (documented fallback) */
+        if (R->race && i < R->n_eval && R->tasks[i]->n[0] < R->race_first && R->prog.mode >= 0)
+            printf("note: task %s has %d calib image(s), fewer than the first racing stage (%d per task): every stage scores all of them\n",
+                   R->tasks[i]->name, R->tasks[i]->n[0], R->race_first);
     }
     /* the lock before the long work (models, cache): a second search on this
        folder stops here; a search refused by the checks above leaves no folder */

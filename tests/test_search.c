@@ -598,9 +598,17 @@ static void test_race_inputs(void) {
     o.time_limit = -1;
     MSX_CHECK(expect_error(msx_search_run(&o, &s), "time limit"), "time limit -1: %s", msx_last_error());
     o.time_limit = 0;
-    o.race_first = 7; /* 6 calib images */
+    /* fewer calib images (6) than the first stage: documented fallback, every trial on all 6 */
+    o.race_first = 7;
+    o.n_trials = 4;
     t0 = msx_time_now();
-    MSX_CHECK(expect_error(msx_search_run(&o, &s), "fewer than the first racing stage"), "race_first 7: %s", msx_last_error());
+    MSX_CHECK_OK(msx_search_run(&o, &s));
+    MSX_CHECK(s.n_trials_done == 4 && s.passes_search == 24 && s.n_full == 4, "race_first 7: %d trials, %lld passes, %d full",
+              s.n_trials_done, s.passes_search, s.n_full);
+    o.n_trials = 100;
+    o.resume = 0;
+    snprintf(out, sizeof out, "%s/race_inputs2", tmp_root);
+    o.out_dir = out;
     o.race_first = 0;
     o.fidelity = (msx_fidelity)7;
     MSX_CHECK(expect_error(msx_search_run(&o, &s), "fidelity"), "fidelity 7: %s", msx_last_error());
