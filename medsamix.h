@@ -16377,9 +16377,9 @@ static msx_result msx__srun_setup_models(msx__srun *R, const msx_search_options 
                 return msx__err(MSX_E_ARG, "tasks %s and %s have the same name '%s'; rename one folder", o->tasks[j], o->tasks[i], R->tasks[i]->name);
         /* fewer calib images than the first stage: the stages are capped at a
            task's images, so the first one scores all of them (documented fallback) */
-        if (R->race && i < R->n_eval && R->tasks[i]->n[0] < R->race_first && R->prog.mode >= 0)
-            printf("note: task %s has %d calib image(s), fewer than the first racing stage (%d per task): every stage scores all of them\n",
-                   R->tasks[i]->name, R->tasks[i]->n[0], R->race_first);
+        if (R->race && i < R->n_eval && R->tasks[i]->n[0] < R->race_first)
+            msx__search_say(&R->prog, MSX_LOG_INFO, "note: task %s has %d calib image(s), fewer than the first racing stage (%d per task): every stage scores all of them",
+                            R->tasks[i]->name, R->tasks[i]->n[0], R->race_first);
     }
     /* the lock before the long work (models, cache): a second search on this
        folder stops here; a search refused by the checks above leaves no folder */

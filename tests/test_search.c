@@ -208,10 +208,11 @@ static void test_search_outputs(void) {
     MSX_CHECK_OK(msx_search_run(&o, &s));
     MSX_CHECK(s.n_trials_done == msx_search_n_initial(2) + 4 && s.best_trial >= 0, "trials %d best %d", s.n_trials_done, s.best_trial);
     /* full evaluation: 12 calib images per trial; the report costs only the
-       test split (8 models x 2 tasks x 6 images) and the 2 overlays, no calib pass */
+       test split (8 models x 2 tasks x 6 images) and the 2 overlays (one per
+       task), each drawn for the result and the best input model, no calib pass */
     MSX_CHECK(s.passes_search == (long long)s.n_trials_done * 12 && s.passes_full == s.passes_search && s.n_full == s.n_trials_done,
               "search passes %lld full %lld n_full %d", s.passes_search, s.passes_full, s.n_full);
-    MSX_CHECK(s.passes_report == 8 * 2 * 6 + 2, "report passes %lld, expected %d", s.passes_report, 8 * 2 * 6 + 2);
+    MSX_CHECK(s.passes_report == 8 * 2 * 6 + 2 * 2, "report passes %lld, expected %d", s.passes_report, 8 * 2 * 6 + 2 * 2);
     /* report.json: exact format, labels and Dice fractions */
     rep = load_json(out, "report.json");
     MSX_CHECK(rep && msx__json_str(rep, "format") && !strcmp(msx__json_str(rep, "format"), "medsamix-report-v1"), "report format");

@@ -96,6 +96,7 @@ static void compare(const char *name, const char **task_dirs, int n_tasks, int t
     o.threads = 2;
     o.seed = (uint64_t)seed;
     o.no_report = 1;
+    o.fidelity = MSX_FIDELITY_FULL; /* the example evaluates every trial in full */
     MSX_CHECK_OK(msx_search_run(&o, &s));
     snprintf(a_trials, sizeof a_trials, "%d", trials);
     snprintf(a_seed, sizeof a_seed, "%d", seed);
