@@ -14964,6 +14964,8 @@ static msx_result msx__srun_eval_unit(msx__srun *R, msx__swork *w, const msx__su
         w->held = NULL;
         msx__search_cfg_to_plan(R->groups, R->n_models, u->cfg, w->plan);
         if ((r = msx_merger_run(w->mg, w->plan, w->ck, NULL)) != MSX_OK) return r;
+        /* a configuration whose merge overflows is a failed trial, never scored */
+        if ((r = msx_merger_check_finite(w->mg, w->plan, w->ck)) != MSX_OK) return r;
         if ((r = msx_sam_refresh(w->sam)) != MSX_OK) return r;
         if (!(w->held = (double *)MSX_MALLOC(sizeof(double) * (size_t)(R->dim ? R->dim : 1))))
             return msx__err(MSX_E_NOMEM, "out of memory");
