@@ -5042,6 +5042,24 @@ static void msx__sam_gelu_inplace(float *x, size_t n, int nt) {
 
 /* Row-wise LayerNorm (nn.LayerNorm / SAM's LayerNorm2d over channels): biased
    variance, (x - mean) / sqrt(var + eps) · w + b. In place allowed. */
+/* LayerNorm statistics of one row: mean and 1/sqrt(var + eps), summed in
+   double (shared by the fp32 and bf16 LayerNorms). */
+static void msx__sam_ln_stats(const float *xi, int C, float eps, float *mean_out, float *rstd_out) {
+    double s = 0, ss = 0;
+    float mean;
+    int c;
+#pragma omp simd reduction(+ : s)
+    for (c = 0; c < C; c++) s += xi[c];
+    mean = (float)(s / C);
+#pragma omp simd reduction(+ : ss)
+    for (c = 0; c < C; c++) {
+        double d = (double)(xi[c] - mean);
+        ss += d * d;
+    }
+    *mean_out = mean;
+    *rstd_out = (float)(1.0 / sqrt(ss / C + (double)eps));
+}
+
 static void msx__sam_ln(const float *x, int ldx, float *y, int ldy, int rows, int C, const float *w,
                         const float *b, float eps, int nt) {
     int i;
@@ -5049,18 +5067,9 @@ static void msx__sam_ln(const float *x, int ldx, float *y, int ldy, int rows, in
     for (i = 0; i < rows; i++) {
         const float *xi = x + (size_t)i * ldx;
         float *yi = y + (size_t)i * ldy;
-        double s = 0, ss = 0;
         float mean, rstd;
         int c;
-#pragma omp simd reduction(+ : s)
-        for (c = 0; c < C; c++) s += xi[c];
-        mean = (float)(s / C);
-#pragma omp simd reduction(+ : ss)
-        for (c = 0; c < C; c++) {
-            double d = (double)(xi[c] - mean);
-            ss += d * d;
-        }
-        rstd = (float)(1.0 / sqrt(ss / C + (double)eps));
+        msx__sam_ln_stats(xi, C, eps, &mean, &rstd);
 #pragma omp simd
         for (c = 0; c < C; c++) yi[c] = (xi[c] - mean) * rstd * w[c] + b[c];
     }
@@ -5224,18 +5233,9 @@ static void msx__sam_ln_lp(const float *x, int ldx, void *y, int rows, int C, co
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows > 16)
     for (i = 0; i < rows; i++) {
         const float *xi = x + (size_t)i * ldx;
-        double s = 0, ss = 0;
         float mean, rstd;
         int c;
-#pragma omp simd reduction(+ : s)
-        for (c = 0; c < C; c++) s += xi[c];
-        mean = (float)(s / C);
-#pragma omp simd reduction(+ : ss)
-        for (c = 0; c < C; c++) {
-            double d = (double)(xi[c] - mean);
-            ss += d * d;
-        }
-        rstd = (float)(1.0 / sqrt(ss / C + (double)eps));
+        msx__sam_ln_stats(xi, C, eps, &mean, &rstd);
         for (c = 0; c < C; c += 64) { /* f32 in chunks, then rounded */
             float t[64];
             int k, L = C - c < 64 ? C - c : 64;
