@@ -15725,8 +15725,8 @@ static msx_result msx__srun_load_plan(msx__srun *R, const msx_plan *plan) {
 
 /* Encoder passes a trial cost: one per calib image of the searched tasks. */
 static int msx__srun_trial_passes(const msx__srun *R, const msx__strial *T) {
-    (void)T;
-    return R->calib.n;
+    (void)R;
+    return T->n_img; /* raced trials: the images they were evaluated on */
 }
 
 /* Mean calib Dice (%) of table label l over the searched tasks. */
@@ -15792,7 +15792,9 @@ static msx_result msx__srun_plot_progress(const msx__srun *R, const msx__search_
         msx__sb_puts(&b, "</g>\n<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"");
         for (i = 0, passes = 0, best = -1; i < n; i++) {
             const msx__strial *T = &R->tr[i];
-            double sc = T->failed ? -1 : 100 * msx__srun_score(R, T), x = msx__svg_x(&f[p], p ? passes + msx__srun_trial_passes(R, T) : i + 1);
+            /* stopped trials never become the best (their Dice covers part of the images) */
+            double sc = T->failed || T->stopped ? -1 : 100 * msx__srun_score(R, T),
+                   x = msx__svg_x(&f[p], p ? passes + msx__srun_trial_passes(R, T) : i + 1);
             passes += msx__srun_trial_passes(R, T);
             if (sc <= best) continue;
             if (best >= 0) msx__sb_printf(&b, "%.1f,%.1f ", x, msx__svg_y(&f[p], best));
