@@ -17,8 +17,8 @@
       #include "medsamix.h"             the include; elsewhere include only.
       Compile with -fopenmp -I/usr/include/nifti and link -ldnnl -lstb
       -lnifti2 -lznz -lz -lm (Debian: libdnnl-dev, libstb-dev, libnifti2-dev,
-      libniftiio-dev, libznz-dev); with MSX_NO_NIFTI the nifti flags are not
-      needed. Under a strict -std=c99 include medsamix.h before any
+      libniftiio-dev, libznz-dev); with MSX_NO_NIFTI (automatic where
+      __has_include finds no <nifti2_io.h>) the nifti flags are not needed. Under a strict -std=c99 include medsamix.h before any
       system header in the implementation file (it needs _POSIX_C_SOURCE), or
       pass -D_POSIX_C_SOURCE=200809L.
 
@@ -841,7 +841,15 @@ MSXDEF msx_result msx_segment_box(const msx_sam *m, msx_sam_ws *ws, const msx_im
    reference's volume-to-slice pipeline (podismine/MedSAMix@9328d4c
    evaluation/dataloader.py: percentile clipping, z-score, min-max, uint8
    slices along the last array axis, slices with foreground only, tight
-   boxes) and tasks built from nnU-Net raw datasets with a task table. */
+   boxes) and tasks built from nnU-Net raw datasets with a task table.
+   Where the compiler can tell (__has_include) that nifti_clib's header is
+   not on the include path (no -I/usr/include/nifti), the section is left
+   out as if MSX_NO_NIFTI were defined, so the header builds without it. */
+#if !defined(MSX_NO_NIFTI) && defined(__has_include)
+#if !__has_include(<nifti2_io.h>)
+#define MSX_NO_NIFTI
+#endif
+#endif
 #ifndef MSX_NO_NIFTI
 
 #ifndef MSX_MAX_VOLUME_BYTES
