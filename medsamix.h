@@ -6244,6 +6244,23 @@ MSXDEF const float *msx_sam_ws_tap(const msx_sam_ws *ws, const char *name, int *
 
 /* ---- image encoder ------------------------------------------------------------ */
 
+/* Row i of a score block: scale, add the rel-pos terms (RH NULL: none) and
+   return the row maximum (shared by the fp32 and bf16 softmaxes). */
+static float msx__sam_row_rel_max(float *s, int i, int i0, int gh, int gw, const float *RH, const float *RW, float scale,
+                                  float *rw) {
+    int kh, kw;
+    float mx = -INFINITY;
+    if (RH) {
+        int pos = i0 + i, qh = pos / gw, qw = pos % gw;
+        const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
+        for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
+        for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
+    } else {
+        mx = msx__sam_row_affine_max(s, gh * gw, scale, 0.0f, NULL, mx);
+    }
+    return mx;
+}
+
 /* Adds the decomposed rel-pos terms to rows of raw scores, then softmax:
    s = (q·k)·scale + rel_h[qh,kh] + rel_w[qw,kw] (official
    add_decomposed_rel_pos; rel terms from the unscaled q). Row i is query
@@ -6252,18 +6269,10 @@ MSXDEF const float *msx_sam_ws_tap(const msx_sam_ws *ws, const char *name, int *
    RH[qh − kh + gh − 1]. The rows are left unnormalised: inv[i] = 1/Σ. */
 static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, int gh, int gw, const float *RH, const float *RW,
                                  float scale, float *rw, float *inv) {
-    int i, kh, kw, nk = gh * gw;
+    int i, nk = gh * gw;
     for (i = 0; i < rows; i++) {
         float *s = S + (size_t)i * ldS;
-        float mx = -INFINITY;
-        if (RH) {
-            int pos = i0 + i, qh = pos / gw, qw = pos % gw;
-            const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
-            for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
-            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
-        } else {
-            mx = msx__sam_row_affine_max(s, nk, scale, 0.0f, NULL, mx);
-        }
+        float mx = msx__sam_row_rel_max(s, i, i0, gh, gw, RH, RW, scale, rw);
         inv[i] = 1.0f / msx__sam_row_expsum(s, nk, mx);
     }
 }
@@ -6272,18 +6281,10 @@ static void msx__sam_softmax_rel(float *S, int ldS, int rows, int i0, int gh, in
    (rows × nk, esz-byte elements) instead of back into S. */
 static void msx__sam_softmax_rel_lp(float *S, int ldS, int rows, int i0, int gh, int gw, const float *RH, const float *RW,
                                     float scale, float *rw, float *inv, void *P, int esz) {
-    int i, kh, kw, nk = gh * gw;
+    int i, nk = gh * gw;
     for (i = 0; i < rows; i++) {
         float *s = S + (size_t)i * ldS;
-        float mx = -INFINITY;
-        if (RH) {
-            int pos = i0 + i, qh = pos / gw, qw = pos % gw;
-            const float *rhi = RH + (size_t)i * (2 * gh - 1) + qh + gh - 1, *rwi = RW + (size_t)i * (2 * gw - 1) + qw + gw - 1;
-            for (kw = 0; kw < gw; kw++) rw[kw] = rwi[-kw];
-            for (kh = 0; kh < gh; kh++) mx = msx__sam_row_affine_max(s + (size_t)kh * gw, gw, scale, rhi[-kh], rw, mx);
-        } else {
-            mx = msx__sam_row_affine_max(s, nk, scale, 0.0f, NULL, mx);
-        }
+        float mx = msx__sam_row_rel_max(s, i, i0, gh, gw, RH, RW, scale, rw);
         inv[i] = 1.0f / msx__sam_row_expsum_lp(s, nk, mx, (unsigned char *)P + (size_t)i * nk * (size_t)esz, esz);
     }
 }
