@@ -1466,7 +1466,7 @@ MSXDEF msx_result msx_opt_load(const msx_space *space, const char *path, msx_opt
 #define MSX_SEARCH_RACE_FIRST 2   /* images per task in a race's first stage */
 #endif
 #ifndef MSX_SEARCH_RACE_KAPPA
-#define MSX_SEARCH_RACE_KAPPA 0.5 /* default racing knob (standard errors of slack) */
+#define MSX_SEARCH_RACE_KAPPA 0.1 /* default racing knob (standard errors of slack) */
 #endif
 
 #ifdef __cplusplus
@@ -14315,6 +14315,7 @@ typedef struct msx__strial {
 } msx__strial;
 
 enum { MSX__STOP_SAFE = 1, MSX__STOP_RACE = 2 };
+#define MSX__RACE_RULE 2 /* logged; 1 = 0.1.x (one image order for every trial, no result guard) */
 
 /* The race context of one batch: fixed before the batch starts, from the
    trials told before it, so a replayed batch races exactly as the original. */
@@ -14324,6 +14325,7 @@ typedef struct msx__srace {
     double theta[MSX_SEARCH_MAX_TASKS];
     double lo[MSX_SEARCH_MAX_TASKS], hi[MSX_SEARCH_MAX_TASKS]; /* min-max of the full trials' costs */
     double inc_scal;                      /* incumbent's scalarised cost */
+    int res;                              /* several tasks: the result so far (best mean calib Dice), -1 none */
 } msx__srace;
 
 typedef struct msx__srun {
@@ -14363,6 +14365,9 @@ typedef struct msx__srun {
     double kappa;
     int *order;                        /* calib.n item indices: the race order, tasks interleaved */
     int *round;                        /* round[i]: position of order[i] within its task's order */
+    int *otask;                        /* otask[i]: the task of order[i] */
+    int *perm;                         /* per task (at calib.off[k]): its items in the seeded order */
+    int rotate;                        /* 1: trial t reads its tasks' orders from its own round (see above) */
     int n_rounds;                      /* the most calib images of a task */
     msx__srace ctx;                    /* of the batch being evaluated */
     long long passes;                  /* encoder passes of the logged trials */
@@ -14425,6 +14430,8 @@ static void msx__srun_free(msx__srun *R) {
     for (i = 0; i < R->cap_tr; i++) { MSX_FREE(R->tr[i].cfg); MSX_FREE(R->tr[i].img); }
     MSX_FREE(R->order);
     MSX_FREE(R->round);
+    MSX_FREE(R->otask);
+    MSX_FREE(R->perm);
     MSX_FREE(R->tr);
     MSX_FREE(R->init_cfg);
     MSX_FREE(R->init_origin);
@@ -14470,6 +14477,7 @@ static void msx__srun_fingerprint(msx__srun *R) {
         h = msx__search_hash(h, "race", 4);
         h = msx__search_hash(h, &R->kappa, sizeof R->kappa);
         h = msx__search_hash(h, &R->race_first, sizeof R->race_first);
+        h = msx__search_hash(h, "rule2", 5); /* per-trial rotation, multi-task result guard */
     }
     R->fingerprint = h;
 }
@@ -14522,7 +14530,7 @@ static void msx__srun_header(msx__srun *R, msx__sb *b) {
     if (R->race) {
         msx__sb_puts(b, "\"race_kappa\": ");
         msx__sb_json_num(b, R->kappa);
-        msx__sb_printf(b, ", \"race_first\": %d, ", R->race_first);
+        msx__sb_printf(b, ", \"race_first\": %d, \"race_rule\": %d, ", R->race_first, MSX__RACE_RULE);
     }
     msx__sb_printf(b, "\"schedule\": \"%s\", \"version\": \"%s\"}\n", R->o->async ? "async" : "sync", MSX_VERSION_STRING);
 }
@@ -14610,6 +14618,10 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
         if (strcmp(fid, R->race ? "race" : "full"))
             return msx__err(MSX_E_STATE, "%s: the log is a --fidelity %s search, this run is --fidelity %s; use the same --fidelity or another --out",
                             p, fid, R->race ? "race" : "full");
+        if (R->race && (!msx__json_num(h, "race_rule", &v, -1) || (int)v != MSX__RACE_RULE))
+            return msx__err(MSX_E_STATE, "%s: the log was raced by rule %g of an earlier version (0.1.x: one image order shared by every trial), "
+                            "this version races by rule %d; resume it with the version that wrote it, or use another --out",
+                            p, v < 0 ? 1.0 : v, MSX__RACE_RULE);
     }
     {
         const char *sch = msx__json_str(h, "schedule");
@@ -14635,6 +14647,7 @@ static msx_result msx__srun_check_header(msx__srun *R, const msx__json *h) {
     return MSX_OK;
 }
 
+static int msx__srun_at(const msx__srun *R, int t, int pos);
 static void msx__srun_trial_json(const msx__srun *R, int t, msx__sb *b) {
     const msx__strial *T = &R->tr[t];
     int i, k, q, first = 1;
@@ -14673,7 +14686,7 @@ static void msx__srun_trial_json(const msx__srun *R, int t, msx__sb *b) {
         msx__sb_json_str(b, R->tasks[k]->name);
         msx__sb_puts(b, ": {");
         for (q = 0; q < R->calib.n; q++) { /* in the race order: the order they were measured in */
-            i = R->order[q];
+            i = msx__srun_at(R, t, q);
             if (i < R->calib.off[k] || i >= R->calib.off[k + 1] || !isfinite(T->img[i])) continue;
             msx__sb_puts(b, first_img ? "" : ", ");
             first_img = 0;
@@ -14887,7 +14900,9 @@ static msx_result msx__srun_order(msx__srun *R) {
     msx_result r = MSX_OK;
     R->order = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
     R->round = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
-    if (!R->order || !R->round) return msx__err(MSX_E_NOMEM, "out of memory");
+    R->otask = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
+    R->perm = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
+    if (!R->order || !R->round || !R->otask || !R->perm) return msx__err(MSX_E_NOMEM, "out of memory");
     memset(perm, 0, sizeof perm);
     for (k = 0; k < R->n_eval && r == MSX_OK; k++) {
         int n = R->calib.off[k + 1] - R->calib.off[k];
@@ -14907,11 +14922,26 @@ static msx_result msx__srun_order(msx__srun *R) {
             if (i < R->calib.off[k + 1] - R->calib.off[k]) {
                 R->order[pos] = R->calib.off[k] + perm[k][i];
                 R->round[pos] = i;
+                R->otask[pos] = k;
+                R->perm[R->calib.off[k] + i] = perm[k][i];
                 pos++;
             }
     R->n_rounds = n_max;
     for (k = 0; k < R->n_eval; k++) MSX_FREE(perm[k]);
     return r;
+}
+
+/* The calib item at position pos of trial t's race order: the common
+   order, each task's part read cyclically from the trial's own seeded
+   round (rotate), so that the images a stage sees differ from trial to
+   trial and one unrepresentative prefix cannot stop every candidate. */
+static int msx__srun_at(const msx__srun *R, int t, int pos) {
+    int k = R->otask[pos], n = R->calib.off[k + 1] - R->calib.off[k], rot = 0;
+    if (R->rotate) {
+        uint64_t x = R->o->seed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(t + 1));
+        rot = (int)(msx__splitmix(&x) % (uint64_t)R->n_rounds);
+    }
+    return R->calib.off[k] + R->perm[R->calib.off[k] + (R->round[pos] + rot) % n];
 }
 
 /* Scalarised cost of per-task costs c under the batch's race context
@@ -14960,6 +14990,14 @@ static void msx__srun_race_ctx(msx__srun *R, int t0, int batch, msx__srace *C) {
         v = msx__srun_scal(R, C, T->cost);
         if (C->inc < 0 || v < C->inc_scal) { C->inc = t; C->inc_scal = v; }
     }
+    C->res = -1;
+    if (R->n_obj > 1) {
+        double bs = -1;
+        for (t = 0; t < t0 && t < R->n_tr; t++) {
+            double sc = msx__srun_score(R, &R->tr[t]);
+            if (R->tr[t].logged && sc > bs) { bs = sc; C->res = t; }
+        }
+    }
 }
 
 /* One unit of work on a worker: merge the configuration (unless the worker
@@ -14987,36 +15025,55 @@ static msx_result msx__srun_eval_unit(msx__srun *R, msx__swork *w, const msx__su
     return MSX_OK;
 }
 
+/* Task k's paired differences d_i = T_i - Ref_i over the images T has seen:
+   their mean, the optimistic mean + kappa * sd / sqrt(m), and T's Dice sum. */
+static int msx__srun_pairs(const msx__srun *R, const msx__strial *T, const msx__strial *Ref, int k, double *mean, double *opt,
+                           double *seen) {
+    int i, m = 0;
+    double sum = 0, sq = 0, sd = 0;
+    *seen = 0;
+    for (i = R->calib.off[k]; i < R->calib.off[k + 1]; i++)
+        if (isfinite(T->img[i])) { sum += T->img[i] - Ref->img[i]; *seen += T->img[i]; m++; }
+    *mean = m ? sum / m : 0;
+    for (i = R->calib.off[k]; i < R->calib.off[k + 1]; i++)
+        if (isfinite(T->img[i])) { double d = T->img[i] - Ref->img[i] - *mean; sq += d * d; }
+    if (m > 1) sd = sqrt(sq / (m - 1));
+    *opt = *mean + (m ? R->kappa * sd / sqrt((double)m) : 0);
+    return m;
+}
+
 /* After a stage: per-task estimate of the full cost (into est) and whether
    the candidate stops (0, MSX__STOP_SAFE, MSX__STOP_RACE). */
 static int msx__srun_race_decide(const msx__srun *R, const msx__srace *C, const msx__strial *T, double *est) {
     const msx__strial *I = &R->tr[C->inc];
     double opt[MSX_SEARCH_MAX_TASKS], safe[MSX_SEARCH_MAX_TASKS];
-    int k, i;
+    double res_cost = 0, res_opt = 0, res_safe = 0;
+    int k, stop = 0;
     for (k = 0; k < R->n_obj; k++) {
-        int m = 0, n = R->calib.off[k + 1] - R->calib.off[k];
-        double sd = 0, sum = 0, sq = 0, mean, seen = 0;
-        for (i = R->calib.off[k]; i < R->calib.off[k + 1]; i++) {
-            double d;
-            if (!isfinite(T->img[i])) continue;
-            d = T->img[i] - I->img[i];
-            m++;
-            sum += d;
-            seen += T->img[i];
-        }
-        mean = m ? sum / m : 0;
-        for (i = R->calib.off[k]; i < R->calib.off[k + 1]; i++)
-            if (isfinite(T->img[i])) { double d = T->img[i] - I->img[i] - mean; sq += d * d; }
-        if (m > 1) sd = sqrt(sq / (m - 1));
+        int n = R->calib.off[k + 1] - R->calib.off[k];
+        double mean, up, seen;
+        int m = msx__srun_pairs(R, T, I, k, &mean, &up, &seen);
         est[k] = I->cost[k] - mean;
         if (est[k] < 0) est[k] = 0;
         if (est[k] > 1) est[k] = 1;
-        opt[k] = I->cost[k] - mean - (m ? R->kappa * sd / sqrt((double)m) : 0);
+        opt[k] = I->cost[k] - up;
         safe[k] = 1.0 - (seen + (n - m)) / n;
     }
-    if (msx__srun_scal(R, C, safe) > C->inc_scal) return MSX__STOP_SAFE;
-    if (msx__srun_scal(R, C, opt) > C->inc_scal) return MSX__STOP_RACE;
-    return 0;
+    if (msx__srun_scal(R, C, safe) > C->inc_scal) stop = MSX__STOP_SAFE;
+    else if (msx__srun_scal(R, C, opt) > C->inc_scal) stop = MSX__STOP_RACE;
+    if (!stop || C->res < 0) return stop;
+    /* several tasks: the same two tests against the result so far on the
+       mean cost; a candidate that may still become the result goes on */
+    for (k = 0; k < R->n_obj; k++) {
+        const msx__strial *J = &R->tr[C->res];
+        double mean, up, seen;
+        msx__srun_pairs(R, T, J, k, &mean, &up, &seen);
+        res_cost += J->cost[k] / R->n_obj;
+        res_opt += (J->cost[k] - up) / R->n_obj;
+        res_safe += safe[k] / R->n_obj;
+    }
+    if (res_safe > res_cost) return stop;
+    return res_opt > res_cost ? MSX__STOP_RACE : 0;
 }
 
 static void msx__srun_trial_means(const msx__srun *R, msx__strial *T, const double *est);
@@ -15044,7 +15101,7 @@ static msx_result msx__srun_eval_trial(msx__srun *R, msx__swork *w, msx__strial 
         /* this stage: the order's entries of rounds [m_prev, m), in chunks */
         while (pos < R->calib.n && R->round[pos] < m) {
             u.n = 0;
-            while (pos < R->calib.n && R->round[pos] < m && u.n < 1024) ids[u.n++] = R->order[pos++];
+            while (pos < R->calib.n && R->round[pos] < m && u.n < 1024) ids[u.n++] = msx__srun_at(R, (int)(T - R->tr), pos++);
             if ((r = msx__srun_eval_unit(R, w, &u)) != MSX_OK) return r;
             for (i = 0; i < u.n; i++) T->img[ids[i]] = d[i];
             T->n_img += u.n;
@@ -15225,7 +15282,7 @@ static msx_result msx__sfly_submit(msx__srun *R, msx__sfly *F, int tag) {
     msx_result r;
     if (F->m > R->n_rounds) F->m = R->n_rounds;
     F->n = 0;
-    while (F->pos < R->calib.n && R->round[F->pos] < F->m) F->ids[F->n++] = R->order[F->pos++];
+    while (F->pos < R->calib.n && R->round[F->pos] < F->m) F->ids[F->n++] = msx__srun_at(R, F->t, F->pos++);
     r = X->submit(X->user, tag, F->T->cfg, R->dim, F->ids, F->n, F->dice);
     if (r != MSX_OK) return msx__err(r, "executor: submitting a unit of trial %d failed: %s", F->t, msx_last_error());
     return MSX_OK;
@@ -16303,6 +16360,7 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
         if ((r = msx__sset_build(&R->calib, R->tasks, R->n_eval, &sp0, 1, &R->arch, R->so.preprocess)) != MSX_OK) return r;
     }
     if ((r = msx__srun_order(R)) != MSX_OK) return r;
+    R->rotate = R->race;
     return o->executor ? MSX_OK : msx__srun_workers(R);
 }
 

@@ -431,7 +431,8 @@ static int check_race_log(const char *dir, int n_calib, int *n_trials_out) {
     char p[600], line[1 << 16];
     FILE *f;
     double kappa = -1, first = -1;
-    int n = 0, t, i, stopped = 0;
+    int n = 0, t, i, stopped = 0, n_starts = 0;
+    unsigned starts = 0;
     snprintf(p, sizeof p, "%s/trials.jsonl", dir);
     f = fopen(p, "r");
     MSX_CHECK(f != NULL, "%s", p);
@@ -476,10 +477,15 @@ static int check_race_log(const char *dir, int n_calib, int *n_trials_out) {
         double sum = 0, inc_cost = 0;
         int q, m, expect_stop = 0, expect_passes = n_calib;
         MSX_CHECK(T->ok, "trial %d missing", t);
-        /* one race order: every trial's images are a prefix of trial 0's */
-        for (i = 0; i < T->n_img; i++)
-            if (strcmp(T->stem[i], tr[0].stem[i])) break;
-        MSX_CHECK(i == T->n_img, "trial %d: image %d (%s) breaks the common race order", t, i, T->stem[i]);
+        /* one cyclic race order (trial 0 is evaluated in full): every trial reads
+           it from its own start, so its images are a window of trial 0's, cyclically */
+        MSX_CHECK(tr[0].n_img == n_calib, "trial 0 has %d images, expected all %d", tr[0].n_img, n_calib);
+        for (q = 0; q < n_calib && strcmp(tr[0].stem[q], T->stem[0]); q++) {}
+        MSX_CHECK(q < n_calib, "trial %d: first image %s is not a calib image of trial 0", t, T->stem[0]);
+        for (i = 0; q < n_calib && i < T->n_img; i++)
+            if (strcmp(T->stem[i], tr[0].stem[(q + i) % n_calib])) break;
+        MSX_CHECK(i == T->n_img, "trial %d: image %d (%s) breaks the cyclic race order", t, i, T->stem[i]);
+        starts |= 1u << (q < n_calib ? q : 0);
         for (i = 0; i < T->n_img; i++) sum += T->d[i];
         /* the logged dice is the mean over the images it saw (any order: sum in the log order, 1e-12) */
         MSX_CHECK(T->n_img > 0 && fabs(T->dice - sum / T->n_img) < 1e-12, "trial %d: dice %.17g vs mean of its images %.17g", t, T->dice,
@@ -511,6 +517,10 @@ static int check_race_log(const char *dir, int n_calib, int *n_trials_out) {
         if (!expect_stop) MSX_CHECK(fabs(T->cost - (1 - T->dice)) < 1e-15, "trial %d: full trial cost %.17g dice %.17g", t, T->cost, T->dice);
         stopped += T->stopped != 0;
     }
+    /* the starts differ between trials (a shared prefix would stop every
+       candidate on the same unrepresentative images) */
+    for (i = 0; i < 32; i++) n_starts += (starts >> i) & 1u;
+    MSX_CHECK(n < 4 || n_starts >= 2, "%d trial(s), all read the race order from the same start", n);
     msx__json_free(h);
     *n_trials_out = n;
     return stopped;
@@ -581,6 +591,118 @@ static void test_kill_resume(void) {
         MSX_CHECK(sb.passes_search < (long long)trials * 6 && sa.passes_search == sb.passes_search && sb.passes_full == (long long)trials * 6,
                   "passes %lld/%lld of %lld", sa.passes_search, sb.passes_search, sb.passes_full);
     }
+    { /* a race log of 0.1.x (no race_rule: one shared image order) is refused, not mixed */
+        void *txt;
+        size_t len;
+        char *k;
+        snprintf(logp, sizeof logp, "%s/trials.jsonl", out_b);
+        if (msx_read_file(logp, 0, &txt, &len) == MSX_OK) {
+            k = strstr((char *)txt, "\"race_rule\": 2, ");
+            MSX_CHECK(k != NULL, "race_rule missing from the header");
+            if (k) {
+                FILE *f = fopen(logp, "wb");
+                size_t at = (size_t)(k - (char *)txt), cut = strlen("\"race_rule\": 2, ");
+                if (f) {
+                    fwrite(txt, 1, at, f);
+                    fwrite(k + cut, 1, len - at - cut, f);
+                    fclose(f);
+                }
+                o.resume = 1;
+                o.n_trials = trials + 2;
+                MSX_CHECK(expect_error(msx_search_run(&o, &sb), "rule 1 of an earlier version"), "0.1.x race log: %s", msx_last_error());
+            }
+            msx_free(txt);
+        }
+    }
+}
+
+/* Multi-task racing: a trial is stopped only when, besides losing the
+   batch's scalarised race, it also cannot become the result (the best mean
+   calib Dice of the full trials before its batch) - re-derived from the log
+   with that incumbent's per-image Dice, the stopped trial's images and kappa. */
+static void test_race_multi_guard(void) {
+    const char *tasks[2] = {DEMO "/tasks/mri_abdomen", DEMO "/tasks/us_cyst"};
+    enum { NT = 40 };
+    static double img[NT][2][RACE_MAX_IMG];
+    static char stem[NT][2][RACE_MAX_IMG][32];
+    static int nimg[NT][2], slot[NT], stop[NT], ok[NT];
+    static double dice[NT][2];
+    char out[300], p[600], line[1 << 16];
+    msx_search_options o;
+    msx_search_summary s;
+    double kappa = -1;
+    int t, k, i, n_stopped = 0, n_guarded = 0;
+    FILE *f;
+    snprintf(out, sizeof out, "%s/race_multi", tmp_root);
+    base_options(&o, tasks, 2, out, NT);
+    o.multi = 1;
+    o.no_report = 1;
+    MSX_CHECK_OK(msx_search_run(&o, &s));
+    snprintf(p, sizeof p, "%s/trials.jsonl", out);
+    f = fopen(p, "r");
+    MSX_CHECK(f != NULL, "%s", p);
+    if (!f) return;
+    memset(ok, 0, sizeof ok);
+    while (fgets(line, sizeof line, f)) {
+        msx__json *j = msx__json_parse(line, strlen(line), "log line");
+        const msx__json *im, *dv;
+        double v = -1;
+        if (!j) continue;
+        if (!msx__json_get(j, "trial")) { msx__json_num(j, "race_kappa", &kappa, -1); msx__json_free(j); continue; }
+        msx__json_num(j, "trial", &v, -1);
+        t = (int)v;
+        im = msx__json_get(j, "images");
+        dv = msx__json_get(j, "dice");
+        if (t >= 0 && t < NT && im && im->n == 2 && dv && dv->n == 2) {
+            ok[t] = 1;
+            msx__json_num(j, "slot", &v, 0);
+            slot[t] = (int)v;
+            stop[t] = msx__json_str(j, "stopped") != NULL;
+            for (k = 0; k < 2; k++) {
+                dice[t][k] = dv->kids[k].num;
+                nimg[t][k] = im->kids[k].n < RACE_MAX_IMG ? im->kids[k].n : RACE_MAX_IMG;
+                for (i = 0; i < nimg[t][k]; i++) {
+                    snprintf(stem[t][k][i], 32, "%s", im->kids[k].keys[i]);
+                    img[t][k][i] = im->kids[k].kids[i].num;
+                }
+            }
+        }
+        msx__json_free(j);
+    }
+    fclose(f);
+    MSX_CHECK(kappa > 0, "race_kappa %g in the header", kappa);
+    for (t = 0; t < NT; t++) {
+        int J = -1, q;
+        double jc = 0, ro = 0, rs = 0;
+        MSX_CHECK(ok[t], "trial %d missing", t);
+        if (!ok[t] || !stop[t]) continue;
+        n_stopped++;
+        for (q = 0; q < t - slot[t]; q++)
+            if (ok[q] && !stop[q] && (J < 0 || dice[q][0] + dice[q][1] > dice[J][0] + dice[J][1])) J = q;
+        MSX_CHECK(J >= 0, "trial %d stopped with no full trial before its batch", t);
+        if (J < 0) continue;
+        for (k = 0; k < 2; k++) {
+            double mean = 0, sd = 0, seen = 0, d[RACE_MAX_IMG];
+            int m = nimg[t][k], n = nimg[J][k], a, b;
+            for (a = 0; a < m; a++) {
+                for (b = 0; b < n && strcmp(stem[J][k][b], stem[t][k][a]); b++) {}
+                MSX_CHECK(b < n, "trial %d: image %s not in the result's", t, stem[t][k][a]);
+                d[a] = b < n ? img[t][k][a] - img[J][k][b] : 0;
+                mean += d[a] / m;
+                seen += img[t][k][a];
+            }
+            for (a = 0; a < m; a++) sd += (d[a] - mean) * (d[a] - mean);
+            sd = m > 1 ? sqrt(sd / (m - 1)) : 0;
+            jc += (1 - dice[J][k]) / 2;
+            ro += (1 - dice[J][k] - mean - kappa * sd / sqrt((double)m)) / 2;
+            rs += (1 - (seen + (n - m)) / n) / 2;
+        }
+        MSX_CHECK(rs > jc - 1e-12 || ro > jc - 1e-12, "trial %d was stopped but could still become the result (trial %d): "
+                  "optimistic mean cost %.6f, safe %.6f vs %.6f", t, J, ro, rs, jc);
+        n_guarded += ro < jc + 0.01; /* stopped close to the result */
+    }
+    MSX_CHECK(n_stopped >= 5, "only %d of %d multi-task trials were stopped", n_stopped, NT);
+    (void)n_guarded;
 }
 
 /* Bad racing/budget inputs fail before any long work; --max-passes stops the search. */
@@ -628,6 +750,7 @@ int main(void) {
     if (!mkdtemp(tmp_root)) { fprintf(stderr, "mkdtemp failed\n"); return 1; }
     test_kill_resume();
     test_race_inputs();
+    test_race_multi_guard();
     test_tasks();
     test_baseline();
     test_bad_models();

@@ -27,6 +27,7 @@ static const char *const bench_search_usage =
     "  --m-trials N         MedSAMix-M trials (default 150)\n"
     "  --max-passes N       equal budget of encoder passes for every run (trials then only cap it)\n"
     "  --race-kappa K       racing knob (default: the library's)\n"
+    "  --optimizer NAME     default|smac|random (as for search; runs of the others go to *-smac-s*, *-random-s*)\n"
     "  --jobs J --threads T as for search\n"
     "  --out DIR            run folders (default runs/bench-search); finished runs are resumed, not redone\n";
 
@@ -56,6 +57,8 @@ int msx_cmd_bench_search(int argc, char **argv) {
     int seeds = 5, s_trials = 60, m_trials = 150, jobs = 0, threads = 0, i, m, f, s, k;
     long long max_passes = 0;
     double kappa = 0, x;
+    msx_optimizer optimizer = MSX_OPTIMIZER_DEFAULT;
+    const char *opt_name = "default";
     char models[2][512], base[512], tdirs[MSX_SEARCH_MAX_TASKS][1024], run[2048], tdir[512];
     const char *mp[2] = {models[0], models[1]}, *tp[MSX_SEARCH_MAX_TASKS];
     int n_tasks = 0;
@@ -77,6 +80,8 @@ int msx_cmd_bench_search(int argc, char **argv) {
         else if (!strcmp(a, "--threads") && (threads = atoi(v)) >= 1) {}
         else if (!strcmp(a, "--max-passes") && (x = atof(v)) >= 1) max_passes = (long long)x;
         else if (!strcmp(a, "--race-kappa") && (x = atof(v)) >= 0) kappa = x == 0 ? -1 : x;
+        else if (!strcmp(a, "--optimizer") && (!strcmp(v, "default") || !strcmp(v, "smac") || !strcmp(v, "random")))
+            opt_name = v, optimizer = !strcmp(v, "smac") ? MSX_OPTIMIZER_SMAC : !strcmp(v, "random") ? MSX_OPTIMIZER_RANDOM : MSX_OPTIMIZER_DEFAULT;
         else { fprintf(stderr, "bench-search: bad option or value '%s %s'\n\n%s", a, v, bench_search_usage); return 2; }
     }
     snprintf(base, sizeof base, "%s/models/base.pth", demo);
@@ -127,12 +132,13 @@ int msx_cmd_bench_search(int argc, char **argv) {
                     o.threads = threads;
                     o.fidelity = f ? MSX_FIDELITY_RACE : MSX_FIDELITY_FULL;
                     o.race_kappa = kappa;
+                    o.optimizer = optimizer;
                     o.max_passes = max_passes;
                     o.progress = -1;
                     o.n_overlays = -1;
                     o.resume = 1;
-                    snprintf(run, sizeof run, "%s/%s%s%s-%s%s-s%d", out, mode, m ? "" : "-", m ? "" : stask, fid,
-                             max_passes ? "-budget" : "", s);
+                    snprintf(run, sizeof run, "%s/%s%s%s-%s%s%s%s-s%d", out, mode, m ? "" : "-", m ? "" : stask, fid,
+                             max_passes ? "-budget" : "", optimizer ? "-" : "", optimizer ? opt_name : "", s);
                     o.out_dir = run;
                     r = msx_search_run(&o, &sum);
                     if (r != MSX_OK) { fprintf(stderr, "bench-search: %s: %s\n", run, msx_last_error()); return 1; }
@@ -153,6 +159,7 @@ int msx_cmd_bench_search(int argc, char **argv) {
                        mode, fid, n, m ? m_trials : s_trials, bs_median(passes, n), bs_median(test, n), bs_median(calib, n),
                        m ? "" : " task=", m ? "" : stask);
                 if (max_passes) printf(" max_passes=%lld", max_passes);
+                if (optimizer) printf(" optimizer=%s", opt_name);
                 printf("\n");
                 fflush(stdout);
             }
