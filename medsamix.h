@@ -14848,6 +14848,13 @@ static void msx__srun_origin(msx__srun *R, msx__strial *T) {
    - every task's calib images get one fixed order, seeded by the search seed
      and the task name; several tasks are interleaved round by round, so every
      stage covers every task;
+   - each trial reads that order cyclically from its own seeded start round
+     (msx__srun_at). With one shared prefix, the same two images judged every
+     candidate: an incumbent that happened to be strong on them stopped nearly
+     everything at the first stage, the same error for every trial. With its
+     own start each candidate's prefix is a different window, so the errors
+     are independent and the paired mean is unbiased over the starts
+     (race_rule 2 in the log; 0.1.x logs, rule 1, are refused on resume);
    - stages are growing prefixes, each half as large again as the one
      before: race_first images per task, then m + m/2 (at least m + 1), ...,
      then all (2, 3, 4, 6, 9, 13, 16 for 16 images; on the demo world these
@@ -14862,7 +14869,7 @@ static void msx__srun_origin(msx__srun *R, msx__strial *T) {
      (scalarised) cost would still exceed the incumbent's -> stop; this can
      never change which trial wins;
    - racing rule, one knob kappa (race_kappa, default
-     MSX_SEARCH_RACE_KAPPA = 0.5): stop when even the optimistic estimate
+     MSX_SEARCH_RACE_KAPPA = 0.1): stop when even the optimistic estimate
      cost_inc - mean(d) - kappa * se, scalarised, exceeds the incumbent's.
      kappa = 0 is SMAC's rule (reject a challenger whose mean on the shared
      instances is worse); larger kappa stops less often and costs more;
@@ -14874,7 +14881,12 @@ static void msx__srun_origin(msx__srun *R, msx__strial *T) {
    rho 0.05 over costs min-max normalised on the full trials, like the
    optimiser's; --mo mean: the mean of those normalised costs), the
    incumbent is the full trial best under it, and the per-task estimates are
-   what is kept, so a later weight vector reuses them.
+   what is kept, so a later weight vector reuses them. A trial that loses
+   this race is still not stopped while it may become the result (the best
+   mean calib Dice so far, which a multi-task search reports): the same two
+   tests run against that trial on the mean cost, and it stops only if it
+   fails there too. Otherwise only trials extreme under some weight vector
+   were ever completed, and the reported result stalled at a starting point.
    What the surrogate is told for a stopped trial: the per-task estimates
    cost_inc - mean(d) (clamped to [0, 1]). They are unbiased for the full
    cost given the incumbent's, far less noisy than the prefix mean (image

@@ -64,7 +64,7 @@ static const char *const search_usage =
     "                       stop those that cannot beat the incumbent (default); full: every trial on\n"
     "                       every calib image\n"
     "  --race-kappa K       racing knob: stop when mean + K standard errors of the paired per-image\n"
-    "                       differences with the incumbent still loses (default 0.5; 0 = SMAC's mean rule)\n"
+    "                       differences with the incumbent still loses (default 0.1; 0 = SMAC's mean rule)\n"
     "  --race-first N       calib images per task in the first racing stage (default 2; then 3, 4, 6, 9, .., all)\n"
     "  --max-passes N       stop once the search spent N encoder passes (one per image evaluation)\n"
     "  --time-limit MIN     stop starting new trials after MIN minutes\n"
