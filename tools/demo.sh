@@ -33,17 +33,28 @@ mkdir -p runs
 models="$demo/models/spec_ct.pth $demo/models/spec_mri.pth"
 t0=$(date +%s)
 
+# search OUT ARGS...: --resume continues an interrupted run (or starts a new
+# one). A log this version cannot resume (another version's racing rule, other
+# knobs) is moved aside, never deleted, and the search starts afresh.
+search() {
+    out=$1
+    shift
+    "$bin" search "$@" --out "$out" --resume && return 0
+    [ -f "$out/trials.jsonl" ] || return 1
+    old="$out.prev-$(date +%Y%m%d-%H%M%S)"
+    mv "$out" "$old"
+    echo "demo: the log in $out could not be resumed (see above); moved to $old, starting afresh"
+    "$bin" search "$@" --out "$out" --resume
+}
+
 echo "== MedSAMix-S: single-task search on $task ($s_trials trials)"
-# --resume continues an interrupted run (or starts a new one)
-"$bin" search --base "$demo/models/base.pth" --models $models \
-    --tasks "$demo/tasks/$task" --trials "$s_trials" --seed "$seed" $jobs $fidelity \
-    --out "runs/demo-single-$task" --resume
+search "runs/demo-single-$task" --base "$demo/models/base.pth" --models $models \
+    --tasks "$demo/tasks/$task" --trials "$s_trials" --seed "$seed" $jobs $fidelity
 
 echo
 echo "== MedSAMix-M: multi-task search over all demo tasks ($m_trials trials)"
-"$bin" search --base "$demo/models/base.pth" --models $models \
-    --tasks "$demo"/tasks/* --multi --trials "$m_trials" --seed "$seed" $jobs $fidelity \
-    --out runs/demo-multi --resume
+search runs/demo-multi --base "$demo/models/base.pth" --models $models \
+    --tasks "$demo"/tasks/* --multi --trials "$m_trials" --seed "$seed" $jobs $fidelity
 
 t1=$(date +%s)
 echo
