@@ -14363,11 +14363,9 @@ typedef struct msx__srun {
     /* racing */
     int race, race_first;
     double kappa;
-    int *order;                        /* calib.n item indices: the race order, tasks interleaved */
-    int *round;                        /* round[i]: position of order[i] within its task's order */
-    int *otask;                        /* otask[i]: the task of order[i] */
-    int *perm;                         /* per task (at calib.off[k]): its items in the seeded order */
-    int rotate;                        /* 1: trial t reads its tasks' orders from its own round (see above) */
+    int *round;                        /* race order position i (tasks interleaved): its round ... */
+    int *otask;                        /* ... and its task (calib.n each; msx__srun_at gives the item) */
+    int *perm;                         /* per task (at calib.off[k]): its item indices in the seeded order */
     int n_rounds;                      /* the most calib images of a task */
     msx__srace ctx;                    /* of the batch being evaluated */
     long long passes;                  /* encoder passes of the logged trials */
@@ -14428,7 +14426,6 @@ static void msx__srun_free(msx__srun *R) {
     for (i = 0; i < R->n_models; i++) { msx_ckpt_free(R->ck[i]); MSX_FREE(R->stems[i]); }
     for (i = 0; i < R->n_tasks; i++) msx_task_free(R->tasks[i]);
     for (i = 0; i < R->cap_tr; i++) { MSX_FREE(R->tr[i].cfg); MSX_FREE(R->tr[i].img); }
-    MSX_FREE(R->order);
     MSX_FREE(R->round);
     MSX_FREE(R->otask);
     MSX_FREE(R->perm);
@@ -14905,51 +14902,46 @@ typedef struct msx__sunit {
     double *dice;          /* out: n per-image Dice */
 } msx__sunit;
 
-/* The race order (see above). */
+/* The race order (see above): each task's items shuffled in place into
+   R->perm, and the interleaved positions (their task and round). */
 static msx_result msx__srun_order(msx__srun *R) {
     int k, i, pos = 0, n_max = 0;
-    int *perm[MSX_SEARCH_MAX_TASKS];
-    msx_result r = MSX_OK;
-    R->order = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
-    R->round = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
-    R->otask = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
-    R->perm = (int *)MSX_MALLOC(sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1));
-    if (!R->order || !R->round || !R->otask || !R->perm) return msx__err(MSX_E_NOMEM, "out of memory");
-    memset(perm, 0, sizeof perm);
-    for (k = 0; k < R->n_eval && r == MSX_OK; k++) {
-        int n = R->calib.off[k + 1] - R->calib.off[k];
+    size_t sz = sizeof(int) * (size_t)(R->calib.n ? R->calib.n : 1);
+    R->round = (int *)MSX_MALLOC(sz);
+    R->otask = (int *)MSX_MALLOC(sz);
+    R->perm = (int *)MSX_MALLOC(sz);
+    if (!R->round || !R->otask || !R->perm) return msx__err(MSX_E_NOMEM, "out of memory");
+    for (k = 0; k < R->n_eval; k++) {
+        int n = R->calib.off[k + 1] - R->calib.off[k], *perm = R->perm + R->calib.off[k];
         msx_rng g;
         if (n > n_max) n_max = n;
-        if (!(perm[k] = (int *)MSX_MALLOC(sizeof(int) * (size_t)(n ? n : 1)))) { r = msx__err(MSX_E_NOMEM, "out of memory"); break; }
-        for (i = 0; i < n; i++) perm[k][i] = i;
+        for (i = 0; i < n; i++) perm[i] = i;
         msx_rng_seed(&g, R->o->seed ^ msx__search_hash_str(0x6d73785f72616365ULL, R->tasks[k]->name));
         for (i = n - 1; i > 0; i--) { /* Fisher-Yates */
-            int j = (int)msx_rng_below(&g, (uint64_t)i + 1), tmp = perm[k][i];
-            perm[k][i] = perm[k][j];
-            perm[k][j] = tmp;
+            int j = (int)msx_rng_below(&g, (uint64_t)i + 1), tmp = perm[i];
+            perm[i] = perm[j];
+            perm[j] = tmp;
         }
     }
-    for (i = 0; r == MSX_OK && i < n_max; i++)
+    for (i = 0; i < n_max; i++)
         for (k = 0; k < R->n_eval; k++)
             if (i < R->calib.off[k + 1] - R->calib.off[k]) {
-                R->order[pos] = R->calib.off[k] + perm[k][i];
                 R->round[pos] = i;
                 R->otask[pos] = k;
-                R->perm[R->calib.off[k] + i] = perm[k][i];
                 pos++;
             }
     R->n_rounds = n_max;
-    for (k = 0; k < R->n_eval; k++) MSX_FREE(perm[k]);
-    return r;
+    return MSX_OK;
 }
 
 /* The calib item at position pos of trial t's race order: the common
    order, each task's part read cyclically from the trial's own seeded
-   round (rotate), so that the images a stage sees differ from trial to
-   trial and one unrepresentative prefix cannot stop every candidate. */
+   round (racing only: full-fidelity logs keep the order they always had),
+   so that the images a stage sees differ from trial to trial and one
+   unrepresentative prefix cannot stop every candidate. */
 static int msx__srun_at(const msx__srun *R, int t, int pos) {
     int k = R->otask[pos], n = R->calib.off[k + 1] - R->calib.off[k], rot = 0;
-    if (R->rotate) {
+    if (R->race) {
         uint64_t x = R->o->seed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(t + 1));
         rot = (int)(msx__splitmix(&x) % (uint64_t)R->n_rounds);
     }
@@ -16372,7 +16364,6 @@ static msx_result msx__srun_setup(msx__srun *R, const msx_search_options *o, msx
         if ((r = msx__sset_build(&R->calib, R->tasks, R->n_eval, &sp0, 1, &R->arch, R->so.preprocess)) != MSX_OK) return r;
     }
     if ((r = msx__srun_order(R)) != MSX_OK) return r;
-    R->rotate = R->race;
     return o->executor ? MSX_OK : msx__srun_workers(R);
 }
 
