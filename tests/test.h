@@ -50,4 +50,44 @@ static int msx_test_summary(const char *name) {
     printf("%s: %d passed, %d failed\n", name, msx_test_pass, msx_test_fail);
     return msx_test_fail ? 1 : 0;
 }
+/* Trial records of a search log (trials.jsonl) by trial index, with the
+   "seconds" field (timing) cut out so that two runs compare as strings;
+   returns how many, -1 if unreadable. rec[t] is malloc'd, NULL = absent;
+   release with msx_test_free_records. Needs medsamix.h included first. */
+static MSX_TEST_UNUSED int msx_test_log_records(const char *path, char **rec, int max) {
+    void *d;
+    size_t n;
+    char *s, *line, *next;
+    int k = 0, t;
+    for (t = 0; t < max; t++) rec[t] = NULL;
+    if (msx_read_file(path, 0, &d, &n) != MSX_OK) return -1;
+    s = (char *)malloc(n + 1);
+    if (s) memcpy(s, d, n);
+    msx_free(d);
+    if (!s) return -1;
+    s[n] = 0;
+    for (line = s; *line; line = next) {
+        char *a, *b;
+        next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        else next = line + strlen(line);
+        a = strstr(line, "\"seconds\"");
+        b = strstr(line, "\"status\"");
+        if (strncmp(line, "{\"trial\": ", 10)) continue;
+        t = atoi(line + 10);
+        if (t < 0 || t >= max || rec[t]) continue;
+        if (a && b && b > a) memmove(a, b, strlen(b) + 1);
+        rec[t] = (char *)malloc(strlen(line) + 1);
+        if (rec[t]) strcpy(rec[t], line);
+        k++;
+    }
+    free(s);
+    return k;
+}
+
+static MSX_TEST_UNUSED void msx_test_free_records(char **rec, int max) {
+    int t;
+    for (t = 0; t < max; t++) { free(rec[t]); rec[t] = NULL; }
+}
+
 #endif

@@ -55,31 +55,6 @@ static void options(msx_search_options *o, const char *out, int trials) {
     o->out_dir = out;
 }
 
-static int records(const char *path, char **rec, int max) {
-    void *d;
-    size_t n;
-    char *s, *line, *save = NULL;
-    int k = 0, t;
-    for (t = 0; t < max; t++) rec[t] = NULL;
-    if (msx_read_file(path, 0, &d, &n) != MSX_OK) return -1;
-    s = (char *)malloc(n + 1);
-    memcpy(s, d, n);
-    s[n] = 0;
-    msx_free(d);
-    for (line = strtok_r(s, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-        char *a = strstr(line, "\"seconds\""), *b = strstr(line, "\"status\"");
-        if (strncmp(line, "{\"trial\": ", 10)) continue;
-        t = atoi(line + 10);
-        if (t < 0 || t >= max || rec[t]) continue;
-        if (a && b && b > a) memmove(a, b, strlen(b) + 1);
-        rec[t] = (char *)malloc(strlen(line) + 1);
-        strcpy(rec[t], line);
-        k++;
-    }
-    free(s);
-    return k;
-}
-
 int main(void) {
     msx_search_options o;
     msx_search_summary s1, s2, s3;
@@ -116,9 +91,9 @@ int main(void) {
     MSX_CHECK_OK(msx_search_run(&o, &s2));
     MSX_CHECK(t.max_in_flight == 3, "units in flight at most %d (3 slots)", t.max_in_flight);
     snprintf(p, sizeof p, "%s/trials.jsonl", a);
-    na = records(p, ra, 64);
+    na = msx_test_log_records(p, ra, 64);
     snprintf(p, sizeof p, "%s/trials.jsonl", b);
-    nb = records(p, rb, 64);
+    nb = msx_test_log_records(p, rb, 64);
     MSX_CHECK(na == 24 && nb == 24, "records %d %d", na, nb);
     for (i = 0; i < 24; i++)
         if (!ra[i] || !rb[i] || strcmp(ra[i], rb[i])) { same = 0; break; }
@@ -131,7 +106,8 @@ int main(void) {
         for (i = 0; i < 24; i++) stopped += rb[i] && (strstr(rb[i], "\"stopped\": \"race\"") || strstr(rb[i], "\"stopped\": \"safe\""));
         MSX_CHECK(stopped > 0 && t.submitted >= 24, "raced through the executor: %d stopped, %d units", stopped, t.submitted);
     }
-    for (i = 0; i < 64; i++) { free(ra[i]); free(rb[i]); }
+    msx_test_free_records(ra, 64);
+    msx_test_free_records(rb, 64);
 
     /* async: completes, logs finishing order as batches of one, resumes further */
     o.out_dir = c;
@@ -144,9 +120,9 @@ int main(void) {
     MSX_CHECK_OK(msx_search_run(&o, &s3));
     MSX_CHECK(s3.n_trials_done == 26, "async resumed to %d", s3.n_trials_done);
     snprintf(p, sizeof p, "%s/trials.jsonl", c);
-    na = records(p, ra, 64);
+    na = msx_test_log_records(p, ra, 64);
     MSX_CHECK(na == 26 && ra[25] && strstr(ra[25], "\"batch\": 25, \"batch_size\": 1, \"slot\": 0"), "async log %d", na);
-    for (i = 0; i < 64; i++) free(ra[i]);
+    msx_test_free_records(ra, 64);
     o.async = 0; /* the other mode is refused on resume */
     MSX_CHECK(msx_search_run(&o, &s3) == MSX_E_STATE && strstr(msx_last_error(), "asynchronous"), "mode: %s", msx_last_error());
     o.executor = NULL;

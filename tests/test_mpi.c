@@ -78,32 +78,6 @@ static char *slurp_n(const char *path, size_t *len) {
 }
 static char *slurp(const char *path) { return slurp_n(path, NULL); }
 
-/* Trial records of a log by trial index, "seconds" (timing) removed;
-   returns how many. rec[t] is malloc'd (NULL = absent). */
-static int records(const char *path, char **rec, int max) {
-    char *s = slurp(path), *line, *save = NULL;
-    int n = 0, t;
-    for (t = 0; t < max; t++) rec[t] = NULL;
-    if (!s) return -1;
-    for (line = strtok_r(s, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-        char *a = strstr(line, "\"seconds\""), *b = strstr(line, "\"status\"");
-        if (strncmp(line, "{\"trial\": ", 10)) continue;
-        t = atoi(line + 10);
-        if (t < 0 || t >= max || rec[t]) continue;
-        if (a && b && b > a) memmove(a, b, strlen(b) + 1);
-        rec[t] = (char *)malloc(strlen(line) + 1);
-        if (rec[t]) strcpy(rec[t], line);
-        n++;
-    }
-    free(s);
-    return n;
-}
-
-static void free_records(char **rec, int max) {
-    int t;
-    for (t = 0; t < max; t++) free(rec[t]);
-}
-
 static int count_lines(const char *path) {
     FILE *f = fopen(path, "r");
     int n = 0, c;
@@ -155,8 +129,8 @@ static void test_sync_equals_single(void) {
     MSX_CHECK(file_has(log, "3 ranks, 3 worker slot(s)"), "the driver ran on 3 ranks (see %s)", log);
     snprintf(la, sizeof la, "%s/trials.jsonl", a);
     snprintf(lb, sizeof lb, "%s/trials.jsonl", b);
-    na = records(la, ra, 64);
-    nb = records(lb, rb, 64);
+    na = msx_test_log_records(la, ra, 64);
+    nb = msx_test_log_records(lb, rb, 64);
     MSX_CHECK(na == TRIALS_A && nb == TRIALS_A, "records %d / %d, expected %d", na, nb, TRIALS_A);
     for (t = 0; t < TRIALS_A && t < 64; t++)
         if (!ra[t] || !rb[t] || strcmp(ra[t], rb[t])) { diff = t; break; }
@@ -169,8 +143,8 @@ static void test_sync_equals_single(void) {
     snprintf(la, sizeof la, "%s/best_plan.json", a);
     snprintf(lb, sizeof lb, "%s/best_plan.json", b);
     MSX_CHECK(same_file(la, lb), "best_plan.json differs between %s and %s", la, lb);
-    free_records(ra, 64);
-    free_records(rb, 64);
+    msx_test_free_records(ra, 64);
+    msx_test_free_records(rb, 64);
 }
 
 /* The pid of rank `rank` among the children of mpirun `parent`. */
@@ -240,7 +214,7 @@ static void test_kill_resume(void) {
     }
     MSX_CHECK(rank_killed, "rank 2 of mpirun %d not found", (int)pid);
     MSX_CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 0), "the job went on after a rank died");
-    nb = records(logp, before, 64);
+    nb = msx_test_log_records(logp, before, 64);
     MSX_CHECK(nb >= 12 && nb < TRIALS_K, "trials logged before the kill: %d (of %d)", nb, TRIALS_K);
     printf("test_mpi: rank 2 killed with %d of %d trials logged\n", nb, TRIALS_K);
     /* the same command with --resume */
@@ -248,7 +222,7 @@ static void test_kill_resume(void) {
     snprintf(log, sizeof log, "%s/mpi_resumed.log", tmp_root);
     rc = run(cmd, log, 300);
     MSX_CHECK(rc == 0, "resumed run exit %d (see %s)", rc, log);
-    na = records(logp, after, 64);
+    na = msx_test_log_records(logp, after, 64);
     MSX_CHECK(na == TRIALS_K, "resumed log holds %d trials, expected %d", na, TRIALS_K);
     for (t = 0; t < 64; t++)
         if (before[t] && (!after[t] || strcmp(before[t], after[t]))) kept = 0;
@@ -259,16 +233,16 @@ static void test_kill_resume(void) {
     rc = run(cmd, NULL, 300);
     MSX_CHECK(rc == 0, "straight run exit %d", rc);
     snprintf(lsp, sizeof lsp, "%s/trials.jsonl", straight);
-    nr = records(lsp, ref, 64);
+    nr = msx_test_log_records(lsp, ref, 64);
     for (t = 0; t < TRIALS_K; t++)
         if (!ref[t] || !after[t] || strcmp(ref[t], after[t])) { same = 0; break; }
     MSX_CHECK(nr == TRIALS_K && same, "resumed MPI run differs from the uninterrupted run at trial %d", t);
     snprintf(logp, sizeof logp, "%s/best_plan.json", out);
     snprintf(lsp, sizeof lsp, "%s/best_plan.json", straight);
     MSX_CHECK(same_file(logp, lsp), "best_plan.json after kill + resume differs from the uninterrupted run");
-    free_records(before, 64);
-    free_records(after, 64);
-    free_records(ref, 64);
+    msx_test_free_records(before, 64);
+    msx_test_free_records(after, 64);
+    msx_test_free_records(ref, 64);
 }
 
 static void test_async(void) {
@@ -281,10 +255,10 @@ static void test_async(void) {
     rc = run(cmd, log, 300);
     MSX_CHECK(rc == 0, "async run exit %d (see %s)", rc, log);
     snprintf(logp, sizeof logp, "%s/trials.jsonl", out);
-    n = records(logp, rec, 64);
+    n = msx_test_log_records(logp, rec, 64);
     MSX_CHECK(n == 24 && rec[23] && strstr(rec[23], "\"batch\": 23, \"batch_size\": 1, \"slot\": 0"), "async log: %d trials", n);
     MSX_CHECK(file_has(logp, "\"schedule\": \"async\""), "the log records the async schedule");
-    free_records(rec, 64);
+    msx_test_free_records(rec, 64);
     /* resuming it in the other mode is refused with the reason */
     strcat(cmd, " --sync --resume");
     rc = run(cmd, log, 300);
@@ -292,9 +266,9 @@ static void test_async(void) {
     /* a longer async search resumes from it */
     search_cmd(cmd, sizeof cmd, MPIRUN " -np 3", "medsamix-mpi", DEMO "/tasks/mri_ring", out, 30, "--resume");
     rc = run(cmd, log, 300);
-    n = records(logp, rec, 64);
+    n = msx_test_log_records(logp, rec, 64);
     MSX_CHECK(rc == 0 && n == 30, "async resume to 30 trials: exit %d, %d trials (see %s)", rc, n, log);
-    free_records(rec, 64);
+    msx_test_free_records(rec, 64);
 }
 
 /* A copy of the mri_ring task (calib/test images and masks) under root/tasksN. */
