@@ -34,17 +34,26 @@ models="$demo/models/spec_ct.pth $demo/models/spec_mri.pth"
 t0=$(date +%s)
 
 # search OUT ARGS...: --resume continues an interrupted run (or starts a new
-# one). A log this version cannot resume (another version's racing rule, other
-# knobs) is moved aside, never deleted, and the search starts afresh.
+# one). A log this run cannot resume (another version's racing rule, other
+# knobs: the messages that end in "another --out") is moved aside, never
+# deleted, and the search starts afresh; any other failure stops the demo.
+# stderr carries only warnings and the final error; it is shown afterwards.
 search() {
     out=$1
     shift
-    "$bin" search "$@" --out "$out" --resume && return 0
-    [ -f "$out/trials.jsonl" ] || return 1
-    old="$out.prev-$(date +%Y%m%d-%H%M%S)"
-    mv "$out" "$old"
-    echo "demo: the log in $out could not be resumed (see above); moved to $old, starting afresh"
-    "$bin" search "$@" --out "$out" --resume
+    err=$(mktemp)
+    st=0
+    "$bin" search "$@" --out "$out" --resume 2>"$err" || st=$?
+    cat "$err" >&2
+    if [ "$st" -ne 0 ] && grep -Eq '(use|or) another --out' "$err"; then
+        old="$out.prev-$(date +%Y%m%d-%H%M%S)"
+        mv "$out" "$old"
+        echo "demo: the log in $out cannot be resumed by this run (see above); moved to $old, starting afresh"
+        st=0
+        "$bin" search "$@" --out "$out" --resume || st=$?
+    fi
+    rm -f "$err"
+    return "$st"
 }
 
 echo "== MedSAMix-S: single-task search on $task ($s_trials trials)"
