@@ -14882,8 +14882,9 @@ static void msx__srun_origin(msx__srun *R, msx__strial *T) {
    this race is still not stopped while it may become the result (the best
    mean calib Dice so far, which a multi-task search reports): the same two
    tests run against that trial on the mean cost, and it stops only if it
-   fails there too. Otherwise only trials extreme under some weight vector
-   were ever completed, and the reported result stalled at a starting point.
+   fails there too. Otherwise the completed trials are mostly those good
+   under one random weight vector, and the reported result rarely moves
+   past the starting points.
    What the surrogate is told for a stopped trial: the per-task estimates
    cost_inc - mean(d) (clamped to [0, 1]). They are unbiased for the full
    cost given the incumbent's, far less noisy than the prefix mean (image
